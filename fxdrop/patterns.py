@@ -1,0 +1,149 @@
+"""Pattern families: which units (or weight tiles) a pattern ``(dp, offset)`` keeps.
+
+This is the one place the index math lives: ops, masks, audits and tests all call it.
+It imports only torch.
+
+Families
+--------
+``row``   (the paper's RBD) keep units ``offset, offset + dp, offset + 2 dp, ...``.
+``block`` keep one contiguous block: ``k = n // dp`` units from ``offset * k``; the last block
+          (``offset == dp - 1``) absorbs the remainder, so every unit is in exactly one block.
+``tile``  (the paper's TBD) split a weight ``(out, in)`` into ``tile x tile`` tiles and keep tile
+          ``(i, j)`` iff ``(i + j - offset) mod dp == 0`` (diagonal enumeration).
+
+Every pattern keeps at least one unit (tile): when ``dp`` exceeds what the layer has, the offset
+is folded back into range (see :func:`kept_slice` and :func:`tile_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+UNIT_FAMILIES = ("row", "block")
+FAMILIES = ("row", "block", "tile")
+DEFAULT_TILE = 32
+
+
+class Pattern(NamedTuple):
+    """Keep one unit in every ``dp``, starting from ``offset`` (``0 <= offset < dp``)."""
+
+    dp: int
+    offset: int
+
+    def check(self) -> "Pattern":
+        if int(self.dp) < 1:
+            raise ValueError(f"Pattern.dp must be >= 1, got {self.dp}")
+        if not 0 <= int(self.offset) < int(self.dp):
+            raise ValueError(f"Pattern.offset must satisfy 0 <= offset < dp={self.dp}, got {self.offset}")
+        return self
+
+
+def check_family(family: str, allowed: tuple[str, ...] = FAMILIES) -> str:
+    if family not in allowed:
+        raise ValueError(f"unknown pattern family {family!r}; expected one of {', '.join(allowed)}")
+    return family
+
+
+def _check(n: int, dp: int, offset: int) -> None:
+    if n < 1:
+        raise ValueError(f"a pattern needs at least one unit, got n={n}")
+    Pattern(dp, offset).check()
+
+
+def kept_slice(family: str, n: int, dp: int, offset: int) -> slice:
+    """The kept units of ``n`` as a slice (step 1 for ``block``, ``dp`` for ``row``).
+
+    A slice is what the ops want: a block is a plain view, a row is a strided view.
+    """
+    check_family(family, UNIT_FAMILIES)
+    _check(n, dp, offset)
+    if family == "row":
+        # dp > n can put offset past the end: fold it back so one unit is still kept.
+        start = offset if offset < n else offset % n
+        return slice(start, n, dp)
+    block = n // dp
+    if block == 0:  # more blocks than units: each unit is a block, offsets fold back
+        start = offset % n
+        return slice(start, start + 1, 1)
+    start = offset * block
+    stop = n if offset == dp - 1 else start + block
+    return slice(start, stop, 1)
+
+
+def num_kept(family: str, n: int, dp: int, offset: int) -> int:
+    s = kept_slice(family, n, dp, offset)
+    return len(range(s.start, s.stop, s.step))
+
+
+def kept(family: str, n: int, dp: int, offset: int) -> torch.Tensor:
+    """Indices of the kept units, ascending: ``LongTensor`` of shape ``(num_kept,)``."""
+    s = kept_slice(family, n, dp, offset)
+    return torch.arange(s.start, s.stop, s.step, dtype=torch.long)
+
+
+def unit_scale(family: str, n: int, dp: int, offset: int, scale: str = "kept", p: float = 0.0) -> float:
+    """Multiplier for kept units: ``n / num_kept`` (``scale="kept"``) or ``1 / (1 - p)`` (``"rate"``)."""
+    if scale == "kept":
+        return n / num_kept(family, n, dp, offset)
+    if scale == "rate":
+        return 1.0 / (1.0 - p)
+    raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+
+
+def unit_mask(family: str, n: int, dp: int, offset: int, scale: str = "kept", p: float = 0.0,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The multiplier a unit pattern applies: shape ``(n,)``, 0 where dropped, the scale where kept."""
+    mask = torch.zeros(n, dtype=dtype)
+    mask[kept_slice(family, n, dp, offset)] = unit_scale(family, n, dp, offset, scale, p)
+    return mask
+
+
+def tile_grid(shape: tuple[int, int], tile: int) -> tuple[int, int]:
+    out_features, in_features = shape
+    if tile < 1:
+        raise ValueError(f"tile size must be >= 1, got {tile}")
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"tile patterns need a non-empty weight, got shape {tuple(shape)}")
+    return -(-out_features // tile), -(-in_features // tile)
+
+
+def tile_offset(grid: tuple[int, int], dp: int, offset: int) -> int:
+    """The offset actually used on ``grid``: folded back when no tile would be kept.
+
+    Tile ``(i, j)`` has ``0 <= i + j <= rows + cols - 2``; when ``dp`` is larger than the number of
+    diagonals and ``offset`` names a diagonal that does not exist, fold it onto one that does.
+    """
+    diagonals = grid[0] + grid[1] - 1
+    if dp > diagonals and offset >= diagonals:
+        return offset % diagonals
+    return offset
+
+
+def tile_mask(shape: tuple[int, int], tile: int, dp: int, offset: int) -> torch.Tensor:
+    """Which tiles of a weight ``(out, in)`` are kept, per tile: ``BoolTensor (rows, cols)``."""
+    Pattern(dp, offset).check()
+    rows, cols = tile_grid(shape, tile)
+    offset = tile_offset((rows, cols), dp, offset)
+    i = torch.arange(rows).unsqueeze(1)
+    j = torch.arange(cols).unsqueeze(0)
+    return (i + j - offset) % dp == 0
+
+
+def tile_scale(shape: tuple[int, int], tile: int, dp: int, offset: int, scale: str = "kept",
+               p: float = 0.0) -> float:
+    if scale == "kept":
+        per_tile = tile_mask(shape, tile, dp, offset)
+        return per_tile.numel() / int(per_tile.sum())
+    if scale == "rate":
+        return 1.0 / (1.0 - p)
+    raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+
+
+def tile_weight_mask(shape: tuple[int, int], tile: int, dp: int, offset: int, scale: str = "kept",
+                     p: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The multiplier a tile pattern applies to the weight: shape ``(out, in)``."""
+    per_tile = tile_mask(shape, tile, dp, offset)
+    full = per_tile.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[: shape[0], : shape[1]]
+    return full.to(dtype) * tile_scale(shape, tile, dp, offset, scale, p)

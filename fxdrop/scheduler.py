@@ -1,0 +1,126 @@
+"""PatternScheduler: draws one ``Pattern(dp, offset)`` per training step from a searched distribution.
+
+The random stream is counter based: draw number ``k`` is a pure function of ``(seed, k)``
+(SplitMix64). That gives what a stateful generator would, and three things it would not:
+a draw never touches the global RNG; the state is two integers, so a resumed run continues the
+identical sequence; and the state lives in one small int64 tensor that the ``fxdrop::sample_pattern``
+op mutates, so ``torch.compile`` sees a custom op instead of Python RNG calls and never
+specialises on the drawn values. Imports torch, patterns and search.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+import torch
+
+from .patterns import Pattern
+from .search import PatternDistribution, search_distribution
+
+_MASK64 = (1 << 64) - 1
+_SEED_BITS = 62
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _uniforms(seed: int, counter: int) -> tuple[float, float]:
+    """Two independent uniforms in [0, 1) for draw ``counter`` of stream ``seed``."""
+    a = _splitmix64(_splitmix64(seed) ^ (2 * counter))
+    b = _splitmix64(_splitmix64(seed) ^ (2 * counter + 1))
+    return (a >> 11) / 2.0**53, (b >> 11) / 2.0**53
+
+
+def draw(seed: int, counter: int, cdf: list[float]) -> Pattern:
+    """Draw number ``counter`` of stream ``seed`` from the distribution with cumulative ``cdf``."""
+    u_dp, u_offset = _uniforms(seed, counter)
+    dp = min(bisect.bisect_right(cdf, u_dp * cdf[-1]), len(cdf) - 1) + 1
+    return Pattern(dp, min(int(u_offset * dp), dp - 1))
+
+
+def derive_seed(base: int, *salt: int) -> int:
+    """A seed for a sub-stream (a site, a rank) derived from a base seed."""
+    z = int(base) & _MASK64
+    for s in salt:
+        z = _splitmix64(z ^ _splitmix64(int(s) & _MASK64))
+    return z & ((1 << _SEED_BITS) - 1)
+
+
+class PatternScheduler:
+    """Samples ``dp ~ P`` and ``offset ~ U[0, dp)``; same seed, same sequence.
+
+    ``state`` is an int64 tensor ``[seed, draws, count(dp=1), ..., count(dp=max_dp)]``; it stays
+    on the CPU whatever device the model is on.
+    """
+
+    def __init__(self, distribution: PatternDistribution | float, seed: int | None = None,
+                 max_dp: int = 8):
+        if not isinstance(distribution, PatternDistribution):
+            distribution = search_distribution(distribution, max_dp=max_dp)
+        self.distribution = distribution
+        if seed is None:
+            # Drawn once from the global RNG so torch.manual_seed makes conversion reproducible;
+            # the draws themselves never touch it.
+            seed = int(torch.randint(0, 2**_SEED_BITS, (), dtype=torch.int64))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        self.cdf = torch.cumsum(distribution.probs, 0)
+        self._cdf_list = self.cdf.tolist()
+        self.state = torch.zeros(2 + distribution.max_dp, dtype=torch.int64)
+        self.state[0] = seed & ((1 << _SEED_BITS) - 1)
+
+    @property
+    def seed(self) -> int:
+        return int(self.state[0])
+
+    @property
+    def draws(self) -> int:
+        """How many patterns have been drawn."""
+        return int(self.state[1])
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``counts[k]``: how many draws had ``dp = k + 1``."""
+        return self.state[2:].clone()
+
+    @property
+    def last_pattern(self) -> Pattern | None:
+        if self.draws == 0:
+            return None
+        return draw(self.seed, self.draws - 1, self._cdf_list)
+
+    def peek(self, ahead: int = 0) -> Pattern:
+        """The pattern that draw ``draws + ahead`` will return, without drawing it."""
+        return draw(self.seed, self.draws + ahead, self._cdf_list)
+
+    def sample(self) -> Pattern:
+        pattern = draw(self.seed, self.draws, self._cdf_list)
+        self.state[1] += 1
+        self.state[2 + pattern.dp - 1] += 1
+        return pattern
+
+    def sample_tensor(self) -> torch.Tensor:
+        """Draw through the ``fxdrop::sample_pattern`` op: ``int64 (2,) = [dp, offset]`` on the CPU."""
+        return torch.ops.fxdrop.sample_pattern(self.state, self.cdf)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state.clone(), "probs": self.distribution.probs.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        probs = state.get("probs")
+        if probs is None or "state" not in state:
+            raise KeyError("PatternScheduler.load_state_dict expects keys 'state' and 'probs'")
+        if probs.shape != self.distribution.probs.shape or not torch.allclose(
+                probs.to(torch.float64), self.distribution.probs, atol=1e-12):
+            raise ValueError("PatternScheduler.load_state_dict: the saved distribution differs from this "
+                             f"scheduler's (saved {probs.tolist()}, have {self.distribution.probs.tolist()})")
+        self.state.copy_(state["state"])
+
+    def __repr__(self) -> str:
+        return (f"PatternScheduler(p={self.distribution.p}, max_dp={self.distribution.max_dp}, "
+                f"seed={self.seed}, draws={self.draws})")

@@ -1,0 +1,150 @@
+"""The distribution over ``dp`` whose expected drop rate equals the target ``p``.
+
+A pattern with period ``dp`` drops ``(dp - 1) / dp`` of the units, so a distribution ``P`` over
+``dp = 1 .. max_dp`` drops ``rate(P) = sum_dp P(dp) (dp - 1) / dp`` in expectation; with the offset
+uniform, every unit is dropped with probability exactly ``rate(P)``.
+
+Two solvers: ``exact`` (maximum entropy subject to ``rate == p``: a Gibbs distribution found by
+1-D root finding) and ``sgd`` (the paper's search). Imports only torch and math.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PatternDistribution:
+    """``probs[k] = P(dp = k + 1)`` (float64), with its drop rate and entropy (nats)."""
+
+    probs: torch.Tensor
+    p: float
+    method: str
+
+    @property
+    def max_dp(self) -> int:
+        return self.probs.numel()
+
+    @property
+    def rate(self) -> float:
+        return float((self.probs * _drop_rates(self.max_dp)).sum())
+
+    @property
+    def entropy(self) -> float:
+        nz = self.probs[self.probs > 0]
+        return float(-(nz * nz.log()).sum())
+
+    def __repr__(self) -> str:
+        probs = ", ".join(f"{v:.4f}" for v in self.probs.tolist())
+        return (f"PatternDistribution(p={self.p}, method={self.method!r}, rate={self.rate:.6f}, "
+                f"entropy={self.entropy:.4f}, probs=[{probs}])")
+
+
+def _drop_rates(max_dp: int) -> torch.Tensor:
+    dp = torch.arange(1, max_dp + 1, dtype=torch.float64)
+    return (dp - 1) / dp
+
+
+def largest_reachable(max_dp: int) -> float:
+    return (max_dp - 1) / max_dp
+
+
+def max_dp_for(p: float) -> int:
+    """The smallest ``max_dp`` with ``(max_dp - 1) / max_dp >= p``."""
+    m = max(1, math.ceil(1.0 / (1.0 - p) - 1e-12))
+    while largest_reachable(m) < p:
+        m += 1
+    return m
+
+
+def check_rate(p: float, max_dp: int, where: str = "p") -> float:
+    """Validate a target drop rate against ``max_dp``; errors name the argument and the fix."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{where} must be a float in [0, 1), got {type(p).__name__}")
+    if isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1:
+        raise ValueError(f"max_dp must be an int >= 1, got {max_dp!r}")
+    p = float(p)
+    if not 0.0 <= p < 1.0 or math.isnan(p):
+        raise ValueError(f"{where}={p} is outside [0, 1): a drop rate must be at least 0 and below 1")
+    if p > largest_reachable(max_dp) + 1e-12:
+        raise ValueError(
+            f"{where}={p} is not reachable with max_dp={max_dp}: the largest reachable drop rate is "
+            f"{largest_reachable(max_dp):.6g}; use max_dp={max_dp_for(p)} or more")
+    return p
+
+
+def _gibbs(beta: float, r: torch.Tensor) -> torch.Tensor:
+    logits = beta * r
+    return torch.softmax(logits, 0)
+
+
+def _exact(p: float, max_dp: int) -> torch.Tensor:
+    r = _drop_rates(max_dp)
+    if p == 0.0 or max_dp == 1:
+        probs = torch.zeros(max_dp, dtype=torch.float64)
+        probs[0] = 1.0
+        return probs
+    if p >= largest_reachable(max_dp) - 1e-15:
+        probs = torch.zeros(max_dp, dtype=torch.float64)
+        probs[-1] = 1.0
+        return probs
+    # rate(beta) rises monotonically (its derivative is Var_beta(r) > 0): bracket, then bisect.
+    lo, hi = -1.0, 1.0
+    while float((_gibbs(lo, r) * r).sum()) > p:
+        lo *= 2.0
+    while float((_gibbs(hi, r) * r).sum()) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float((_gibbs(mid, r) * r).sum()) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15 * max(1.0, abs(mid)):
+            break
+    return _gibbs(0.5 * (lo + hi), r)
+
+
+def _sgd(p: float, max_dp: int, lam: float, steps: int, lr: float, seed: int) -> torch.Tensor:
+    """The paper's search: gradient descent on softmax logits of ``(rate - p)^2 - lam * H(P)``.
+
+    ``lam`` is annealed towards zero so that the rate constraint wins at the end: with a fixed
+    ``lam`` the optimum sits ``O(lam)`` away from the target rate.
+    """
+    r = _drop_rates(max_dp)
+    gen = torch.Generator().manual_seed(seed)
+    logits = (0.01 * torch.randn(max_dp, generator=gen, dtype=torch.float64)).requires_grad_()
+    opt = torch.optim.Adam([logits], lr=lr)
+    for step in range(steps):
+        probs = torch.softmax(logits, 0)
+        entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum()
+        weight = lam * (1.0 - step / steps) ** 2
+        loss = (probs @ r - p) ** 2 - weight * entropy
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.softmax(logits.detach(), 0)
+
+
+def search_distribution(p: float, max_dp: int = 8, method: str = "exact", *, lam: float = 1e-2,
+                        steps: int = 2000, lr: float = 0.05, seed: int = 0) -> PatternDistribution:
+    """Find ``P(dp)`` over ``dp = 1 .. max_dp`` with expected drop rate ``p`` and high entropy.
+
+    ``method="exact"`` returns the maximum-entropy solution, ``|rate - p| < 1e-9``;
+    ``method="sgd"`` runs the paper's search (``lam``, ``steps``, ``lr``, ``seed`` tune it),
+    ``|rate - p| < 1e-3``.
+    """
+    p = check_rate(p, max_dp)
+    if method == "exact":
+        probs = _exact(p, max_dp)
+    elif method == "sgd":
+        if p == 0.0 or max_dp == 1 or p >= largest_reachable(max_dp) - 1e-15:
+            probs = _exact(p, max_dp)  # a point mass: nothing to search
+        else:
+            probs = _sgd(p, max_dp, lam, steps, lr, seed)
+    else:
+        raise ValueError(f"unknown search method {method!r}; expected 'exact' or 'sgd'")
+    return PatternDistribution(probs=probs, p=p, method=method)
