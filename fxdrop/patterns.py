@@ -147,3 +147,25 @@ def tile_weight_mask(shape: tuple[int, int], tile: int, dp: int, offset: int, sc
     per_tile = tile_mask(shape, tile, dp, offset)
     full = per_tile.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[: shape[0], : shape[1]]
     return full.to(dtype) * tile_scale(shape, tile, dp, offset, scale, p)
+
+
+def tile_groups(shape: tuple[int, int], tile: int, dp: int, offset: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The kept tiles grouped by residue class of the tile row: ``[(rows, cols), ...]``.
+
+    Tile row ``i`` keeps exactly the tile columns ``j = (offset - i) mod dp (+ k dp)``, so all output
+    rows whose tile row has the same residue ``i mod dp`` read the same input columns: each group is
+    one dense GEMM ``y[:, rows] = x[:, cols] @ W[rows][:, cols]^T``. Every output row is in exactly one
+    group; ``cols`` may be empty (that row tile keeps nothing). Indices are unit indices (LongTensor).
+    """
+    Pattern(dp, offset).check()
+    out_features, in_features = shape
+    grid_rows, grid_cols = tile_grid(shape, tile)
+    offset = tile_offset((grid_rows, grid_cols), dp, offset)
+    row_ids = torch.arange(out_features)
+    col_ids = torch.arange(in_features)
+    groups = []
+    for residue in range(min(dp, grid_rows)):
+        rows = row_ids[(row_ids // tile) % dp == residue]
+        cols = col_ids[(col_ids // tile) % dp == (offset - residue) % dp]
+        groups.append((rows, cols))
+    return groups

@@ -1,0 +1,349 @@
+"""Composite kernels of the ``fxdrop`` ops, written with ATen calls (any device).
+
+The work done is the structured work only: the GEMMs run on the kept rows/columns of each weight
+(views for the block family, a gather of the consumer's columns for the row family, whose column
+stride BLAS cannot take), biases, scales and activations fold into the GEMM calls where ATen
+allows (``addmm`` with ``alpha``), and dense weight gradients are written as ``empty`` + zeroed
+complement + a GEMM straight into the kept region, never ``zeros`` + a copy.
+
+Imports torch, patterns and activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .. import patterns as P
+from . import activations as act
+
+
+def _check_mode(family: str, scale: str) -> None:
+    P.check_family(family, P.UNIT_FAMILIES)
+    if scale not in ("kept", "rate"):
+        raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+
+
+def _pattern_rows(patterns: torch.Tensor, sites: int) -> list[tuple[int, int]]:
+    if patterns.dtype != torch.int64 or patterns.shape != (sites, 2):
+        raise ValueError(f"patterns must be an int64 tensor of shape ({sites}, 2) = [dp, offset] per site, "
+                         f"got {patterns.dtype} {tuple(patterns.shape)}")
+    rows = [(int(dp), int(off)) for dp, off in patterns.tolist()]
+    for dp, off in rows:
+        P.Pattern(dp, off).check()
+    return rows
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One site's kept units of a width-``n`` axis and the scale for them."""
+
+    keep: slice
+    scale: float
+    n: int
+
+    @property
+    def full(self) -> bool:
+        return self.keep.start == 0 and self.keep.stop == self.n and self.keep.step == 1
+
+    @property
+    def contiguous(self) -> bool:
+        return self.keep.step == 1
+
+
+def _mask(family: str, n: int, pattern: tuple[int, int], scale: str, p: float) -> Mask:
+    dp, off = pattern
+    return Mask(P.kept_slice(family, n, dp, off), P.unit_scale(family, n, dp, off, scale, p), n)
+
+
+def _columns(t: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+    """``t[:, kept]``: a view when contiguous, else a gather (BLAS needs a unit column stride)."""
+    if mask is None or mask.full:
+        return t
+    view = t[:, mask.keep]
+    return view if mask.contiguous else view.contiguous()
+
+
+def _rows(t: torch.Tensor, mask: Mask | None) -> torch.Tensor:
+    return t if mask is None or mask.full else t[mask.keep]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``alpha * x @ weight.T + bias`` in one GEMM call."""
+    if bias is None:
+        out = torch.mm(x, weight.t())
+        return out if alpha == 1.0 else out.mul_(alpha)
+    return torch.addmm(bias, x, weight.t(), beta=1, alpha=alpha)
+
+
+def _zero_outside(full: torch.Tensor, rows: Mask | None, cols: Mask | None) -> None:
+    """Zero everything of a 2-D tensor outside ``rows x cols`` (both contiguous or absent)."""
+    r0, r1 = (rows.keep.start, rows.keep.stop) if rows is not None else (0, full.shape[0])
+    c0, c1 = (cols.keep.start, cols.keep.stop) if cols is not None else (0, full.shape[1])
+    full[:r0].zero_()
+    full[r1:].zero_()
+    full[r0:r1, :c0].zero_()
+    full[r0:r1, c1:].zero_()
+
+
+def _scatter_product(shape: tuple[int, int], like: torch.Tensor, rows: Mask | None, cols: Mask | None,
+                     a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A dense ``shape`` tensor holding ``alpha * a @ b`` at ``[rows, cols]`` and zeros elsewhere."""
+    contiguous = (rows is None or rows.contiguous) and (cols is None or cols.contiguous)
+    if contiguous:
+        full = like.new_empty(shape)
+        _zero_outside(full, rows, cols)
+        region = full
+        if rows is not None:
+            region = region[rows.keep]
+        if cols is not None:
+            region = region[:, cols.keep]
+        region.addmm_(a, b, beta=0, alpha=alpha)  # a BLAS-compatible view: written in place
+        return full
+    full = like.new_zeros(shape)
+    region = full
+    if rows is not None:
+        region = region[rows.keep]
+    if cols is not None:
+        region = region[:, cols.keep]
+    if region.stride(-1) == 1:
+        region.addmm_(a, b, beta=0, alpha=alpha)
+    else:
+        region.copy_(torch.mm(a, b).mul_(alpha) if alpha != 1.0 else torch.mm(a, b))
+    return full
+
+
+def _scatter_columns(values: torch.Tensor, n: int, mask: Mask, alpha: float) -> torch.Tensor:
+    """A ``(rows, n)`` tensor with ``alpha * values`` at the kept columns and zeros elsewhere."""
+    if mask.contiguous:
+        full = values.new_empty(values.shape[0], n)
+        full[:, : mask.keep.start].zero_()
+        full[:, mask.keep.stop:].zero_()
+    else:
+        full = values.new_zeros(values.shape[0], n)
+    torch.mul(values, alpha, out=full[:, mask.keep]) if alpha != 1.0 else full[:, mask.keep].copy_(values)
+    return full
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """Linear ``layer`` of a chain: the mask of its input units and of its output units."""
+
+    inputs: Mask | None
+    outputs: Mask | None
+
+
+def _plan(x_width: int, weights: Sequence[torch.Tensor], patterns: torch.Tensor, family: str,
+          activations: Sequence[str], input_dropout: bool, output_dropout: bool, scale: str,
+          rates: Sequence[float]) -> list[_Layer]:
+    _check_mode(family, scale)
+    layers = len(weights)
+    if layers < 1:
+        raise ValueError("chain needs at least one weight")
+    sites = layers - 1 + int(input_dropout) + int(output_dropout)
+    if sites < 1:
+        raise ValueError("chain needs at least one dropout site (input_dropout, output_dropout or two weights)")
+    rows = _pattern_rows(patterns, sites)
+    if len(rates) != sites:
+        raise ValueError(f"chain has {sites} dropout sites but {len(rates)} rates")
+    if len(activations) != layers - 1 + int(output_dropout):
+        raise ValueError(f"chain needs {layers - 1 + int(output_dropout)} activations (one per Linear "
+                         f"followed by a dropout), got {len(activations)}")
+    for name in activations:
+        act.parse(name)
+    site = 0
+    inputs = None
+    if input_dropout:
+        inputs = _mask(family, x_width, rows[0], scale, rates[0])
+        site = 1
+    plan = []
+    for layer, weight in enumerate(weights):
+        outputs = None
+        if layer < layers - 1 or output_dropout:
+            outputs = _mask(family, weight.shape[0], rows[site], scale, rates[site])
+            site += 1
+        plan.append(_Layer(inputs, outputs))
+        inputs = outputs
+    return plan
+
+
+def check_chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]) -> None:
+    """Shapes and dtypes of a chain's tensors; errors name the weight at fault."""
+    if not x.is_floating_point():
+        raise TypeError(f"chain: x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("chain: x must have shape (..., in_features)")
+    if len(biases) != len(weights):
+        raise ValueError(f"chain: {len(weights)} weights but {len(biases)} biases (use None for no bias)")
+    width = x.shape[-1]
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        if weight.dim() != 2:
+            raise ValueError(f"chain: weights[{i}] must be 2-D (out, in), got shape {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"chain: weights[{i}] is {weight.dtype} but x is {x.dtype}")
+        if weight.shape[1] != width:
+            raise ValueError(f"chain: weights[{i}] expects {weight.shape[1]} input features, "
+                             f"but {'x' if i == 0 else f'weights[{i - 1}]'} gives {width}")
+        if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+            raise ValueError(f"chain: biases[{i}] must be {x.dtype} of shape ({weight.shape[0]},), "
+                             f"got {bias.dtype} {tuple(bias.shape)}")
+        width = weight.shape[0]
+
+
+def expand_biases(biases: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> list[torch.Tensor | None]:
+    """``(present biases, has_bias)`` -> one entry per Linear, None where it has no bias."""
+    if sum(has_bias) != len(biases):
+        raise ValueError(f"chain: has_bias marks {sum(has_bias)} biases but {len(biases)} were given")
+    present = iter(biases)
+    return [next(present) if has else None for has in has_bias]
+
+
+def chain(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates):
+    biases = expand_biases(biases, has_bias)
+    check_chain(x, weights, biases)
+    plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale, rates)
+    lead = x.shape[:-1]
+    cur = _columns(x.reshape(-1, x.shape[-1]), plan[0].inputs)
+    alpha = plan[0].inputs.scale if plan[0].inputs is not None else 1.0
+    saved: list[torch.Tensor] = []
+    name_index = 0
+    for layer, (weight, bias, step) in enumerate(zip(weights, biases, plan)):
+        w = _columns(_rows(weight, step.outputs), step.inputs)
+        b = _rows(bias, step.outputs) if bias is not None else None
+        z = _linear(cur, w, b, alpha)
+        if step.outputs is None:
+            cur = z
+            continue
+        name = activations[name_index]
+        name_index += 1
+        if act.needs_input(name):
+            h = act.apply(name, z)
+            saved += [z, h]
+        else:
+            h = z.relu_() if act.parse(name)[0] == "relu" else act.apply(name, z)
+            saved += [z.new_empty(0), h]
+        cur, alpha = h, step.outputs.scale
+    last = plan[-1].outputs
+    if last is not None:  # output dropout: scatter the kept units to full width
+        y = _scatter_columns(cur, last.n, last, alpha)
+    else:
+        y = cur
+    return y.reshape(*lead, y.shape[-1]), saved
+
+
+def chain_backward(grad_y, x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
+                   output_dropout, scale, rates, needs_input_grad):
+    biases = expand_biases(biases, has_bias)
+    plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale, rates)
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    sites_after = [step.outputs is not None for step in plan]
+    hidden = [(saved[2 * i], saved[2 * i + 1]) for i in range(len(saved) // 2)]
+    name_of = list(activations)
+    grad_weights: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    grad_biases: list[torch.Tensor] = []
+    site_index = sum(sites_after) - 1  # index into hidden / activations of the latest site
+    if plan[-1].outputs is not None:
+        last = plan[-1].outputs
+        z, h = hidden[site_index]
+        g = act.grad(name_of[site_index], _columns(g, last).mul(last.scale), z if z.numel() else None, h)
+        site_index -= 1
+    grad_x = None
+    for layer in range(len(weights) - 1, -1, -1):
+        step, weight, bias = plan[layer], weights[layer], biases[layer]
+        if layer > 0:
+            inp = hidden[site_index][1]
+        else:
+            inp = _columns(x2, step.inputs)
+        alpha = step.inputs.scale if step.inputs is not None else 1.0
+        grad_weights[layer] = _scatter_product(tuple(weight.shape), weight, step.outputs, step.inputs,
+                                               g.t(), inp, alpha)
+        if bias is not None:
+            if step.outputs is None or step.outputs.full:
+                grad_biases.append(g.sum(0))
+            else:
+                gb = bias.new_zeros(bias.shape)
+                gb[step.outputs.keep] = g.sum(0)
+                grad_biases.append(gb)
+        if layer == 0 and not needs_input_grad:
+            break
+        w = _columns(_rows(weight, step.outputs), step.inputs)
+        if layer > 0:
+            g_in = torch.mm(g, w)
+            if alpha != 1.0:
+                g_in.mul_(alpha)
+            z, h = hidden[site_index]
+            g = act.grad(name_of[site_index], g_in, z if z.numel() else None, h)
+            site_index -= 1
+        elif step.inputs is None:
+            grad_x = torch.mm(g, w)
+        else:
+            grad_x = _scatter_product((g.shape[0], x.shape[-1]), g, None, step.inputs, g, w, alpha)
+    grad_biases.reverse()
+    if grad_x is None:
+        grad_x = x.new_empty(0)
+    else:
+        grad_x = grad_x.reshape(x.shape)
+    return grad_x, grad_weights, grad_biases
+
+
+def unit_dropout(x, pattern, family, scale, p):
+    _check_mode(family, scale)
+    (row,) = _pattern_rows(pattern.reshape(1, 2), 1)
+    mask = P.unit_mask(family, x.shape[-1], row[0], row[1], scale, p, dtype=x.dtype)
+    return x * mask.to(x.device)
+
+
+def _tile_plan(weight: torch.Tensor, pattern: torch.Tensor, tile: int, scale: str, p: float):
+    if scale not in ("kept", "rate"):
+        raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+    (dp, off), = _pattern_rows(pattern.reshape(1, 2), 1)
+    shape = tuple(weight.shape)
+    groups = [(r.to(weight.device), c.to(weight.device)) for r, c in P.tile_groups(shape, tile, dp, off)]
+    return groups, P.tile_scale(shape, tile, dp, off, scale, p)
+
+
+def tile_linear(x, weight, bias, pattern, tile, scale, p):
+    check_chain(x, [weight], [bias])
+    groups, s = _tile_plan(weight, pattern, tile, scale, p)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2.new_empty(x2.shape[0], weight.shape[0])
+    for rows, cols in groups:
+        b = bias.index_select(0, rows) if bias is not None else None
+        if cols.numel() == 0:
+            y[:, rows] = b if b is not None else 0
+            continue
+        w = weight.index_select(0, rows).index_select(1, cols)
+        y[:, rows] = _linear(x2.index_select(1, cols), w, b, s)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def tile_linear_backward(grad_y, x, weight, pattern, tile, scale, p, has_bias):
+    groups, s = _tile_plan(weight, pattern, tile, scale, p)
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_x = torch.zeros_like(x2)
+    grad_w = torch.zeros_like(weight)
+    for rows, cols in groups:
+        if cols.numel() == 0:
+            continue
+        g_rows = g.index_select(1, rows)
+        x_cols = x2.index_select(1, cols)
+        grad_w[rows.unsqueeze(1), cols.unsqueeze(0)] = torch.mm(g_rows.t(), x_cols).mul_(s)
+        w = weight.index_select(0, rows).index_select(1, cols)
+        # Distinct row residues read distinct column residues: no two groups write the same column.
+        grad_x[:, cols] = torch.mm(g_rows, w).mul_(s)
+    grad_b = g.sum(0) if has_bias else g.new_empty(0)
+    return grad_x.reshape(x.shape), grad_w, grad_b
+
+
+def sample_pattern(state, cdf):
+    from ..scheduler import draw  # the one stream definition; scheduler imports ops lazily
+
+    seed, draws = int(state[0]), int(state[1])
+    pattern = draw(seed, draws, cdf.tolist())
+    state[1] += 1
+    state[2 + pattern.dp - 1] += 1
+    return torch.tensor([pattern.dp, pattern.offset], dtype=torch.int64)
