@@ -103,7 +103,12 @@ def _chain_backward(ctx, grad_y, grad_saved):
     grad_x, grad_w, grad_b = torch.ops.fxdrop.chain_backward(
         grad_y.contiguous(), x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
         output_dropout, scale, rates, needs_x)
-    return (grad_x if needs_x else None, list(grad_w), list(grad_b)) + (None,) * 8
+    # register_autograd compares structures, and flattens an empty list of anything as a tensor list.
+    def no_grad(value):
+        return [] if isinstance(value, list) and not value else None
+
+    return (grad_x if needs_x else None, list(grad_w), list(grad_b), no_grad(has_bias), None, None,
+            no_grad(activations), None, None, None, no_grad(rates))
 
 
 torch.library.register_autograd("fxdrop::chain", _chain_backward, setup_context=_chain_setup)

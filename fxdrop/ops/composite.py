@@ -342,6 +342,9 @@ def tile_linear_backward(grad_y, x, weight, pattern, tile, scale, p, has_bias):
 def sample_pattern(state, cdf):
     from ..scheduler import draw  # the one stream definition; scheduler imports ops lazily
 
+    if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
+        raise ValueError(f"sample_pattern: state must be int64 of shape ({2 + cdf.numel()},) = [seed, draws, "
+                         f"counts per dp], got {state.dtype} {tuple(state.shape)}")
     seed, draws = int(state[0]), int(state[1])
     pattern = draw(seed, draws, cdf.tolist())
     state[1] += 1

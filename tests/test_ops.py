@@ -1,0 +1,205 @@
+"""fxdrop ops against their dense references (mask applied by multiplication), gradcheck and opcheck."""
+
+import random
+
+import pytest
+import torch
+
+import fxdrop.ops as ops
+from fxdrop.ops import reference as ref
+
+ACTS = ["none", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "leaky_relu:0.2", "elu:0.7"]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def _patterns(sites, rng, dps=range(1, 9)):
+    rows = []
+    for _ in range(sites):
+        dp = rng.choice(list(dps))
+        rows.append([dp, rng.randrange(dp)])
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _chain_case(widths, lead, dtype, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, widths[0], generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    weights = [(torch.randn(o, i, generator=gen, dtype=torch.float64) / i ** 0.5).to(dtype).requires_grad_()
+               for i, o in zip(widths, widths[1:])]
+    biases = [torch.randn(o, generator=gen, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+              for o in widths[1:]]
+    return x, weights, biases
+
+
+def _rel(got, want):
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def _compare(out, expect, inputs, dtype, reference=None):
+    """``out`` (the op) against ``expect`` (the dense reference) in value and in every gradient.
+
+    bf16 rounds differently step by step, so there both are measured against the reference run in
+    float64 on upcast inputs: the op may be at most twice as far from it as the bf16 reference, plus 1e-2.
+    """
+    present = [t for t in inputs if t is not None]
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, present, grad)]
+    want = [expect, *torch.autograd.grad(expect, present, grad)]
+    if dtype != torch.bfloat16:
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype
+            torch.testing.assert_close(g, w, **TOL[dtype])
+        return
+    exact_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    exact_out = reference(*exact_inputs)
+    exact_present = [t for t in exact_inputs if t is not None]
+    exact = [exact_out, *torch.autograd.grad(exact_out, exact_present, grad.double())]
+    for g, w, e in zip(got, want, exact):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert _rel(g, e) <= 2 * _rel(w, e) + 1e-2, f"op error {_rel(g, e):.3g}, bf16 reference {_rel(w, e):.3g}"
+
+
+CASES = [  # (widths, input_dropout, output_dropout)
+    ([17, 13, 11], False, False),     # the fused chain
+    ([17, 13], True, False),          # input-structured Linear
+    ([17, 13], False, True),          # output-structured Linear, scattered
+    ([17, 13, 11, 7], True, True),    # a whole MLP segment
+    ([9, 31, 5], True, False),
+]
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("lead", [(6,), (2, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_chain_matches_reference(family, case, lead, bias, dtype):
+    widths, inp, outp = CASES[case]
+    rng = random.Random(hash((family, case, lead, bias, str(dtype))) % 2**32)
+    x, weights, biases = _chain_case(widths, lead, dtype, bias, rng.randrange(2**31))
+    sites = len(weights) - 1 + inp + outp
+    patterns = _patterns(sites, rng)
+    kw = dict(family=family, activations=[rng.choice(ACTS) for _ in range(len(weights) - 1 + outp)],
+              input_dropout=inp, output_dropout=outp, rates=[rng.choice([0.3, 0.5]) for _ in range(sites)],
+              scale=rng.choice(["kept", "rate"]))
+    out = ops.chain(x, weights, biases, patterns, **kw)
+    expect = ref.chain(x, weights, biases, patterns, **kw)
+    layers = len(weights)
+
+    def reference(x, *params):
+        return ref.chain(x, params[:layers], params[layers:], patterns, **kw)
+
+    _compare(out, expect, [x, *weights, *biases], dtype, reference)
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("dp", range(1, 9))
+def test_chain_every_dp_and_offset(family, dp):
+    x, weights, biases = _chain_case([19, 23, 5], (4,), torch.float32, True, dp)
+    for offset in range(dp):
+        patterns = torch.tensor([[dp, offset]])
+        kw = dict(family=family, activations=["relu"], rates=[0.5])
+        _compare(ops.chain(x, weights, biases, patterns, **kw), ref.chain(x, weights, biases, patterns, **kw),
+                 [x, *weights, *biases], torch.float32)
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+def test_chain_gradcheck(family):
+    x, weights, biases = _chain_case([7, 9, 5, 3], (2, 3), torch.float64, True, 0)
+    patterns = torch.tensor([[3, 1], [2, 0], [4, 3], [2, 1]])
+    kw = dict(family=family, activations=["gelu", "tanh", "silu"], input_dropout=True, output_dropout=True,
+              rates=[0.5] * 4)
+    assert torch.autograd.gradcheck(lambda x, *p: ops.chain(x, p[:3], p[3:], patterns, **kw),
+                                    (x, *weights, *biases))
+
+
+def test_chain_without_input_grad_gives_weight_grads():
+    x, weights, biases = _chain_case([17, 13, 11], (6,), torch.float32, True, 1)
+    x = x.detach()
+    patterns = torch.tensor([[3, 2]])
+    kw = dict(family="block", activations=["relu"], rates=[0.5])
+    _compare(ops.chain(x, weights, biases, patterns, **kw), ref.chain(x, weights, biases, patterns, **kw),
+             [*weights, *biases], torch.float32)
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_unit_dropout(family, dtype):
+    x = torch.randn(3, 4, 21, dtype=dtype, requires_grad=True)
+    for dp in range(1, 9):
+        pattern = torch.tensor([dp, dp - 1])
+        _compare(ops.unit_dropout(x, pattern, family=family, p=0.5),
+                 ref.unit_dropout(x, pattern, family=family, p=0.5), [x], dtype,
+                 lambda x: ref.unit_dropout(x, pattern, family=family, p=0.5))
+
+
+@pytest.mark.parametrize("tile", [4, 32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tile_linear(tile, bias, dtype):
+    gen = torch.Generator().manual_seed(tile)
+    x = torch.randn(2, 5, 70, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(45, 70, generator=gen) / 8).to(dtype).requires_grad_()
+    b = torch.randn(45, generator=gen).to(dtype).requires_grad_() if bias else None
+    for dp in range(1, 9):
+        for offset in {0, dp - 1, dp // 2}:
+            pattern = torch.tensor([dp, offset])
+            _compare(ops.tile_linear(x, w, b, pattern, tile=tile, p=0.5),
+                     ref.tile_linear(x, w, b, pattern, tile=tile, p=0.5), [x, w, b], dtype,
+                     lambda x, w, b: ref.tile_linear(x, w, b, pattern, tile=tile, p=0.5))
+
+
+def test_tile_gradcheck():
+    x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 20, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    pattern = torch.tensor([3, 1])
+    assert torch.autograd.gradcheck(lambda *a: ops.tile_linear(*a, pattern, tile=4, p=0.5), (x, w, b))
+
+
+def test_opcheck_every_op():
+    x, weights, biases = _chain_case([17, 13, 11], (2, 3), torch.float32, True, 5)
+    patterns = torch.tensor([[3, 1], [2, 0], [4, 1]])
+    for family in ("row", "block"):
+        torch.library.opcheck(torch.ops.fxdrop.chain.default,
+                              (x, weights, biases, [True, True], patterns, family, ["gelu", "relu"], True, True,
+                               "kept", [0.5, 0.5, 0.5]))
+        torch.library.opcheck(torch.ops.fxdrop.unit_dropout.default, (x, patterns[0], family, "kept", 0.5))
+    torch.library.opcheck(torch.ops.fxdrop.tile_linear.default, (x, weights[0], biases[0], patterns[0], 4,
+                                                                  "kept", 0.5))
+    state = torch.tensor([5, 0, 0, 0, 0], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fxdrop.sample_pattern.default, (state, torch.tensor([0.2, 0.5, 1.0],
+                                                                                         dtype=torch.float64)))
+
+
+def test_weight_grads_are_dense_parameter_shaped():
+    x, weights, biases = _chain_case([16, 32, 8], (4,), torch.float32, True, 2)
+    out = ops.chain(x, weights, biases, torch.tensor([[4, 1]]), family="block", activations=["relu"], rates=[0.7])
+    out.sum().backward()
+    hidden_grad = weights[0].grad
+    assert hidden_grad.shape == weights[0].shape and hidden_grad.layout == torch.strided
+    assert hidden_grad[:8].eq(0).all() and hidden_grad[16:].eq(0).all() and hidden_grad[8:16].ne(0).any()
+
+
+def test_bad_inputs_name_the_culprit():
+    x, weights, biases = _chain_case([17, 13, 11], (6,), torch.float32, True, 3)
+    kw = dict(family="block", activations=["relu"], rates=[0.5])
+    p = torch.tensor([[2, 0]])
+    with pytest.raises(ValueError, match=r"weights\[1\] expects 12 input features, but weights\[0\] gives 13"):
+        ops.chain(x, [weights[0], torch.randn(11, 12)], biases, p, **kw)
+    with pytest.raises(TypeError, match=r"weights\[0\] is torch.float64 but x is torch.float32"):
+        ops.chain(x, [weights[0].double(), weights[1]], biases, p, **kw)
+    with pytest.raises(ValueError, match=r"biases\[1\] must be"):
+        ops.chain(x, weights, [biases[0], torch.randn(3)], p, **kw)
+    with pytest.raises(ValueError, match=r"patterns must be an int64 tensor of shape \(1, 2\)"):
+        ops.chain(x, weights, biases, torch.tensor([[2, 0], [2, 1]]), **kw)
+    with pytest.raises(ValueError, match="offset"):
+        ops.chain(x, weights, biases, torch.tensor([[2, 2]]), **kw)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        ops.chain(x, weights, biases, p, family="block", activations=["swish"], rates=[0.5])
+    with pytest.raises(ValueError, match="unknown pattern family"):
+        ops.chain(x, weights, biases, p, family="tile", activations=["relu"], rates=[0.5])
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.chain(x.long(), weights, biases, p, **kw)
+    with pytest.raises(ValueError, match="unknown scale mode"):
+        ops.unit_dropout(x, p[0], family="row", scale="auto")

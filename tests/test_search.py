@@ -1,0 +1,70 @@
+"""fxdrop.search_distribution: rate, entropy and errors."""
+
+import math
+
+import pytest
+import torch
+
+from fxdrop import search_distribution
+from fxdrop.search import max_dp_for
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.7, 0.8])
+@pytest.mark.parametrize("max_dp", [8, 12])
+def test_exact_rate_and_max_entropy(p, max_dp):
+    dist = search_distribution(p, max_dp=max_dp)
+    assert dist.probs.dtype == torch.float64 and dist.probs.shape == (max_dp,)
+    assert dist.probs.sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert abs(dist.rate - p) < 1e-9
+    # Maximum entropy: no feasible perturbation keeping sum and rate raises the entropy.
+    r = torch.tensor([(d - 1) / d for d in range(1, max_dp + 1)], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        v = torch.randn(max_dp, generator=gen, dtype=torch.float64)
+        basis = torch.stack([torch.ones_like(r), r])
+        v = v - basis.T @ torch.linalg.lstsq(basis.T, v).solution  # orthogonal to both constraints
+        moved = dist.probs + 1e-4 * v / v.norm()
+        if (moved > 0).all():
+            entropy = -(moved * moved.log()).sum().item()
+            assert entropy <= dist.entropy + 1e-12
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.7])
+def test_sgd_search_close_to_exact(p):
+    exact = search_distribution(p)
+    sgd = search_distribution(p, method="sgd")
+    assert abs(sgd.rate - p) < 1e-3
+    # The paper's search reaches (nearly) the maximum entropy; report both in the failure message.
+    assert sgd.entropy <= exact.entropy + 1e-9
+    assert sgd.entropy >= 0.95 * exact.entropy, f"sgd entropy {sgd.entropy:.4f} vs exact {exact.entropy:.4f}"
+
+
+def test_zero_rate_is_dense():
+    dist = search_distribution(0.0)
+    assert dist.probs[0] == 1.0 and dist.rate == 0.0
+
+
+def test_largest_reachable_is_point_mass():
+    dist = search_distribution(0.875, max_dp=8)
+    assert dist.probs[-1] == 1.0
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, math.nan])
+def test_out_of_range(p):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)"):
+        search_distribution(p)
+
+
+def test_unreachable_names_fix():
+    with pytest.raises(ValueError, match=r"largest reachable drop rate is 0.75.*max_dp=10"):
+        search_distribution(0.9, max_dp=4)
+    assert max_dp_for(0.9) == 10 and max_dp_for(0.5) == 2
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown search method"):
+        search_distribution(0.5, method="adam")
+    with pytest.raises(TypeError, match="p must be a float"):
+        search_distribution("0.5")
+    with pytest.raises(ValueError, match="max_dp must be an int"):
+        search_distribution(0.5, max_dp=0)
