@@ -1,0 +1,195 @@
+"""``fxdrop.convert(model)``: the one-liner. Trace, find sites, plan, rewrite; the input is not modified.
+
+Also ``fxdrop.sites(converted)`` (every converted site, from modules that expose ``fxdrop_sites()``)
+and ``state_dict(model)`` / ``load_state_dict(model, state)`` for the sites' scheduler states, which
+are not part of the model's own ``state_dict`` (that one keeps exactly the original keys).
+Imports torch and fxdrop's passes, modules, site and scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .passes.find import DropoutSite, NormalisedGraph, Plan, plan_graph
+from .passes.rewrite import apply_plan
+from .passes.trace import SkippedModule, clone_modules, graph_module, set_submodule, trace_regions
+from .patterns import FAMILIES
+from .scheduler import derive_seed
+from .search import check_rate
+from .site import SCALE_MODES, Site
+
+REPORT_ATTR = "_fxdrop_conversion"
+
+
+@dataclass
+class Conversion:
+    """What :func:`convert` did: every site found (converted or not, with reasons) and skipped modules."""
+
+    sites: list[DropoutSite] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+
+    @property
+    def converted(self) -> list[DropoutSite]:
+        return [s for s in self.sites if s.converted]
+
+
+@dataclass
+class PlannedRegion:
+    name: str
+    module: nn.Module  # the GraphModule, not yet rewritten
+    plan: Plan
+
+
+def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, scale: Any, tile: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxdrop.convert expects an nn.Module, got {type(model).__name__}")
+    if isinstance(p, (int, float)) and not isinstance(p, bool):
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"p={p} is outside [0, 1): pass a drop rate at least 0 and below 1, or None to keep "
+                             "each site's own rate")
+    elif isinstance(p, Mapping):
+        for name, rate in p.items():
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= float(rate) < 1.0:
+                raise ValueError(f"p[{name!r}]={rate!r} is outside [0, 1)")
+    elif p is not None and not callable(p):
+        raise TypeError(f"p must be None, a float, a dict of site name -> float or a callable, got "
+                        f"{type(p).__name__}")
+    if isinstance(pattern, str):
+        if pattern not in FAMILIES:
+            raise ValueError(f"pattern={pattern!r} is not a pattern family; expected one of {', '.join(FAMILIES)}")
+    elif isinstance(pattern, Mapping):
+        for name, family in pattern.items():
+            if family not in FAMILIES:
+                raise ValueError(f"pattern[{name!r}]={family!r} is not a pattern family; expected one of "
+                                 f"{', '.join(FAMILIES)}")
+    elif not callable(pattern):
+        raise TypeError(f"pattern must be a family name, a dict or a callable, got {type(pattern).__name__}")
+    if isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1:
+        raise ValueError(f"max_dp must be an int >= 1, got {max_dp!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale={scale!r} is not a scale mode; expected one of {', '.join(SCALE_MODES)}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be an int >= 1, got {tile!r}")
+
+
+def as_input_tuple(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> None:
+    """Run a clone of ``model`` in eval mode on the inputs; a failure names the inputs' shapes."""
+    probe = clone_modules(model)
+    probe.eval()
+    try:
+        with torch.no_grad():
+            probe(*example_inputs)
+    except Exception as err:
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in example_inputs)
+        raise ValueError(f"example_inputs ({shapes}) do not fit {type(model).__name__}: "
+                         f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                         ) from err
+
+
+def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row") -> tuple[nn.Module, list[PlannedRegion],
+                                                                                  list[SkippedModule]]:
+    """Clone, trace and plan (no rewrite): the working clone, each traced region's plan, skipped modules."""
+    work = clone_modules(model)
+    traced = trace_regions(work)
+    regions = []
+    for region in traced.regions:
+        gm = graph_module(region.module, region.graph)
+        plan = plan_graph(NormalisedGraph(gm.graph, gm), p=p, pattern=pattern, region=region.name)
+        regions.append(PlannedRegion(region.name, gm, plan))
+    return work, regions, traced.skipped
+
+
+def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callable[[str], float | None] = None,
+            pattern: str | Mapping[str, str] | Callable[[str], str] = "row", max_dp: int = 8,
+            seed: int | None = None, scale: str = "kept", tile: int = 32, example_inputs: Any = None) -> nn.Module:
+    """A converted copy of ``model`` that trains with approximate random dropout.
+
+    ``p``: None keeps each site's rate; a float (or a dict / callable on the site name) overrides it.
+    ``pattern``: the family (row, block, tile), globally or per site. ``seed``: per-site seeds derive
+    from it. The result shares ``model``'s Parameters; ``model`` itself is left untouched.
+    """
+    _check_options(model, p, pattern, max_dp, seed, scale, tile)
+    inputs = as_input_tuple(example_inputs)
+    if example_inputs is not None:
+        check_example_inputs(model, inputs)
+    work, regions, skipped = plan_model(model, p=p, pattern=pattern)
+    conversion = Conversion(skipped=skipped, regions=[r.name for r in regions])
+    for region in regions:
+        conversion.sites.extend(region.plan.sites)
+    index = {id(site): i for i, site in enumerate(conversion.sites)}
+
+    # Validate every site first, so a bad rate fails before anything is built.
+    for site in conversion.converted:
+        check_rate(site.p, max_dp, where=f"p of dropout site {site.name!r}")
+
+    def make_site(record: DropoutSite) -> Site:
+        site_seed = None if seed is None else derive_seed(seed, index[id(record)])
+        return Site.create(record.name, record.p, record.family, max_dp=max_dp, seed=site_seed, scale=scale,
+                           units=record.units, weight_shape=record.weight_shape, tile=tile,
+                           producer=record.producer, consumer=record.consumer)
+
+    for region in regions:
+        apply_plan(region.module, region.plan, make_site)
+        if region.name:
+            set_submodule(work, region.name, region.module)
+        else:
+            work = region.module
+    work.__dict__[REPORT_ATTR] = conversion
+    return work
+
+
+def conversion(model: nn.Module) -> Conversion | None:
+    """What :func:`convert` recorded on a converted model (None for a model it did not make)."""
+    return model.__dict__.get(REPORT_ATTR)
+
+
+def sites(model: nn.Module) -> list[Site]:
+    """Every converted dropout site of ``model``, from each module's ``fxdrop_sites()``, in module order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxdrop.sites expects an nn.Module, got {type(model).__name__}")
+    found: list[Site] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        get = getattr(module, "fxdrop_sites", None)
+        if not callable(get):
+            continue
+        for site in get():
+            if id(site) not in seen:
+                seen.add(id(site))
+                found.append(site)
+    return found
+
+
+def state_dict(model: nn.Module) -> dict[str, Any]:
+    """The schedulers' states by site name (the model's own ``state_dict`` holds the weights)."""
+    return {site.name: site.scheduler.state_dict() for site in sites(model)}
+
+
+def load_state_dict(model: nn.Module, state: Mapping[str, Any], strict: bool = True) -> None:
+    by_name = {site.name: site for site in sites(model)}
+    if strict:
+        missing = sorted(set(by_name) - set(state))
+        unexpected = sorted(set(state) - set(by_name))
+        if missing or unexpected:
+            raise KeyError(f"fxdrop.load_state_dict: missing sites {missing}, unexpected sites {unexpected}")
+    for name, site_state in state.items():
+        if name in by_name:
+            by_name[name].scheduler.load_state_dict(site_state)

@@ -1,0 +1,113 @@
+"""Apply a plan: each matched subgraph becomes one ``call_module`` to a replacement module.
+
+The replacement modules live under one new child, ``fxdrop`` (they hold no parameters, so the
+state_dict is unchanged); weights and biases reach them as ``get_attr`` nodes of the original
+Linears' own Parameters. The matched nodes have no users outside the match (the planner checked),
+so they are erased once the replacement has taken over their output. Every applied rewrite bumps
+a named counter (:data:`COUNTERS`) that tests read.
+
+Imports torch, fxdrop.modules, fxdrop.site and the plan records of :mod:`.find`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+from torch import fx, nn
+
+from ..modules import StructuredChain, TileLinear, UnitDropout
+from ..site import Site
+from .find import ChainPlan, DropoutSite, LinearCall, Plan
+
+CONTAINER = "fxdrop"
+COUNTERS: Counter = Counter()
+
+
+def _param_node(graph: fx.Graph, value) -> fx.Node:
+    return graph.get_attr(value) if isinstance(value, str) else value
+
+
+def _linear_params(graph: fx.Graph, linear: LinearCall) -> list[fx.Node]:
+    params = [_param_node(graph, linear.weight)]
+    if linear.bias is not None:
+        params.append(_param_node(graph, linear.bias))
+    return params
+
+
+def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
+    if CONTAINER not in gm._modules:
+        gm.add_module(CONTAINER, nn.Module())
+    getattr(gm, CONTAINER).add_module(name, module)
+    return f"{CONTAINER}.{name}"
+
+
+def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Callable[[], fx.Node]) -> None:
+    """Insert the replacement after the last matched node, reroute ``output``'s users, erase the match."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(matched, key=order.__getitem__)
+    with graph.inserting_before(last.next):
+        new = build()
+    output.replace_all_uses_with(new)
+    for node in sorted(matched, key=order.__getitem__, reverse=True):
+        graph.erase_node(node)
+
+
+def _chain_nodes(chain: ChainPlan) -> list[fx.Node]:
+    """Every node the chain replaces: its Linears, its dropouts, and the activation before each
+    dropout that follows a Linear of the chain."""
+    linear_nodes = [linear.node for linear in chain.linears]
+    nodes = list(linear_nodes)
+    for i, dropout in enumerate(chain.dropouts):
+        nodes.append(dropout.node)
+        if not (chain.input_dropout and i == 0) and dropout.input not in linear_nodes:
+            nodes.append(dropout.input)
+    return nodes
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite], Site]) -> bool:
+    """Rewrite ``gm`` in place; returns whether anything changed."""
+    graph = gm.graph
+    changed = False
+    for index, chain in enumerate(plan.chains):
+        sites = [make_site(s) for s in chain.sites]
+        module = StructuredChain(sites, family=chain.family, activations=chain.activations,
+                                 has_bias=[l.bias is not None for l in chain.linears],
+                                 input_dropout=chain.input_dropout, output_dropout=chain.output_dropout,
+                                 scale=sites[0].scale, linears=[l.label for l in chain.linears])
+        target = _install(gm, f"chain_{index}", module)
+        source = chain.dropouts[0].input if chain.input_dropout else chain.linears[0].input
+        output = chain.dropouts[-1].node if chain.output_dropout else chain.linears[-1].node
+
+        def build(chain=chain, target=target, source=source):
+            params = [p for linear in chain.linears for p in _linear_params(graph, linear)]
+            return graph.call_module(target, (source, *params))
+
+        _replace(graph, _chain_nodes(chain), output, build)
+        COUNTERS["chain"] += 1
+        changed = True
+    for index, tile in enumerate(plan.tiles):
+        site = make_site(tile.site)
+        target = _install(gm, f"tile_{index}", TileLinear(site, has_bias=tile.linear.bias is not None,
+                                                           linear=tile.linear.label))
+
+        def build(tile=tile, target=target):
+            return graph.call_module(target, (tile.dropout.input, *_linear_params(graph, tile.linear)))
+
+        _replace(graph, [tile.dropout.node, tile.linear.node], tile.linear.node, build)
+        COUNTERS["tile_linear"] += 1
+        changed = True
+    for index, unit in enumerate(plan.units):
+        site = make_site(unit.site)
+        target = _install(gm, f"unit_{index}", UnitDropout(site))
+
+        def build(unit=unit, target=target):
+            return graph.call_module(target, (unit.dropout.input,))
+
+        _replace(graph, [unit.dropout.node], unit.dropout.node, build)
+        COUNTERS["unit_dropout"] += 1
+        changed = True
+    if changed:
+        graph.lint()
+        gm.recompile()
+    return changed
