@@ -14,10 +14,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .passes.find import DropoutSite, NormalisedGraph, Plan, plan_graph
+from .lstm import StructuredLSTM, lstm_blocker, structure_lstm
+from .passes.find import DropoutSite, LSTMInputPlan, NormalisedGraph, Plan, plan_graph, site_family, site_rate
 from .passes.rewrite import apply_plan
 from .passes.trace import SkippedModule, clone_modules, graph_module, set_submodule, trace_regions
-from .patterns import FAMILIES
+from .patterns import FAMILIES, UNIT_FAMILIES
 from .scheduler import derive_seed
 from .search import check_rate
 from .site import SCALE_MODES, Site
@@ -146,14 +147,65 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
                            units=record.units, weight_shape=record.weight_shape, tile=tile,
                            producer=record.producer, consumer=record.consumer)
 
+    def make_lstm(lstm_input: LSTMInputPlan, lstm: nn.LSTM) -> nn.Module:
+        record = lstm_input.site
+        name = f"{record.region}.{lstm_input.lstm.target}" if record.region else lstm_input.lstm.target
+        return structure_lstm(lstm, name=name, p=site_rate(p, name, lstm.dropout), input_name=record.name,
+                              input_p=record.p, family=record.family, max_dp=max_dp,
+                              seed=None if seed is None else derive_seed(seed, index[id(record)]), scale=scale)
+
     for region in regions:
-        apply_plan(region.module, region.plan, make_site)
+        apply_plan(region.module, region.plan, make_site, make_lstm)
         if region.name:
             set_submodule(work, region.name, region.module)
         else:
             work = region.module
+    work = _structure_lstms(work, conversion, p=p, pattern=pattern, max_dp=max_dp, seed=seed, scale=scale)
     work.__dict__[REPORT_ATTR] = conversion
     return work
+
+
+def _structure_lstms(work: nn.Module, conversion: Conversion, *, p, pattern, max_dp, seed, scale) -> nn.Module:
+    """Every ``nn.LSTM`` with inter-layer dropout, traced or not, becomes a StructuredLSTM in place
+    (in the working clone); each of its sites gets a plan record."""
+    for name, module in list(work.named_modules()):
+        if isinstance(module, StructuredLSTM):  # made for an input site: record its layer sites
+            for site in module.layer_sites:
+                conversion.sites.append(_lstm_record(site.name, site.p, name, converted=True, family=site.family,
+                                                     units=site.units, reason="inter-layer dropout of an LSTM: "
+                                                     "the next layer's input GEMM shrinks"))
+            continue
+        if not isinstance(module, nn.LSTM) or module.num_layers < 2 or module.dropout == 0:
+            continue
+        rate = site_rate(p, name, module.dropout)
+        blocker = lstm_blocker(module)
+        family = site_family(pattern, name)
+        if blocker is None and family not in UNIT_FAMILIES:
+            blocker = "an LSTM dropout masks units: the tile family does not apply"
+        if blocker is None and rate == 0:
+            blocker = "p = 0: nothing is dropped, nothing to save"
+        if blocker is not None:
+            conversion.sites.append(_lstm_record(f"{name}.dropout", rate, name, converted=False, reason=blocker))
+            continue
+        structured = structure_lstm(module, name=name, p=rate, family=family, max_dp=max_dp,
+                                    seed=None if seed is None else derive_seed(seed, len(conversion.sites)),
+                                    scale=scale)
+        if name:
+            set_submodule(work, name, structured)
+        else:
+            work = structured
+        for site in structured.layer_sites:
+            conversion.sites.append(_lstm_record(site.name, site.p, name, converted=True, family=family,
+                                                 units=site.units, reason="inter-layer dropout of an LSTM: the "
+                                                 "next layer's input GEMM shrinks"))
+    return work
+
+
+def _lstm_record(name: str, p: float, lstm: str, *, converted: bool, reason: str, family: str | None = None,
+                 units: int | None = None) -> DropoutSite:
+    return DropoutSite(name=name, p=p, kind="lstm", producer=f"{lstm} (layer output)",
+                       consumer=f"{lstm} (next layer)", converted=converted, reason=reason,
+                       plan="lstm" if converted else None, family=family, units=units)
 
 
 def conversion(model: nn.Module) -> Conversion | None:

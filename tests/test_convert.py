@@ -47,6 +47,10 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor]):
 
             module.forward = forward
             patched.append(module)
+    for name, module in model.named_modules():
+        if type(module) is nn.LSTM and f"{name}.layer0" in masks:
+            module.forward = _masked_lstm(module, name, masks)
+            patched.append(module)
     functional = {"k": 0}
     real_f, real_t = F.dropout, torch.dropout
 
@@ -64,6 +68,25 @@ def masked(model: nn.Module, masks: dict[str, torch.Tensor]):
     finally:
         for module in patched:
             del module.forward
+
+
+def _masked_lstm(lstm: nn.LSTM, name: str, masks):
+    """A unidirectional ``lstm`` run one layer at a time (single-layer nn.LSTMs on its own Parameters),
+    layer ``l``'s output multiplied by ``masks[f"{name}.layer{l}"]``."""
+    def forward(x, hx=None):
+        assert hx is None and not lstm.bidirectional and not lstm.proj_size
+        h_n, c_n = [], []
+        for layer in range(lstm.num_layers):
+            ref = nn.LSTM(x.shape[-1], lstm.hidden_size, batch_first=lstm.batch_first)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                setattr(ref, f"{kind}_l0", getattr(lstm, f"{kind}_l{layer}"))
+            x, (h, c) = ref(x)
+            h_n.append(h)
+            c_n.append(c)
+            if layer < lstm.num_layers - 1:
+                x = x * masks[f"{name}.layer{layer}"]
+        return x, (torch.cat(h_n), torch.cat(c_n))
+    return forward
 
 
 def _grads(model):
@@ -125,7 +148,8 @@ def test_zoo_training_matches_masked_original(entry):
                 torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("entry", [ZOO[n] for n in ("mlp", "t5_ffn", "functional", "data_dependent", "looped")],
+@pytest.mark.parametrize("entry", [ZOO[n] for n in ("mlp", "t5_ffn", "functional", "data_dependent", "looped",
+                                                                  "lstm_lm", "untraced_lstm")],
                          ids=lambda e: e.name)
 def test_module_contract(entry, tmp_path):
     torch.manual_seed(0)

@@ -357,3 +357,41 @@ ZOO = [
     ZooModel("embedding_input", EmbeddingInput, _idx(3, 5), {"drop": "input"}),
     ZooModel("always_on", AlwaysOn, _x(4, 8), {"dropout": None}, deterministic_train=False),
 ]
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> Dropout -> 2-layer LSTM(dropout) -> Dropout -> Linear decoder (the PTB LM shape)."""
+
+    def __init__(self, vocab=50, d=16, hidden=24):
+        super().__init__()
+        self.encoder = nn.Embedding(vocab, d)
+        self.drop_in = nn.Dropout(0.3)
+        self.rnn = nn.LSTM(d, hidden, num_layers=2, dropout=0.4)
+        self.drop_out = nn.Dropout(0.3)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, idx):
+        output, _ = self.rnn(self.drop_in(self.encoder(idx)))
+        return self.decoder(self.drop_out(output))
+
+
+class UntracedLSTM(nn.Module):
+    """The root branches on data; its LSTM (a leaf under it) still gets structured inter-layer dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 12, num_layers=3, dropout=0.25)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        if out.mean() > 10:
+            out = out * 0
+        return self.head(out)
+
+
+ZOO += [
+    ZooModel("lstm_lm", LSTMLanguageModel, _idx(6, 3),
+             {"drop_in": "lstm_input", "drop_out": "input", "rnn.layer0": "lstm"}),
+    ZooModel("untraced_lstm", UntracedLSTM, _x(5, 2, 8), {"rnn.layer0": "lstm", "rnn.layer1": "lstm"}),
+]

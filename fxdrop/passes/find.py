@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..ops.activations import function_activation, module_activation
-from ..patterns import FAMILIES
+from ..patterns import FAMILIES, UNIT_FAMILIES
 from .trace import MODE_ATTR, get_path
 
 # ---------------------------------------------------------------- normalised calls
@@ -137,6 +137,7 @@ class NormalisedGraph:
         self.linears: dict[fx.Node, LinearCall] = {}
         self.activations: dict[fx.Node, ActivationCall] = {}
         self.dropouts: dict[fx.Node, DropoutCall] = {}
+        self.lstms: dict[fx.Node, nn.LSTM] = {}  # call_module nodes of nn.LSTM (or a subclass)
         for node in graph.nodes:
             self._classify(node)
         self.def_use = nx.DiGraph()
@@ -164,6 +165,8 @@ class NormalisedGraph:
             module = self.module(node)
             if module is None or not node.args or not isinstance(node.args[0], fx.Node) or node.kwargs:
                 return
+            if isinstance(module, nn.LSTM):
+                self.lstms[node] = module
             if isinstance(module, nn.Linear) and _plain_module(module, nn.Linear.forward) and len(node.args) == 1:
                 self.linears[node] = LinearCall(node, node.args[0], f"{node.target}.weight",
                                                 f"{node.target}.bias" if module.bias is not None else None,
@@ -285,8 +288,18 @@ class UnitPlan:
 
 
 @dataclass
+class LSTMInputPlan:
+    """``Dropout -> nn.LSTM``: the dropout becomes the LSTM's input site (:mod:`fxdrop.lstm`)."""
+
+    site: DropoutSite
+    dropout: DropoutCall
+    lstm: fx.Node
+
+
+@dataclass
 class Plan:
     sites: list[DropoutSite] = field(default_factory=list)
+    lstm_inputs: list[LSTMInputPlan] = field(default_factory=list)
     chains: list[ChainPlan] = field(default_factory=list)
     tiles: list[TilePlan] = field(default_factory=list)
     units: list[UnitPlan] = field(default_factory=list)
@@ -379,7 +392,17 @@ def plan_graph(g: NormalisedGraph, *, p: RateOption = None, pattern: FamilyOptio
         if reason is None:
             family = site_family(pattern, name)
             site.family = family
-            if family == "tile":
+            lstm_user = only if only in g.lstms and only.args and only.args[0] is node else None
+            if lstm_user is not None:
+                reason = _lstm_input_blocker(g, lstm_user, family)
+                if reason is None:
+                    site.units = g.lstms[lstm_user].input_size
+                    site.consumer = lstm_user.target
+                    site.plan, site.converted = "lstm_input", True
+                    site.reason = f"input site of {lstm_user.target}: its input GEMM shrinks"
+                    plan.lstm_inputs.append(LSTMInputPlan(site, dropout, lstm_user))
+                    continue
+            elif family == "tile":
                 if linear_user is None:
                     reason = "the tile family needs the dropout to feed exactly one Linear"
                 elif linear_user.in_features is None or linear_user.out_features is None:
@@ -434,6 +457,19 @@ def _unsupported(g: NormalisedGraph, dropout: DropoutCall, rate: float | None) -
         return "p = 0: nothing is dropped, nothing to save"
     if g.is_softmax(dropout.input):
         return "dropout on attention probabilities: structured masks would drop whole keys"
+    return None
+
+
+def _lstm_input_blocker(g: NormalisedGraph, node: fx.Node, family: str) -> str | None:
+    module = g.lstms[node]
+    if type(module) is not nn.LSTM:
+        return f"feeds {type(module).__name__}, not exactly nn.LSTM (a subclass may override forward)"
+    if family not in UNIT_FAMILIES:
+        return "an LSTM input site masks units: the tile family does not apply"
+    if sum(1 for n in g.lstms if n.target == node.target) > 1:
+        return f"{node.target} is called more than once; an input site would apply to every call"
+    if "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks:
+        return f"{node.target} has hooks or an overridden forward"
     return None
 
 
@@ -511,5 +547,6 @@ def _plan_chains(g: NormalisedGraph, plan: Plan, candidates: list[DropoutCall],
                                      sites[0].family))
 
 
-__all__ = ["ActivationCall", "ChainPlan", "DropoutCall", "DropoutSite", "LinearCall", "NormalisedGraph", "Plan",
+__all__ = ["ActivationCall", "ChainPlan", "DropoutCall", "DropoutSite", "LSTMInputPlan", "LinearCall",
+           "NormalisedGraph", "Plan",
            "TilePlan", "UnitPlan", "plan_graph", "site_family", "site_names", "site_rate"]

@@ -18,7 +18,8 @@ from torch import fx, nn
 
 from ..modules import StructuredChain, TileLinear, UnitDropout
 from ..site import Site
-from .find import ChainPlan, DropoutSite, LinearCall, Plan
+from .find import ChainPlan, DropoutSite, LinearCall, LSTMInputPlan, Plan
+from .trace import get_path, set_submodule
 
 CONTAINER = "fxdrop"
 COUNTERS: Counter = Counter()
@@ -65,10 +66,25 @@ def _chain_nodes(chain: ChainPlan) -> list[fx.Node]:
     return nodes
 
 
-def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite], Site]) -> bool:
-    """Rewrite ``gm`` in place; returns whether anything changed."""
+MakeLSTM = Callable[[LSTMInputPlan, nn.LSTM], nn.Module]
+
+
+def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite], Site],
+               make_lstm: MakeLSTM | None = None) -> bool:
+    """Rewrite ``gm`` in place; returns whether anything changed.
+
+    ``make_site`` builds the runtime Site of a plan record; ``make_lstm`` the structured LSTM that
+    replaces an ``nn.LSTM`` fed by a planned input site (same parameter names, so the same keys).
+    """
     graph = gm.graph
     changed = False
+    for lstm_input in plan.lstm_inputs if make_lstm is not None else ():
+        node = lstm_input.lstm
+        set_submodule(gm, node.target, make_lstm(lstm_input, get_path(gm, node.target)))
+        node.args = (lstm_input.dropout.input, *node.args[1:])
+        graph.erase_node(lstm_input.dropout.node)
+        COUNTERS["lstm_input"] += 1
+        changed = True
     for index, chain in enumerate(plan.chains):
         sites = [make_site(s) for s in chain.sites]
         module = StructuredChain(sites, family=chain.family, activations=chain.activations,
