@@ -129,11 +129,16 @@ class NormalisedGraph:
     """Each node of ``graph`` seen as a Linear, an activation, a dropout or something else.
 
     ``root`` resolves ``call_module``/``get_attr`` targets (None for purely functional graphs).
+    ``constant_training_follows_mode``: Dynamo specialises ``self.training`` into a constant and
+    guards on it, so there a constant ``True``/``False`` flag means "the mode" (our own traces rewire
+    mode flags to ``get_attr("training")`` instead, and a constant means a constant).
     """
 
-    def __init__(self, graph: fx.Graph, root: nn.Module | None = None):
+    def __init__(self, graph: fx.Graph, root: nn.Module | None = None, *,
+                 constant_training_follows_mode: bool = False):
         self.graph = graph
         self.root = root
+        self.constant_training_follows_mode = constant_training_follows_mode
         self.linears: dict[fx.Node, LinearCall] = {}
         self.activations: dict[fx.Node, ActivationCall] = {}
         self.dropouts: dict[fx.Node, DropoutCall] = {}
@@ -199,6 +204,8 @@ class NormalisedGraph:
                 training = bound.get("training", bound.get("train"))
                 if isinstance(training, fx.Node):
                     training = "mode" if (training.op == "get_attr" and training.target == MODE_ATTR) else None
+                elif training is True and self.constant_training_follows_mode:
+                    training = "mode"
                 self.dropouts[node] = DropoutCall(node, bound["input"], bound.get("p"), kind,
                                                   always_inplace or bool(bound.get("inplace", False)), training,
                                                   None)
