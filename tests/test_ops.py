@@ -1,6 +1,7 @@
 """fxdrop ops against their dense references (mask applied by multiplication), gradcheck and opcheck."""
 
 import random
+import zlib
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def _compare(out, expect, inputs, dtype, reference=None):
     """``out`` (the op) against ``expect`` (the dense reference) in value and in every gradient.
 
     bf16 rounds differently step by step, so there both are measured against the reference run in
-    float64 on upcast inputs: the op may be at most twice as far from it as the bf16 reference, plus 1e-2.
+    float64 on upcast inputs: the op may be at most twice as far from it as the bf16 reference, plus 3e-2
+    (a wrong index is off by O(1)).
     """
     present = [t for t in inputs if t is not None]
     grad = torch.randn_like(out)
@@ -56,7 +58,7 @@ def _compare(out, expect, inputs, dtype, reference=None):
     exact = [exact_out, *torch.autograd.grad(exact_out, exact_present, grad.double())]
     for g, w, e in zip(got, want, exact):
         assert g.shape == w.shape and g.dtype == w.dtype
-        assert _rel(g, e) <= 2 * _rel(w, e) + 1e-2, f"op error {_rel(g, e):.3g}, bf16 reference {_rel(w, e):.3g}"
+        assert _rel(g, e) <= 2 * _rel(w, e) + 3e-2, f"op error {_rel(g, e):.3g}, bf16 reference {_rel(w, e):.3g}"
 
 
 CASES = [  # (widths, input_dropout, output_dropout)
@@ -75,7 +77,7 @@ CASES = [  # (widths, input_dropout, output_dropout)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_chain_matches_reference(family, case, lead, bias, dtype):
     widths, inp, outp = CASES[case]
-    rng = random.Random(hash((family, case, lead, bias, str(dtype))) % 2**32)
+    rng = random.Random(zlib.crc32(repr((family, case, lead, bias, dtype)).encode()))  # same cases every run
     x, weights, biases = _chain_case(widths, lead, dtype, bias, rng.randrange(2**31))
     sites = len(weights) - 1 + inp + outp
     patterns = _patterns(sites, rng)
