@@ -8,7 +8,8 @@ from .patterns import Pattern
 from .scheduler import PatternScheduler
 from .search import PatternDistribution, search_distribution
 from .convert import convert, load_state_dict, sites, state_dict
+from .audit import AuditReport, audit, ideal_speedup
 
 __all__ = ["backend_info", "Pattern", "PatternDistribution", "PatternScheduler", "search_distribution", "convert", "sites",
-           "state_dict", "load_state_dict"]
+           "state_dict", "load_state_dict", "audit", "AuditReport", "ideal_speedup"]
 __version__ = "0.1.0"

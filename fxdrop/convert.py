@@ -113,7 +113,8 @@ def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row") -> tupl
     regions = []
     for region in traced.regions:
         gm = graph_module(region.module, region.graph)
-        plan = plan_graph(NormalisedGraph(gm.graph, gm), p=p, pattern=pattern, region=region.name)
+        plan = plan_graph(NormalisedGraph(gm.graph, gm, prefix=region.name), p=p, pattern=pattern,
+                          region=region.name)
         regions.append(PlannedRegion(region.name, gm, plan))
     return work, regions, traced.skipped
 

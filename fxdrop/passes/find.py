@@ -135,7 +135,8 @@ class NormalisedGraph:
     """
 
     def __init__(self, graph: fx.Graph, root: nn.Module | None = None, *,
-                 constant_training_follows_mode: bool = False):
+                 constant_training_follows_mode: bool = False, prefix: str = ""):
+        self.prefix = prefix  # qualifies module names in labels (the region's name in the whole model)
         self.graph = graph
         self.root = root
         self.constant_training_follows_mode = constant_training_follows_mode
@@ -150,6 +151,9 @@ class NormalisedGraph:
             self.def_use.add_node(node)
             for user in node.users:
                 self.def_use.add_edge(node, user)
+
+    def qualify(self, target: str) -> str:
+        return f"{self.prefix}.{target}" if self.prefix else target
 
     def module(self, node: fx.Node) -> nn.Module | None:
         if node.op != "call_module" or self.root is None:
@@ -175,7 +179,8 @@ class NormalisedGraph:
             if isinstance(module, nn.Linear) and _plain_module(module, nn.Linear.forward) and len(node.args) == 1:
                 self.linears[node] = LinearCall(node, node.args[0], f"{node.target}.weight",
                                                 f"{node.target}.bias" if module.bias is not None else None,
-                                                module.in_features, module.out_features, node.target)
+                                                module.in_features, module.out_features,
+                                                self.qualify(node.target))
             elif type(module) in _DROPOUT_MODULES and len(node.args) == 1:
                 plain = _plain_module(module, type(module).forward)
                 self.dropouts[node] = DropoutCall(node, node.args[0], module.p if plain else None,
@@ -340,12 +345,10 @@ def site_family(option: FamilyOption, name: str) -> str:
 
 
 def _describe(g: NormalisedGraph, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return node.target
+    if node.op in ("call_module", "get_attr"):
+        return g.qualify(node.target)
     if node.op == "placeholder":
         return f"input {node.target}"
-    if node.op == "get_attr":
-        return node.target
     name = getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({name})"
 
@@ -404,9 +407,9 @@ def plan_graph(g: NormalisedGraph, *, p: RateOption = None, pattern: FamilyOptio
                 reason = _lstm_input_blocker(g, lstm_user, family)
                 if reason is None:
                     site.units = g.lstms[lstm_user].input_size
-                    site.consumer = lstm_user.target
+                    site.consumer = g.qualify(lstm_user.target)
                     site.plan, site.converted = "lstm_input", True
-                    site.reason = f"input site of {lstm_user.target}: its input GEMM shrinks"
+                    site.reason = f"input site of {site.consumer}: its input GEMM shrinks"
                     plan.lstm_inputs.append(LSTMInputPlan(site, dropout, lstm_user))
                     continue
             elif family == "tile":

@@ -1,0 +1,125 @@
+"""fxdrop.audit: sites, decisions and reasons as convert makes them; FLOPs and the Amdahl speedup
+against hand-computed values; the model is left unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxdrop
+from fxdrop.audit import AuditReport, audit, ideal_speedup
+from fxdrop.convert import conversion, convert
+
+import zoo
+
+
+def _mlp_step(sizes, batch, p):
+    """Hand count: forward GEMM 2*B*in*out; backward adds grad-weight, and grad-input except for layer 0
+    (its input is data); expected work scales by (1 - p) per structured side."""
+    dense = expected = 0.0
+    last = len(sizes) - 2
+    for i in range(len(sizes) - 1):
+        forward = 2.0 * batch * sizes[i] * sizes[i + 1]
+        step = forward * (2 if i == 0 else 3)
+        sides = (i > 0) + (i < last)
+        dense += step
+        expected += step * (1 - p) ** sides
+    return dense, expected
+
+
+def test_mlp_speedup_matches_hand_count():
+    sizes, p = (20, 48, 40, 36, 10), 0.5
+    report = audit(zoo.MLP(sizes, p=p), torch.randn(6, 20))
+    dense, expected = _mlp_step(sizes, 6, p)
+    assert report.step_flops == pytest.approx(dense)
+    assert report.expected_flops == pytest.approx(expected)
+    assert report.ideal_speedup == pytest.approx(dense / expected)
+    assert ideal_speedup(zoo.MLP(sizes, p=p), torch.randn(6, 20)) == pytest.approx(dense / expected)
+    # net.5 (between Linears 1 and 2) structures exactly those two GEMMs
+    row = {s.name: s for s in report.sites}["net.5"]
+    assert row.gemm_flops == pytest.approx(3 * 2.0 * 6 * (48 * 40 + 40 * 36))
+    assert row.share == pytest.approx(row.gemm_flops / dense)
+
+
+def test_rate_override_changes_the_prediction():
+    low = audit(zoo.MLP(), torch.randn(6, 20), p=0.1).ideal_speedup
+    high = audit(zoo.MLP(), torch.randn(6, 20), p=0.7).ideal_speedup
+    assert 1.0 < low < high
+
+
+@pytest.mark.parametrize("entry", zoo.ZOO, ids=lambda e: e.name)
+def test_sites_and_decisions_match_convert(entry):
+    torch.manual_seed(0)
+    model = entry.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    report = audit(model, entry.example())
+    converted = convert(model, seed=0)
+    expected = {s.name: (s.decision, s.plan, s.reason) for s in conversion(converted).sites}
+    assert {s.name: (s.decision, s.plan, s.reason) for s in report.sites} == expected
+    assert report.step_flops > 0 and report.ideal_speedup >= 1.0
+    for row in report.sites:
+        assert (row.gemm_flops is not None) == (row.decision == "converted")
+    # the model is not changed
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_attention_dropout_is_left_with_its_reason():
+    report = audit(zoo.GPT2Block(), torch.randn(2, 5, 24))
+    row = {s.name: s for s in report.sites}["attn.attn_dropout"]
+    assert row.decision == "left as is" and "attention probabilities" in row.reason and row.gemm_flops is None
+
+
+def test_without_inputs_no_flops():
+    report = audit(zoo.MLP())
+    assert report.step_flops is None and report.ideal_speedup is None
+    assert [s.decision for s in report.sites] == ["converted"] * 3
+    assert "give example inputs" in str(report)
+
+
+def test_tile_family_expected_work():
+    report = audit(zoo.EmbeddingInput(), torch.randint(0, 50, (3, 5)), pattern="tile", p=0.5)
+    forward = 2.0 * 15 * 24 * 7
+    dense = forward * 3  # the normed embedding needs a gradient (LayerNorm and Embedding train)
+    assert report.step_flops == pytest.approx(dense)
+    assert report.expected_flops == pytest.approx(dense * 0.5)
+
+
+def test_lstm_sites_and_gemms():
+    report = audit(zoo.LSTMLanguageModel(), torch.randint(0, 50, (6, 3)))
+    rows = {s.name: s for s in report.sites}
+    assert rows["rnn.layer0"].plan == "lstm" and rows["drop_in"].plan == "lstm_input"
+    t_b, d, h = 18, 16, 24
+    layer1_ih = 3 * 2.0 * t_b * h * 4 * h
+    assert rows["rnn.layer0"].gemm_flops == pytest.approx(layer1_ih)
+    # layer 0's input GEMM: its input (the embedding output) needs a gradient, so three passes too
+    assert rows["drop_in"].gemm_flops == pytest.approx(3 * 2.0 * t_b * d * 4 * h)
+
+
+def test_partial_model_reports_skipped_modules_in_json():
+    report = audit(zoo.DataDependent(), torch.randn(5, 16))
+    data = json.loads(report.to_json())
+    assert data["skipped"][0]["name"] == "<root>" and "TraceError" in data["skipped"][0]["message"]
+    assert [s["name"] for s in data["sites"]] == ["head.net.2", "head.net.5"]
+    assert data["ideal_speedup"] > 1.0
+
+
+def test_rich_rendering():
+    report = audit(zoo.T5LayerFF(), torch.randn(2, 5, 24))
+    text = str(report)
+    assert "fxdrop audit: T5LayerFF" in text and "ideal step speedup" in text
+    assert "DenseReluDense.dropout" in text
+    assert isinstance(report, AuditReport) and fxdrop.audit is audit
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="nn.Module"):
+        audit("model")
+    with pytest.raises(ValueError, match=r"example_inputs \(\(6, 3\)\)"):
+        audit(zoo.MLP(), torch.randn(6, 3))
+    with pytest.raises(ValueError, match="pattern="):
+        audit(zoo.MLP(), pattern="zigzag")
