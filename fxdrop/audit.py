@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .convert import _check_options, as_input_tuple, check_example_inputs, plan_model
+from .convert import _check_options, as_input_tuple, plan_model
 from .passes.find import DropoutSite, NormalisedGraph, site_family, site_rate
 from .passes.trace import SkippedModule, get_path
 
@@ -266,9 +266,8 @@ def audit(model: nn.Module, example_inputs: Any = None, *, p: Any = None, patter
     """
     _check_options(model, p, pattern, max_dp, seed, scale, tile)
     inputs = as_input_tuple(example_inputs)
-    if example_inputs is not None:
-        check_example_inputs(model, inputs)
-    work, regions, skipped = plan_model(model, p=p, pattern=pattern)
+    work, regions, skipped = plan_model(model, p=p, pattern=pattern,
+                                        example_inputs=inputs if example_inputs is not None else None)
     records: list[DropoutSite] = [s for region in regions for s in region.plan.sites]
     records += _lstm_records(work, p, pattern, {r.name for r in regions}, records)
     report = AuditReport(model=type(model).__name__,

@@ -90,10 +90,21 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
-def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> None:
-    """Run a clone of ``model`` in eval mode on the inputs; a failure names the inputs' shapes."""
+def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tuple]:
+    """Run a clone of ``model`` in eval mode on the inputs; a failure names the inputs' shapes.
+
+    Returns the arguments each submodule (by qualified name, "" for the model) got on its first call,
+    which :func:`plan_model` uses to check traced graphs against the modules they came from.
+    """
     probe = clone_modules(model)
     probe.eval()
+    names = {module: name for name, module in probe.named_modules()}
+    captured: dict[str, tuple] = {}
+
+    def capture(module, args):
+        captured.setdefault(names[module], args)
+
+    handles = [m.register_forward_pre_hook(capture) for m in probe.modules() if list(m.children()) or m is probe]
     try:
         with torch.no_grad():
             probe(*example_inputs)
@@ -101,15 +112,68 @@ def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> Non
         shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
                            for x in example_inputs)
         raise ValueError(f"example_inputs ({shapes}) do not fit {type(model).__name__}: "
-                         f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-                         ) from err
+                         f"{type(err).__name__}: {_first_line(err)}") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
 
 
-def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row") -> tuple[nn.Module, list[PlannedRegion],
-                                                                                  list[SkippedModule]]:
-    """Clone, trace and plan (no rewrite): the working clone, each traced region's plan, skipped modules."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b)
+
+
+def _graph_agrees(captured: Mapping[str, tuple]):
+    """A check for :func:`trace_regions`: the traced graph must compute, in eval mode, exactly what the
+    module computes on the arguments it got from the example inputs (same seed for both runs)."""
+
+    def accept(name: str, module: nn.Module, graph) -> str | None:
+        args = captured.get(name)
+        if args is None:
+            return None  # not called on these inputs: nothing to compare
+        gm = graph_module(module, graph)
+        modes = {m: m.training for m in module.modules()}
+        module.eval()
+        gm.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(0)
+                expected = module(*args)
+                torch.manual_seed(0)
+                got = gm(*args)
+        except Exception as err:
+            return f"the traced graph fails on the example inputs ({type(err).__name__}: {_first_line(err)})"
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        if not _same(got, expected):
+            return "the traced graph disagrees with the module on the example inputs"
+        return None
+
+    return accept
+
+
+def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row", example_inputs: Sequence[Any] | None = None
+               ) -> tuple[nn.Module, list[PlannedRegion], list[SkippedModule]]:
+    """Clone, trace and plan (no rewrite): the working clone, each traced region's plan, skipped modules.
+
+    With ``example_inputs``, a traced graph that does not reproduce its module on them (a branch
+    fx took on a placeholder, say) is not used: the module is skipped and its children are tried.
+    """
+    captured = check_example_inputs(model, example_inputs) if example_inputs is not None else None
     work = clone_modules(model)
-    traced = trace_regions(work)
+    traced = trace_regions(work, _graph_agrees(captured) if captured is not None else None)
     regions = []
     for region in traced.regions:
         gm = graph_module(region.module, region.graph)
@@ -129,10 +193,8 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
     from it. The result shares ``model``'s Parameters; ``model`` itself is left untouched.
     """
     _check_options(model, p, pattern, max_dp, seed, scale, tile)
-    inputs = as_input_tuple(example_inputs)
-    if example_inputs is not None:
-        check_example_inputs(model, inputs)
-    work, regions, skipped = plan_model(model, p=p, pattern=pattern)
+    inputs = as_input_tuple(example_inputs) if example_inputs is not None else None
+    work, regions, skipped = plan_model(model, p=p, pattern=pattern, example_inputs=inputs)
     conversion = Conversion(skipped=skipped, regions=[r.name for r in regions])
     for region in regions:
         conversion.sites.extend(region.plan.sites)

@@ -310,3 +310,29 @@ def test_wrong_example_input_shape():
     with pytest.raises(ValueError, match=r"example_inputs \(\(4, 7\)\)"):
         convert(zoo.MLP(), example_inputs=torch.randn(4, 7))
     convert(zoo.MLP(), example_inputs=torch.randn(4, 20))
+
+
+class OptionalMask(nn.Module):
+    """fx takes ``mask is not None`` as True for a placeholder: the traced graph needs a mask that
+    callers do not pass. With example inputs, convert notices and converts the child instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = zoo.MLP((8, 16, 4))
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask
+        return self.mlp(x)
+
+
+def test_example_inputs_reject_a_graph_that_disagrees():
+    model = OptionalMask()
+    x = torch.randn(3, 8)
+    converted = convert(model, example_inputs=x, seed=0)
+    report = conversion(converted)
+    assert report.regions == ["mlp"] and "fails on the example inputs" in report.skipped[0].message
+    model.eval(), converted.eval()
+    assert torch.equal(converted(x), model(x))
+    # without example inputs the graph would be taken as traced (and need the mask)
+    assert conversion(convert(model, seed=0)).regions == [""]

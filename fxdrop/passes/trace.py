@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
@@ -199,11 +199,14 @@ def trace_module(module: nn.Module) -> fx.Graph:
     return train
 
 
-def trace_regions(model: nn.Module) -> TraceResult:
+def trace_regions(model: nn.Module, accept: Callable[[str, nn.Module, fx.Graph], str | None] | None = None
+                  ) -> TraceResult:
     """The whole model if it traces; else, recursively, the largest children that do.
 
     Modules that do not trace are listed in ``skipped`` with the tracer's message (their children
     are tried in turn); modules without children that do not trace are simply left as they are.
+    ``accept(name, module, graph)`` may reject a traced graph with a reason (e.g. it disagrees with
+    the module on example inputs); a rejected module is skipped like one that does not trace.
     """
     result = TraceResult()
 
@@ -212,6 +215,9 @@ def trace_regions(model: nn.Module) -> TraceResult:
             return
         try:
             graph = trace_module(module)
+            reason = accept(name, module, graph) if accept is not None else None
+            if reason is not None:
+                raise TraceError(reason)
         except TraceError as err:
             result.skipped.append(SkippedModule(name or "<root>", type(module).__name__, str(err)))
             for child_name, child in module.named_children():
