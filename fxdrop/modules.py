@@ -39,13 +39,18 @@ def _split(params: Sequence[torch.Tensor], has_bias: Sequence[bool]):
 class StructuredChain(nn.Module):
     """``[dropout ->] Linear_0 -> act -> dropout -> ... -> Linear_{m-1} [-> act -> dropout]`` as one op.
 
-    ``forward(x, W_0, [b_0,] W_1, [b_1,] ...)`` with ``x: (..., in_features of Linear_0)``.
+    ``forward(x, W_0, [b_0,] W_1, [b_1,] ...)`` with ``x: (..., in_features of Linear_0)``. With
+    ``share_input`` (an input dropout that has other users too) it returns ``(y, dropped x)``, both
+    from the one pattern drawn for the input site.
     """
 
     def __init__(self, sites: Sequence[Site], *, family: str, activations: Sequence[str],
                  has_bias: Sequence[bool], input_dropout: bool, output_dropout: bool, scale: str,
-                 linears: Sequence[str] = ()):
+                 linears: Sequence[str] = (), share_input: bool = False):
         super().__init__()
+        if share_input and not input_dropout:
+            raise ValueError("StructuredChain: share_input needs an input dropout")
+        self.share_input = bool(share_input)
         self.sites = list(sites)
         self.family = family
         self.activations = list(activations)
@@ -61,11 +66,16 @@ class StructuredChain(nn.Module):
     def forward(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         weights, biases = _split(params, self.has_bias)
         if not self.training:
-            return self._original(x, weights, biases)
+            y = self._original(x, weights, biases)
+            return (y, x) if self.share_input else y
         patterns = torch.stack([site.sample() for site in self.sites])
-        return ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,
-                         input_dropout=self.input_dropout, output_dropout=self.output_dropout, scale=self.scale,
-                         rates=[site.p for site in self.sites])
+        y = ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,
+                      input_dropout=self.input_dropout, output_dropout=self.output_dropout, scale=self.scale,
+                      rates=[site.p for site in self.sites])
+        if not self.share_input:
+            return y
+        site = self.sites[0]
+        return y, ops.unit_dropout(x, patterns[0], family=self.family, scale=self.scale, p=site.p)
 
     def _original(self, x, weights, biases):
         """Eval: the original ops in the original order (dropouts are the identity)."""
@@ -80,7 +90,8 @@ class StructuredChain(nn.Module):
         sites = ", ".join(f"{s.name}(p={s.p})" for s in self.sites)
         return (f"linears=[{', '.join(self.linears)}], activations={self.activations}, sites=[{sites}], "
                 f"family={self.family!r}, input_dropout={self.input_dropout}, "
-                f"output_dropout={self.output_dropout}, scale={self.scale!r}")
+                f"output_dropout={self.output_dropout}, scale={self.scale!r}"
+                + (", share_input=True" if self.share_input else ""))
 
 
 class TileLinear(nn.Module):

@@ -56,8 +56,8 @@ def test_sites_and_decisions_match_convert(entry):
     model = entry.build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
-    report = audit(model, entry.example())
-    converted = convert(model, seed=0)
+    report = audit(model, entry.example(), **entry.options)
+    converted = convert(model, seed=0, **entry.options)
     expected = {s.name: (s.decision, s.plan, s.reason) for s in conversion(converted).sites}
     assert {s.name: (s.decision, s.plan, s.reason) for s in report.sites} == expected
     assert report.step_flops > 0 and report.ideal_speedup >= 1.0

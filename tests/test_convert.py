@@ -104,7 +104,7 @@ def _step(model, inputs, weight):
 @pytest.mark.parametrize("entry", zoo.ZOO, ids=lambda e: e.name)
 def test_zoo_plan(entry):
     torch.manual_seed(0)
-    converted = convert(entry.build(), seed=3)
+    converted = convert(entry.build(), seed=3, **entry.options)
     plans = {s.name: s.plan for s in conversion(converted).sites}
     assert plans == entry.expect
     for record in conversion(converted).sites:
@@ -117,7 +117,7 @@ def test_zoo_eval_bit_identical(entry):
     torch.manual_seed(0)
     model = entry.build()
     inputs = entry.example()
-    converted = convert(model, seed=3)
+    converted = convert(model, seed=3, **entry.options)
     model.eval(), converted.eval()
     with torch.no_grad():  # seeded: an always-on functional dropout stays random in eval, as written
         torch.manual_seed(9)
@@ -131,7 +131,7 @@ def test_zoo_training_matches_masked_original(entry):
     torch.manual_seed(0)
     model = entry.build()
     inputs = entry.example()
-    converted = convert(model, seed=5)
+    converted = convert(model, seed=5, **entry.options)
     model.train(), converted.train()
     for step in range(2):  # two steps: a fresh pattern each time
         y, grads = _step(converted, inputs, weight := torch.randn_like(converted(*inputs)))

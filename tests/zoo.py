@@ -6,7 +6,7 @@ site name to its plan ("chain", "input", "output", "tile_linear", "unit_dropout"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -276,6 +276,23 @@ class SeveralUsers(nn.Module):
         return self.fc(h) + h
 
 
+class SharedInputChain(nn.Module):
+    """``h = drop(emb)``: its mean is taken before the chain ``fc1 -> relu -> drop2 -> fc2`` reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 24)
+        self.drop = nn.Dropout(0.3)
+        self.fc1 = nn.Linear(24, 32)
+        self.drop2 = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(32, 24)
+
+    def forward(self, idx):
+        h = self.drop(self.emb(idx))
+        s = h.mean(-1, keepdim=True)
+        return self.fc2(self.drop2(torch.relu(self.fc1(h)))) + s
+
+
 class ProducerSeveralUsers(nn.Module):
     """``h = drop(relu(fc1(x)))`` used by fc2 and a residual: output-structured fc1."""
 
@@ -323,6 +340,7 @@ class ZooModel:
     example: Callable[[], tuple]
     expect: dict[str, str | None]
     deterministic_train: bool = True  # every dropout converted (so training is a function of the masks)
+    options: dict = field(default_factory=dict)  # convert/audit options
 
 
 def _x(*shape):
@@ -352,7 +370,10 @@ ZOO = [
     ZooModel("mode_structure", ModeStructure, _x(3, 24), {"mlp.dropout": "output"}),
     ZooModel("channel_dropouts", ChannelDropouts, _x(2, 3, 6, 6), {"drop2d": None, "drop": None, "alpha": None},
              deterministic_train=False),
-    ZooModel("several_users", SeveralUsers, _idx(3, 5), {"drop": "unit_dropout"}),
+    ZooModel("several_users", SeveralUsers, _idx(3, 5), {"drop": "input"}),
+    ZooModel("shared_input_chain", SharedInputChain, _idx(3, 5), {"drop": "input", "drop2": "chain"}),
+    ZooModel("family_change", SharedInputChain, _idx(3, 5), {"drop": "unit_dropout", "drop2": "chain"},
+             options={"pattern": {"drop": "row", "drop2": "block"}}),
     ZooModel("producer_several_users", ProducerSeveralUsers, _x(4, 24), {"drop": "output"}),
     ZooModel("embedding_input", EmbeddingInput, _idx(3, 5), {"drop": "input"}),
     ZooModel("always_on", AlwaysOn, _x(4, 8), {"dropout": None}, deterministic_train=False),

@@ -284,6 +284,7 @@ class ChainPlan:
     input_dropout: bool
     output_dropout: bool
     family: str
+    input_shared: bool = False  # the input dropout has other users: they get the masked input too
 
 
 @dataclass
@@ -374,6 +375,7 @@ def plan_graph(g: NormalisedGraph, *, p: RateOption = None, pattern: FamilyOptio
     producer: dict[fx.Node, tuple[LinearCall, str]] = {}  # dropout -> (Linear, activation)
     consumer: dict[fx.Node, LinearCall] = {}  # dropout -> its only user, a Linear
     unit_candidates: list[DropoutCall] = []
+    shared: set[fx.Node] = set()  # input sites whose dropout has other users besides the Linear
     site_of: dict[fx.Node, DropoutSite] = {}
 
     for node, dropout in g.dropouts.items():
@@ -431,10 +433,11 @@ def plan_graph(g: NormalisedGraph, *, p: RateOption = None, pattern: FamilyOptio
                 if node not in producer and node not in consumer:
                     linear_users = [g.linears[u] for u in users if u in g.linears and g.linears[u].input is node]
                     if linear_users and linear_users[0].in_features is not None:
-                        site.units = linear_users[0].in_features
-                        site.plan, site.converted = "unit_dropout", True
-                        site.reason = "several users: one mask for all of them (no GEMM shrinks)"
-                        plan.units.append(UnitPlan(site, dropout))
+                        # One pattern for every user: the Linear reads the kept units only (chain input
+                        # site), the others get the masked tensor from the same op.
+                        consumer[node] = linear_users[0]
+                        shared.add(node)
+                        unit_candidates.append(dropout)
                         continue
                     reason = _why_no_linear(g, dropout, users)
                 else:
@@ -442,7 +445,7 @@ def plan_graph(g: NormalisedGraph, *, p: RateOption = None, pattern: FamilyOptio
                     continue
         site.reason = reason
 
-    _plan_chains(g, plan, unit_candidates, producer, consumer, site_of)
+    _plan_chains(g, plan, unit_candidates, producer, consumer, site_of, shared)
     return plan
 
 
@@ -507,7 +510,7 @@ def _find_producer(g: NormalisedGraph, dropout: DropoutCall) -> tuple[LinearCall
 
 def _plan_chains(g: NormalisedGraph, plan: Plan, candidates: list[DropoutCall],
                  producer: dict[fx.Node, tuple[LinearCall, str]], consumer: dict[fx.Node, LinearCall],
-                 site_of: dict[fx.Node, DropoutSite]) -> None:
+                 site_of: dict[fx.Node, DropoutSite], shared: set[fx.Node]) -> None:
     """Maximal runs: a path graph alternating Linear and dropout nodes (each has <= 1 in and out edge)."""
     links = nx.DiGraph()
     for dropout in candidates:
@@ -532,7 +535,7 @@ def _plan_chains(g: NormalisedGraph, plan: Plan, candidates: list[DropoutCall],
             site = site_of[drops[0].node]
             site.units = consumer[drops[0].node].in_features
             site.plan, site.converted = "unit_dropout", True
-            site.reason = "between families: unit mask, no GEMM shrinks"
+            site.reason = "several users or a family change: one unit mask, no GEMM shrinks"
             plan.units.append(UnitPlan(site, drops[0]))
             continue
         input_dropout = path[0] in g.dropouts
@@ -544,6 +547,8 @@ def _plan_chains(g: NormalisedGraph, plan: Plan, candidates: list[DropoutCall],
             if input_dropout and i == 0:
                 site.plan, site.units = "input", consumer[node].in_features
                 site.reason = f"input-structured {consumer[node].label}"
+                if node in shared:
+                    site.reason += "; its other users get the same mask"
             elif output_dropout and i == len(drops) - 1:
                 site.plan, site.units = "output", producer[node][0].out_features
                 site.reason = f"output-structured {producer[node][0].label}, scattered to full width"
@@ -554,7 +559,7 @@ def _plan_chains(g: NormalisedGraph, plan: Plan, candidates: list[DropoutCall],
             if len(linears) > 1:
                 site.reason += f" (one chain of {len(linears)} Linears)"
         plan.chains.append(ChainPlan(linears, activations, sites, drops, input_dropout, output_dropout,
-                                     sites[0].family))
+                                     sites[0].family, input_shared=input_dropout and path[0] in shared))
 
 
 __all__ = ["ActivationCall", "ChainPlan", "DropoutCall", "DropoutSite", "LSTMInputPlan", "LinearCall",

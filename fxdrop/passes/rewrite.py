@@ -6,14 +6,16 @@ Linears' own Parameters. The matched nodes have no users outside the match (the 
 so they are erased once the replacement has taken over their output. Every applied rewrite bumps
 a named counter (:data:`COUNTERS`) that tests read.
 
-Imports torch, fxdrop.modules, fxdrop.site and the plan records of :mod:`.find`.
+Imports torch, networkx, fxdrop.modules, fxdrop.site and the plan records of :mod:`.find`.
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from typing import Callable
 
+import networkx as nx
 from torch import fx, nn
 
 from ..modules import StructuredChain, TileLinear, UnitDropout
@@ -43,15 +45,35 @@ def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
     return f"{CONTAINER}.{name}"
 
 
-def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Callable[[], fx.Node]) -> None:
-    """Insert the replacement after the last matched node, reroute ``output``'s users, erase the match."""
+def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Callable[[], fx.Node],
+             reroute: Callable[[fx.Node], None] | None = None) -> None:
+    """Insert the replacement after the last matched node, reroute ``output``'s users (and, through
+    ``reroute``, any other outside users of matched nodes), erase the match."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(matched, key=order.__getitem__)
     with graph.inserting_before(last.next):
         new = build()
+    if reroute is not None:
+        new = reroute(new)
     output.replace_all_uses_with(new)
     for node in sorted(matched, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
+
+
+def _topological_order(graph: fx.Graph) -> None:
+    """Restore def-before-use after a rewrite that gave earlier nodes a later definition (a shared
+    input dropout whose other users come before the Linear): a stable topological sort."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    uses = nx.DiGraph()
+    uses.add_nodes_from(graph.nodes)
+    uses.add_edges_from((source, node) for node in graph.nodes for source in node.all_input_nodes)
+    ordered = list(nx.lexicographical_topological_sort(uses, key=order.__getitem__))
+    if ordered == list(graph.nodes):
+        return
+    previous = ordered[0]
+    for node in ordered[1:]:
+        previous.append(node)
+        previous = node
 
 
 def _chain_nodes(chain: ChainPlan) -> list[fx.Node]:
@@ -90,7 +112,8 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
         module = StructuredChain(sites, family=chain.family, activations=chain.activations,
                                  has_bias=[l.bias is not None for l in chain.linears],
                                  input_dropout=chain.input_dropout, output_dropout=chain.output_dropout,
-                                 scale=sites[0].scale, linears=[l.label for l in chain.linears])
+                                 scale=sites[0].scale, linears=[l.label for l in chain.linears],
+                                 share_input=chain.input_shared)
         target = _install(gm, f"chain_{index}", module)
         source = chain.dropouts[0].input if chain.input_dropout else chain.linears[0].input
         output = chain.dropouts[-1].node if chain.output_dropout else chain.linears[-1].node
@@ -99,7 +122,17 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
             params = [p for linear in chain.linears for p in _linear_params(graph, linear)]
             return graph.call_module(target, (source, *params))
 
-        _replace(graph, _chain_nodes(chain), output, build)
+        def share(new: fx.Node, chain=chain) -> fx.Node:
+            """``(y, dropped x)``: the dropout's other users read the dropped input."""
+            with graph.inserting_after(new):
+                y = graph.call_function(operator.getitem, (new, 0))
+            with graph.inserting_after(y):
+                dropped = graph.call_function(operator.getitem, (new, 1))
+            first = chain.linears[0].node
+            chain.dropouts[0].node.replace_all_uses_with(dropped, delete_user_cb=lambda user: user is not first)
+            return y
+
+        _replace(graph, _chain_nodes(chain), output, build, share if chain.input_shared else None)
         COUNTERS["chain"] += 1
         changed = True
     for index, tile in enumerate(plan.tiles):
@@ -124,6 +157,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
         COUNTERS["unit_dropout"] += 1
         changed = True
     if changed:
+        _topological_order(graph)
         graph.lint()
         gm.recompile()
     return changed
