@@ -1,0 +1,382 @@
+"""fxdrop.distributed: DDP/FSDP2 on gloo with two processes on this machine, plus single-process checks.
+
+The two-process scenarios run once, in one spawn (process start and ``import torch`` dominate), under a
+hard timeout so a hang fails instead of blocking CI; each rank records per scenario "ok" or its
+traceback, and the tests below read those records.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxdrop
+from fxdrop import distributed as fd
+from fxdrop.patterns import kept_slice
+from fxdrop.scheduler import derive_seed
+
+WORLD = 2
+TIMEOUT_S = 150
+BASE_SEED = 5
+
+
+class MLP(nn.Module):
+    """784 -> h -> h -> h -> 10 in miniature: Linear -> relu -> dropout after each hidden layer."""
+
+    def __init__(self, sizes=(20, 48, 40, 36, 10), p=0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                layers += [nn.ReLU(), nn.Dropout(p)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def converted(family="row", init_seed=0):
+    torch.manual_seed(init_seed)
+    return fxdrop.convert(MLP(), pattern=family, seed=123)
+
+
+def seed_as_shared(model, base=BASE_SEED):
+    """The single-process reference: sites seeded as prepare(sync=True, seed=base) documents."""
+    for i, site in enumerate(fxdrop.sites(model)):
+        site.scheduler.state.zero_()
+        site.scheduler.state[0] = derive_seed(base, i)
+    return model
+
+
+def batches(steps, per_rank=8):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(WORLD * per_rank, 20, generator=g), torch.randint(0, 10, (WORLD * per_rank,), generator=g))
+            for _ in range(steps)]
+
+
+def local(batch, rank, per_rank=8):
+    x, y = batch
+    return x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+
+
+def grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def reference_grads(family, steps):
+    """One process, the concatenated batch, the shared patterns: the gradients of each step."""
+    model = seed_as_shared(converted(family))
+    out = []
+    for x, y in batches(steps):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        out.append(grads(model))
+    return out
+
+
+# ---------------------------------------------------------------- two-process scenarios
+
+def scenario_shared_ddp(rank):
+    """Shared patterns: DDP gradients after all-reduce equal one process on the concatenated batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for family in ("row", "block"):
+        model = fd.prepare(converted(family), sync=True, seed=BASE_SEED)
+        ddp = DDP(model)
+        for step, (batch, expected) in enumerate(zip(batches(3), reference_grads(family, 3))):
+            ddp.zero_grad()
+            F.cross_entropy(ddp(local(batch, rank)[0]), local(batch, rank)[1]).backward()
+            for got, want in zip(grads(model), expected):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{family} step {step}: {m}")
+            patterns = [tuple(s.last_pattern) for s in fxdrop.sites(model)]
+            every = [None] * WORLD
+            dist.all_gather_object(every, patterns)
+            assert every[0] == every[1], f"shared patterns differ across ranks: {every}"
+
+
+def scenario_comm_hook(rank):
+    """The kept-block hook gives the plain all-reduce's gradients and sends fewer elements."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for family in ("row", "block"):
+        plain_model = fd.prepare(converted(family), sync=True, seed=BASE_SEED)
+        hooked_model = fd.prepare(converted(family), sync=True, seed=BASE_SEED)
+        plain = DDP(plain_model, bucket_cap_mb=0.004)  # several buckets
+        hooked = DDP(hooked_model, bucket_cap_mb=0.004)
+        state = fd.register_comm_hook(hooked)
+        for step, batch in enumerate(batches(4)):
+            x, y = local(batch, rank)
+            for ddp in (plain, hooked):
+                ddp.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+            for got, want in zip(grads(hooked_model), grads(plain_model)):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7,
+                                           msg=lambda m: f"{family} step {step}: {m}")
+        assert state.steps == 4 and state.dense_elements == 4 * sum(p.numel() for p in hooked_model.parameters())
+        assert 0.3 < state.saving < 1, f"{family}: saving {state.saving}"
+
+
+def scenario_hook_detects_unshared(rank):
+    """If ranks' patterns diverge after prepare(sync=True), the hook fails the backward on every rank."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = fd.prepare(converted(), sync=True, seed=BASE_SEED)
+    if rank == 1:
+        for site in fxdrop.sites(model):
+            site.scheduler.state[0] += 1
+    ddp = DDP(model)
+    fd.register_comm_hook(ddp)
+    x, y = local(batches(1)[0], rank)
+    try:
+        F.cross_entropy(ddp(x), y).backward()
+    except RuntimeError as err:
+        assert "needs shared patterns" in str(err), str(err)
+    else:
+        raise AssertionError("the hook accepted different patterns on different ranks")
+
+
+def scenario_independent(rank):
+    """Default: each rank draws from derive_seed(base, rank); ranks' patterns differ."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = fd.prepare(converted(), seed=BASE_SEED)
+    assert fd.sharing(model).sync is False
+    drawn = []
+    for _ in range(20):
+        drawn.append([tuple(site.scheduler.sample()) for site in fxdrop.sites(model)])
+    for i, site in enumerate(fxdrop.sites(model)):
+        assert site.scheduler.seed == derive_seed(derive_seed(BASE_SEED, i), rank)
+    every = [None] * WORLD
+    dist.all_gather_object(every, drawn)
+    assert every[0] != every[1], "independent ranks drew identical patterns for 20 steps"
+    try:
+        fd.register_comm_hook(DDP(model))
+    except ValueError as err:
+        assert "needs patterns shared across ranks" in str(err), str(err)
+    else:
+        raise AssertionError("the kept-block hook accepted independent patterns")
+
+
+def scenario_resume(rank):
+    """Checkpoint after 3 steps, resume in a fresh model: the next steps draw the same patterns."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for sync in (False, True):
+        model = fd.prepare(converted(), sync=sync, seed=BASE_SEED)
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+
+        def step(ddp, opt, batch):
+            opt.zero_grad()
+            x, y = local(batch, rank)
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+            return [tuple(s.last_pattern) for s in fxdrop.sites(ddp.module)]
+
+        data = batches(6)
+        for batch in data[:3]:
+            step(ddp, opt, batch)
+        saved = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                 "fxdrop": fd.state_dict(model)}
+        expected = [step(ddp, opt, batch) for batch in data[3:]]
+        assert len(saved["fxdrop"]["ranks"]) == WORLD
+
+        fresh = fd.prepare(converted(init_seed=1), sync=sync, seed=99)
+        fresh.load_state_dict(saved["model"])
+        fd.load_state_dict(fresh, saved["fxdrop"])
+        ddp2 = DDP(fresh)
+        opt2 = torch.optim.SGD(ddp2.parameters(), lr=0.1)
+        resumed = [step(ddp2, opt2, batch) for batch in data[3:]]
+        assert resumed == expected, f"sync={sync}: resumed {resumed} != {expected}"
+        for a, b in zip(model.parameters(), fresh.parameters()):
+            torch.testing.assert_close(a, b)
+
+
+def scenario_fsdp2(rank):
+    """FSDP2 on the whole converted model: gradients equal the one-process reference; bypassed units refused."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = fd.prepare(converted(), sync=True, seed=BASE_SEED)
+    fd.fully_shard(model)
+    for step, (batch, expected) in enumerate(zip(batches(2), reference_grads("row", 2))):
+        model.zero_grad()
+        x, y = local(batch, rank)
+        F.cross_entropy(model(x), y).backward()
+        for param, want in zip(model.parameters(), expected):
+            torch.testing.assert_close(param.grad.full_tensor(), want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"step {step}: {m}")
+    bypassed = converted()
+    fully_shard(bypassed.net)
+    try:
+        fd.fully_shard(bypassed)
+    except ValueError as err:
+        assert "fully_shard(net) cannot work on a converted model" in str(err), str(err)
+    else:
+        raise AssertionError("fully_shard of a bypassed submodule was accepted")
+
+
+SCENARIOS = [scenario_shared_ddp, scenario_comm_hook, scenario_independent, scenario_resume, scenario_fsdp2,
+             scenario_hook_detects_unshared]
+
+
+def _worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=60))
+    results = {}
+    for scenario in SCENARIOS:
+        start = time.perf_counter()
+        try:
+            scenario(rank)
+            results[scenario.__name__] = ("ok", time.perf_counter() - start)
+        except Exception:
+            results[scenario.__name__] = (traceback.format_exc(), time.perf_counter() - start)
+        dist.barrier()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out_dir = str(tmp_path_factory.mktemp("ddp"))
+    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"two-rank gloo run did not finish in {TIMEOUT_S} s (a hang)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
+def test_two_ranks(two_ranks, scenario):
+    for rank, results in enumerate(two_ranks):
+        outcome, _ = results[scenario]
+        assert outcome == "ok", f"rank {rank}, {scenario}:\n{outcome}"
+
+
+# ---------------------------------------------------------------- one process
+
+def test_prepare_without_process_group_is_rank_zero_of_one():
+    shared = fd.prepare(converted(), sync=True, seed=BASE_SEED)
+    independent = fd.prepare(converted(), seed=BASE_SEED)
+    for i, (a, b) in enumerate(zip(fxdrop.sites(shared), fxdrop.sites(independent))):
+        assert a.scheduler.seed == derive_seed(BASE_SEED, i)
+        assert b.scheduler.seed == derive_seed(derive_seed(BASE_SEED, i), 0)
+    assert fd.sharing(shared) == fd.PatternSharing(True, 0, 1, tuple(derive_seed(BASE_SEED, i) for i in range(3)))
+
+
+def test_prepare_without_seed_keeps_rank_zero_seeds():
+    model = converted()
+    before = [s.scheduler.seed for s in fxdrop.sites(model)]
+    fd.prepare(model, sync=True)
+    assert [s.scheduler.seed for s in fxdrop.sites(model)] == before
+
+
+def _two_rank_checkpoint(sync):
+    ranks = []
+    for rank in range(WORLD):
+        model = converted()
+        for i, site in enumerate(fxdrop.sites(model)):
+            site.scheduler.state[0] = derive_seed(BASE_SEED, i) if sync else derive_seed(derive_seed(BASE_SEED, i),
+                                                                                          rank)
+            for _ in range(3 + rank * (not sync)):
+                site.scheduler.sample()
+        ranks.append(fxdrop.state_dict(model))
+    return {"format": fd.STATE_FORMAT, "world_size": WORLD, "sync": sync, "ranks": ranks}
+
+
+def test_shared_checkpoint_resumes_on_one_process():
+    model = fd.prepare(converted(), sync=True)
+    fd.load_state_dict(model, _two_rank_checkpoint(sync=True))
+    assert [s.scheduler.draws for s in fxdrop.sites(model)] == [3, 3, 3]
+
+
+def test_independent_checkpoint_needs_its_world_size():
+    with pytest.raises(ValueError, match="independent pattern streams of 2 ranks but this run has 1"):
+        fd.load_state_dict(converted(), _two_rank_checkpoint(sync=False))
+
+
+def test_load_rejects_other_formats_and_modes():
+    with pytest.raises(ValueError, match="fxdrop.distributed.state_dict returned"):
+        fd.load_state_dict(converted(), fxdrop.state_dict(converted()))
+    with pytest.raises(ValueError, match="saved with sync=True but this model was prepared with sync=False"):
+        fd.load_state_dict(fd.prepare(converted()), _two_rank_checkpoint(sync=True))
+
+
+def test_unconverted_model_is_refused():
+    with pytest.raises(ValueError, match="no converted dropout sites"):
+        fd.prepare(MLP())
+    with pytest.raises(TypeError, match="sync must be True or False"):
+        fd.prepare(converted(), sync="yes")
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+def test_kept_blocks_hold_every_nonzero_gradient(family):
+    """The hook's layout of a chain's kept blocks against the gradients the op actually writes."""
+    model = converted(family)
+    state = fd.StructuredAllReduce(group=None)
+    state.track(model)
+    chain = model.fxdrop.chain_0
+    chain.register_forward_hook(state.record)
+    x, y = batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert len(state._eligible) == 8
+    sent = 0
+    for param in model.parameters():
+        support = state._support(param) or fd._Support(None, None)  # None: the last bias, all kept
+        outside = param.grad.clone()
+        fd._block(outside, support).zero_()
+        assert torch.count_nonzero(outside) == 0
+        sent += fd._block(param.grad, support).numel()
+    sites = [s.last_pattern for s in fxdrop.sites(model)]
+    kept = [len(range(*kept_slice(family, n, *pat).indices(n))) for n, pat in zip((48, 40, 36), sites)]
+    assert sent == kept[0] * 21 + kept[1] * (kept[0] + 1) + kept[2] * (kept[1] + 1) + 10 * kept[2] + 10
+
+
+def test_parameters_used_elsewhere_stay_dense():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP((20, 48, 40, 20))
+            self.extra = nn.Linear(20, 20)
+
+        def forward(self, x):
+            return self.mlp(x) + F.linear(x, self.mlp.net[0].weight[:20])
+
+    torch.manual_seed(0)
+    model = fxdrop.convert(Tied(), seed=1)
+    eligible = fd._chain_only_parameters(model)
+    assert id(model.mlp.net[0].weight) not in eligible
+    assert id(model.mlp.net[3].weight) in eligible
+
+
+def test_register_comm_hook_needs_ddp():
+    with pytest.raises(TypeError, match="expects a DistributedDataParallel"):
+        fd.register_comm_hook(converted())
