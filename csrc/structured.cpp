@@ -1,0 +1,411 @@
+// Device-independent plan of the structured ops: checks, masks, and the shrunken GEMMs on kept
+// rows/columns of each weight. Everything that is not a GEMM goes to the device's Kernels.
+//
+// Block family: every kept region is a plain strided view (no copies). Row family: kept rows of a
+// weight are a BLAS-compatible view (row stride dp*in); kept columns have a column stride != 1,
+// which BLAS cannot take, so they are gathered (one copy of |W|/dp elements) before the GEMM.
+#include "structured.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace fxdrop {
+
+Act parse_activation(const std::string& name) {
+  const auto colon = name.find(':');
+  const std::string base = name.substr(0, colon);
+  const bool has_arg = colon != std::string::npos;
+  static const std::pair<const char*, ActKind> plain[] = {
+      {"none", ActKind::None}, {"relu", ActKind::Relu}, {"gelu", ActKind::Gelu}, {"gelu_tanh", ActKind::GeluTanh},
+      {"silu", ActKind::Silu}, {"tanh", ActKind::Tanh}, {"sigmoid", ActKind::Sigmoid}};
+  for (const auto& [text, kind] : plain) {
+    if (base == text && !has_arg) return Act{kind, 0.0};
+  }
+  if (base == "leaky_relu" || base == "elu") {
+    Act act{base == "leaky_relu" ? ActKind::LeakyRelu : ActKind::Elu, base == "leaky_relu" ? 0.01 : 1.0};
+    if (!has_arg || colon + 1 == name.size()) return act;
+    try {
+      size_t used = 0;
+      act.arg = std::stod(name.substr(colon + 1), &used);
+      if (used == name.size() - colon - 1) return act;
+    } catch (const std::exception&) {
+    }
+  }
+  TORCH_CHECK_VALUE(false, "unknown activation '", name, "'; expected one of none, relu, gelu, gelu_tanh, silu, ",
+                    "tanh, sigmoid, leaky_relu:<slope> or elu:<alpha>");
+}
+
+static void check_scale(const std::string& scale) {
+  TORCH_CHECK_VALUE(scale == "kept" || scale == "rate", "unknown scale mode '", scale,
+                    "'; expected 'kept' or 'rate'");
+}
+
+static void check_pattern(int64_t dp, int64_t offset) {
+  TORCH_CHECK_VALUE(dp >= 1, "Pattern.dp must be >= 1, got ", dp);
+  TORCH_CHECK_VALUE(0 <= offset && offset < dp, "Pattern.offset must satisfy 0 <= offset < dp=", dp, ", got ",
+                    offset);
+}
+
+// patterns.kept_slice / unit_scale.
+Mask unit_mask(const std::string& family, int64_t n, int64_t dp, int64_t offset, const std::string& scale,
+               double p) {
+  TORCH_CHECK_VALUE(family == "row" || family == "block", "unknown pattern family '", family,
+                    "'; expected one of row, block");
+  check_scale(scale);
+  TORCH_CHECK_VALUE(n >= 1, "a pattern needs at least one unit, got n=", n);
+  check_pattern(dp, offset);
+  Mask m;
+  m.n = n;
+  if (family == "row") {
+    m.start = offset < n ? offset : offset % n;  // dp > n: fold back so one unit is kept
+    m.stop = n;
+    m.step = dp;
+  } else {
+    const int64_t block = n / dp;
+    if (block == 0) {
+      m.start = offset % n;
+      m.stop = m.start + 1;
+    } else {
+      m.start = offset * block;
+      m.stop = offset == dp - 1 ? n : m.start + block;
+    }
+    m.step = 1;
+  }
+  m.count = (m.stop - m.start + m.step - 1) / m.step;
+  m.scale = scale == "kept" ? static_cast<double>(n) / static_cast<double>(m.count) : 1.0 / (1.0 - p);
+  return m;
+}
+
+// patterns.tile_grid / tile_offset / tile_scale.
+TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int64_t dp, int64_t offset,
+                   const std::string& scale, double p) {
+  check_scale(scale);
+  check_pattern(dp, offset);
+  TORCH_CHECK_VALUE(tile >= 1, "tile size must be >= 1, got ", tile);
+  TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, "tile patterns need a non-empty weight, got shape (",
+                    out_features, ", ", in_features, ")");
+  TilePlan t;
+  t.tile = tile;
+  t.dp = dp;
+  t.grid_rows = (out_features + tile - 1) / tile;
+  t.grid_cols = (in_features + tile - 1) / tile;
+  const int64_t diagonals = t.grid_rows + t.grid_cols - 1;
+  t.offset = (dp > diagonals && offset >= diagonals) ? offset % diagonals : offset;
+  if (scale == "kept") {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < t.grid_rows; ++i) {
+      // tile columns j in [0, grid_cols) with (i + j - offset) mod dp == 0
+      const int64_t first = (((t.offset - i) % dp) + dp) % dp;
+      if (first < t.grid_cols) kept += (t.grid_cols - 1 - first) / dp + 1;
+    }
+    t.scale = static_cast<double>(t.grid_rows * t.grid_cols) / static_cast<double>(kept);
+  } else {
+    t.scale = 1.0 / (1.0 - p);
+  }
+  return t;
+}
+
+namespace {
+
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+std::vector<std::pair<int64_t, int64_t>> pattern_rows(const at::Tensor& patterns, int64_t sites) {
+  TORCH_CHECK_VALUE(patterns.scalar_type() == at::kLong && patterns.dim() == 2 && patterns.size(0) == sites &&
+                        patterns.size(1) == 2,
+                    "patterns must be an int64 tensor of shape (", sites, ", 2) = [dp, offset] per site, got ",
+                    dtype_name(patterns.scalar_type()), " ", patterns.sizes());
+  const at::Tensor cpu = patterns.to(at::kCPU).contiguous();
+  const int64_t* data = cpu.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> rows;
+  for (int64_t s = 0; s < sites; ++s) {
+    check_pattern(data[2 * s], data[2 * s + 1]);
+    rows.emplace_back(data[2 * s], data[2 * s + 1]);
+  }
+  return rows;
+}
+
+std::pair<int64_t, int64_t> single_pattern(const at::Tensor& pattern) {
+  return pattern_rows(pattern.reshape({1, 2}), 1)[0];
+}
+
+std::vector<at::Tensor> expand_biases(at::TensorList biases, const c10::List<bool>& has_bias, size_t layers) {
+  int64_t marked = 0;
+  for (bool b : has_bias) marked += b;
+  TORCH_CHECK_VALUE(marked == static_cast<int64_t>(biases.size()), "chain: has_bias marks ", marked,
+                    " biases but ", biases.size(), " were given");
+  TORCH_CHECK_VALUE(has_bias.size() == layers, "chain: ", layers, " weights but ", has_bias.size(),
+                    " biases (use None for no bias)");
+  std::vector<at::Tensor> out;
+  size_t next = 0;
+  for (bool b : has_bias) out.push_back(b ? biases[next++] : at::Tensor());
+  return out;
+}
+
+// fxdrop.ops.composite.check_chain, same messages.
+void check_chain(const at::Tensor& x, at::TensorList weights, const std::vector<at::Tensor>& biases) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "chain: x must be a floating-point tensor, got ",
+                   dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(x.dim() >= 1, "chain: x must have shape (..., in_features)");
+  int64_t width = x.size(-1);
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK_VALUE(w.dim() == 2, "chain: weights[", i, "] must be 2-D (out, in), got shape ", w.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), "chain: weights[", i, "] is ", dtype_name(w.scalar_type()),
+                     " but x is ", dtype_name(x.scalar_type()));
+    if (w.size(1) != width) {
+      std::ostringstream from;
+      if (i == 0) from << "x"; else from << "weights[" << i - 1 << "]";
+      TORCH_CHECK_VALUE(false, "chain: weights[", i, "] expects ", w.size(1), " input features, but ", from.str(),
+                        " gives ", width);
+    }
+    const auto& b = biases[i];
+    TORCH_CHECK_VALUE(!b.defined() || (b.dim() == 1 && b.size(0) == w.size(0) && b.scalar_type() == x.scalar_type()),
+                      "chain: biases[", i, "] must be ", dtype_name(x.scalar_type()), " of shape (", w.size(0),
+                      ",), got ", dtype_name(b.defined() ? b.scalar_type() : x.scalar_type()), " ", b.defined() ? b.sizes() : at::IntArrayRef());
+    TORCH_CHECK_VALUE(w.device() == x.device() && (!b.defined() || b.device() == x.device()),
+                      "chain: weights[", i, "] and biases[", i, "] must be on x's device ", x.device());
+    width = w.size(0);
+  }
+}
+
+struct Layer {
+  bool has_in = false, has_out = false;
+  Mask in, out;
+  const Mask* inputs() const { return has_in ? &in : nullptr; }
+  const Mask* outputs() const { return has_out ? &out : nullptr; }
+};
+
+std::vector<Layer> plan_chain(int64_t x_width, at::TensorList weights, const at::Tensor& patterns,
+                              const std::string& family, const std::vector<std::string>& activations,
+                              bool input_dropout, bool output_dropout, const std::string& scale,
+                              const std::vector<double>& rates, std::vector<Act>* acts) {
+  TORCH_CHECK_VALUE(family == "row" || family == "block", "unknown pattern family '", family,
+                    "'; expected one of row, block");
+  check_scale(scale);
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK_VALUE(layers >= 1, "chain needs at least one weight");
+  const int64_t sites = layers - 1 + input_dropout + output_dropout;
+  TORCH_CHECK_VALUE(sites >= 1,
+                    "chain needs at least one dropout site (input_dropout, output_dropout or two weights)");
+  const auto rows = pattern_rows(patterns, sites);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(rates.size()) == sites, "chain has ", sites, " dropout sites but ",
+                    rates.size(), " rates");
+  const int64_t want = layers - 1 + output_dropout;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(activations.size()) == want, "chain needs ", want,
+                    " activations (one per Linear followed by a dropout), got ", activations.size());
+  acts->clear();
+  for (const auto& name : activations) acts->push_back(parse_activation(name));
+  std::vector<Layer> plan(layers);
+  int64_t site = 0;
+  bool has_prev = false;
+  Mask prev;
+  if (input_dropout) {
+    prev = unit_mask(family, x_width, rows[0].first, rows[0].second, scale, rates[0]);
+    has_prev = true;
+    site = 1;
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    plan[l].has_in = has_prev;
+    plan[l].in = prev;
+    if (l < layers - 1 || output_dropout) {
+      plan[l].has_out = true;
+      plan[l].out = unit_mask(family, weights[l].size(0), rows[site].first, rows[site].second, scale, rates[site]);
+      ++site;
+    }
+    has_prev = plan[l].has_out;
+    prev = plan[l].out;
+  }
+  return plan;
+}
+
+at::Tensor kept_rows(const at::Tensor& t, const Mask* m) {
+  return (m == nullptr || m->full()) ? t : t.slice(0, m->start, m->stop, m->step);
+}
+
+// t[:, kept]: a view when contiguous, else a gather (BLAS needs a unit column stride).
+at::Tensor kept_columns(const at::Tensor& t, const Mask* m) {
+  if (m == nullptr || m->full()) return t;
+  auto view = t.slice(1, m->start, m->stop, m->step);
+  return m->contiguous() ? view : view.contiguous();
+}
+
+// A view of t (rows, cols) that strides only along rows/cols by a step: the columns must be a unit stride.
+at::Tensor region(const at::Tensor& full, const Mask* rows, const Mask* cols) {
+  at::Tensor r = full;
+  if (rows != nullptr) r = r.slice(0, rows->start, rows->stop, rows->step);
+  if (cols != nullptr) r = r.slice(1, cols->start, cols->stop, cols->step);
+  return r;
+}
+
+// out = alpha * a @ b, written in place into a BLAS-compatible view (beta = 0 ignores out's contents).
+void gemm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double alpha) {
+  if (alpha == 1.0) {
+    at::mm_out(out, a, b);
+  } else {
+    at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/alpha);
+  }
+}
+
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_into(out, a, b, alpha);
+  return out;
+}
+
+// A dense `shape` tensor holding alpha * a @ b at [rows, cols] and zeros elsewhere: `empty`, zero only
+// the complement, GEMM straight into the kept region when that is a BLAS-compatible view; a strided
+// column set (row family) goes through a compact product and one fused expand pass instead.
+at::Tensor scatter_product(const Kernels& k, at::IntArrayRef shape, const at::TensorOptions& options,
+                           const Mask* rows, const Mask* cols, const at::Tensor& a, const at::Tensor& b,
+                           double alpha) {
+  if (rows != nullptr && rows->full()) rows = nullptr;
+  if (cols != nullptr && cols->full()) cols = nullptr;
+  auto full = at::empty(shape, options);
+  if (cols == nullptr || cols->contiguous()) {
+    k.zero_outside(full, rows, cols);
+    gemm_into(region(full, rows, cols), a, b, alpha);
+  } else {
+    k.expand(full, gemm(a, b, 1.0), rows, cols, alpha);
+  }
+  return full;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
+    const Kernels& k, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
+    c10::List<bool> has_bias, const at::Tensor& patterns, const std::string& family,
+    const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
+    const std::string& scale, const std::vector<double>& rates) {
+  const auto biases = expand_biases(biases_in, has_bias, weights.size());
+  check_chain(x, weights, biases);
+  std::vector<Act> acts;
+  const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
+                               scale, rates, &acts);
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor cur = kept_columns(x2, plan[0].inputs());
+  double alpha = plan[0].has_in ? plan[0].in.scale : 1.0;
+  std::vector<at::Tensor> saved;
+  size_t act_index = 0;
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const Layer& step = plan[l];
+    const auto w = kept_columns(kept_rows(weights[l], step.outputs()), step.inputs());
+    const auto b = biases[l].defined() ? kept_rows(biases[l], step.outputs()) : at::Tensor();
+    auto z = gemm(cur, w.t(), alpha);
+    if (!step.has_out) {
+      cur = b.defined() ? z.add_(b) : z;
+      alpha = 1.0;
+      continue;
+    }
+    const Act& act = acts[act_index++];
+    auto [z_saved, h] = k.bias_act(z, b, act, act.needs_input());
+    saved.push_back(act.needs_input() ? z_saved : x.new_empty({0}));
+    saved.push_back(h);
+    cur = h;
+    alpha = step.out.scale;
+  }
+  at::Tensor y = plan.back().has_out ? k.scatter_columns(cur, plan.back().out, alpha) : cur;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(y.size(1));
+  return {y.reshape(shape), saved};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward(
+    const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
+    c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, const std::string& family,
+    const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
+    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad) {
+  const auto biases = expand_biases(biases_in, has_bias, weights.size());
+  std::vector<Act> acts;
+  const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
+                               scale, rates, &acts);
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor g = grad_y.reshape({-1, grad_y.size(-1)});
+  std::vector<at::Tensor> grad_weights(layers), grad_biases_rev;
+  int64_t site = static_cast<int64_t>(saved.size()) / 2 - 1;  // latest hidden site
+  at::Tensor g_bias;  // column sums of g, when the act-grad pass produced them
+  if (plan.back().has_out) {
+    const Mask& last = plan.back().out;
+    // Strided view of grad_y for the row family: the fused pass reads it in place, no gather.
+    const auto g_kept = last.full() ? g : g.slice(1, last.start, last.stop, last.step);
+    std::tie(g, g_bias) = k.act_grad(g_kept, saved[2 * site], saved[2 * site + 1], acts[site], last.scale,
+                                     biases.back().defined());
+    --site;
+  }
+  at::Tensor grad_x;
+  for (int64_t l = layers - 1; l >= 0; --l) {
+    const Layer& step = plan[l];
+    const auto& weight = weights[l];
+    const at::Tensor inp = l > 0 ? saved[2 * site + 1] : kept_columns(x2, step.inputs());
+    const double alpha = step.has_in ? step.in.scale : 1.0;
+    grad_weights[l] = scatter_product(k, weight.sizes(), weight.options(), step.outputs(), step.inputs(), g.t(),
+                                      inp, alpha);
+    if (biases[l].defined()) {
+      at::Tensor sums = g_bias.defined() ? g_bias : g.sum(0);
+      if (!step.has_out || step.out.full()) {
+        grad_biases_rev.push_back(sums);
+      } else {
+        auto gb = at::zeros_like(biases[l]);
+        gb.slice(0, step.out.start, step.out.stop, step.out.step).copy_(sums);
+        grad_biases_rev.push_back(gb);
+      }
+    }
+    g_bias = at::Tensor();
+    if (l == 0 && !needs_input_grad) break;
+    const auto w = kept_columns(kept_rows(weight, step.outputs()), step.inputs());
+    if (l > 0) {
+      const auto g_in = gemm(g, w, alpha);  // the dropout scale rides in the GEMM's alpha
+      std::tie(g, g_bias) = k.act_grad(g_in, saved[2 * site], saved[2 * site + 1], acts[site], 1.0,
+                                       biases[l - 1].defined());
+      --site;
+    } else if (!step.has_in || step.in.full()) {
+      grad_x = gemm(g, w, alpha);
+    } else {
+      grad_x = scatter_product(k, {g.size(0), x.size(-1)}, g.options(), nullptr, step.inputs(), g, w, alpha);
+    }
+  }
+  std::reverse(grad_biases_rev.begin(), grad_biases_rev.end());
+  grad_x = grad_x.defined() ? grad_x.reshape(x.sizes()) : x.new_empty({0});
+  return {grad_x, grad_weights, grad_biases_rev};
+}
+
+at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor& pattern, const std::string& family,
+                        const std::string& scale, double p) {
+  TORCH_CHECK_VALUE(family == "row" || family == "block", "unknown pattern family '", family,
+                    "'; expected one of row, block");
+  check_scale(scale);
+  TORCH_CHECK_VALUE(x.dim() >= 1, "unit_dropout: x must have shape (..., units)");
+  const auto [dp, offset] = single_pattern(pattern);
+  return k.unit_dropout(x, unit_mask(family, x.size(-1), dp, offset, scale, p));
+}
+
+at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& pattern, int64_t tile,
+                       const std::string& scale, double p) {
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  check_chain(x, {weight}, {b});
+  const auto [dp, offset] = single_pattern(pattern);
+  const auto plan = tile_plan(weight.size(0), weight.size(1), tile, dp, offset, scale, p);
+  const auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  auto y = k.tile_forward(x2, weight.contiguous(), b, plan);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(weight.size(0));
+  return y.reshape(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_linear_backward(
+    const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& pattern, int64_t tile, const std::string& scale, double p, bool has_bias) {
+  const auto [dp, offset] = single_pattern(pattern);
+  const auto plan = tile_plan(weight.size(0), weight.size(1), tile, dp, offset, scale, p);
+  const auto g2 = grad_y.reshape({-1, grad_y.size(-1)}).contiguous();
+  const auto x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  auto [grad_x, grad_w] = k.tile_backward(g2, x2, weight.contiguous(), plan);
+  auto grad_b = has_bias ? g2.sum(0) : g2.new_empty({0});
+  return {grad_x.reshape(x.sizes()), grad_w, grad_b};
+}
+
+}  // namespace fxdrop

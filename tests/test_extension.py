@@ -1,0 +1,286 @@
+"""The compiled kernels (csrc/, via fxdrop.ops.extension) against the dense references.
+
+The C++ CPU extension is built once per session (cached in the user cache dir, so CI builds once).
+Where a C++ compiler and ninja exist, a failed build is a test failure that shows the compiler
+output; only a machine without them skips. Every op check of tests/test_ops.py runs again here on
+the compiled kernels (test_ops.py itself covers the composite ones), and the checks below run on
+both backends: ``composite`` puts the composite kernels back on the CPU key for the test.
+"""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxdrop.ops as ops
+from fxdrop import patterns as P
+from fxdrop.ops import extension
+from fxdrop.ops import reference as ref
+
+import test_ops
+from test_ops import ACTS, _chain_case, _compare
+
+HAVE_TOOLCHAIN = shutil.which(os.environ.get("CXX", "c++")) is not None and (
+    shutil.which("ninja") is not None or (Path(sys.executable).parent / "ninja").exists())
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    """The CPU extension, built (or loaded from the cache) once per session."""
+    if not HAVE_TOOLCHAIN:
+        pytest.skip("no C++ compiler or ninja: the compiled kernels cannot be built here")
+    if extension.disabled():
+        pytest.skip("FXDROP_NO_EXT is set")
+    try:
+        extension.build("cpu", strict=True)
+    except RuntimeError as error:
+        pytest.fail(f"the C++ extension failed to build:\n{error}", pytrace=False)
+    assert ("chain", "CPU") in extension.registered_kernels()
+    return extension.backend_info()
+
+
+@pytest.fixture(params=["composite", "compiled"])
+def backend(request, compiled):
+    if request.param == "composite":
+        with extension.composite_kernels("CPU"):
+            yield request.param
+    else:
+        yield request.param
+
+
+@pytest.fixture
+def compiled_only(compiled):
+    """For the tests re-run from test_ops.py: the compiled kernels must be the ones dispatched to.
+
+    Seeded, because their bf16 tolerance depends on the output-gradient draw.
+    """
+    assert not extension._overridden
+    torch.manual_seed(0)
+    yield
+
+
+def _check(out, expect, inputs, dtype, reference):
+    """Op against the dense reference; bf16 against float64 with a tolerance scaled by each tensor's size.
+
+    (bf16 rounds every intermediate at 2^-8: a few roundings deep, 4% of the largest entry plus about
+    one bf16 step at 1.0 (for sums that cancel) is ample, and unlike a relative-norm test it does not
+    fail on a lucky-exact reference.)
+    """
+    if dtype != torch.bfloat16:
+        return _compare(out, expect, inputs, dtype)
+    present = [t for t in inputs if t is not None]
+    grad = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, present, grad)]
+    exact_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    exact_out = reference(*exact_inputs)
+    exact = [exact_out, *torch.autograd.grad(exact_out, [t for t in exact_inputs if t is not None], grad.double())]
+    for g, e in zip(got, exact):
+        assert g.shape == e.shape and g.dtype == torch.bfloat16
+        err = (g.double() - e).abs().max().item()
+        assert err <= 0.04 * e.abs().max().item() + 1e-2, f"bf16 error {err:.3g}, largest entry {e.abs().max():.3g}"
+
+
+# tests/test_ops.py, every check, on the compiled kernels.
+for _name in dir(test_ops):
+    if _name.startswith("test_"):
+        globals()[f"{_name}_compiled"] = pytest.mark.usefixtures("compiled_only")(getattr(test_ops, _name))
+
+
+def test_compiled_kernels_are_dispatched(compiled):
+    assert compiled["cpu"] == "compiled" and compiled["reason"] is None
+    for op in extension.COMPILED_OPS:
+        table = torch._C._dispatch_dump(f"fxdrop::{op}")
+        cpu_line = next(line for line in table.splitlines() if line.startswith("CPU:"))
+        assert "kernels.cpp" in cpu_line, cpu_line
+    with extension.composite_kernels("CPU"):
+        assert extension.backend_info()["cpu"] == "composite"
+        cpu_line = next(line for line in torch._C._dispatch_dump("fxdrop::chain").splitlines()
+                        if line.startswith("CPU:"))
+        assert "kernels.cpp" not in cpu_line
+    assert extension.backend_info()["cpu"] == "compiled"
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+def test_unit_dropout_every_width_dp_offset(backend, family):
+    """The C++ copy of the index math (kept units, fold-back, scale) equals fxdrop.patterns."""
+    for n in (1, 2, 3, 5, 8, 13, 17):
+        x = torch.randn(3, n, dtype=torch.float64)
+        for dp in range(1, 9):
+            for offset in range(dp):
+                for scale in ("kept", "rate"):
+                    pattern = torch.tensor([dp, offset])
+                    got = ops.unit_dropout(x, pattern, family=family, scale=scale, p=0.3)
+                    want = ref.unit_dropout(x, pattern, family=family, scale=scale, p=0.3)
+                    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"n={n} dp={dp} offset={offset}")
+
+
+def _random_chain(rng, family, dtype, lead, bias, dps=range(1, 9)):
+    layers = rng.choice([1, 2, 3])
+    inp = rng.random() < 0.5 or layers == 1
+    outp = rng.random() < 0.5 or (layers == 1 and not inp)
+    widths = [rng.choice([1, 3, 7, 10, 17, 24]) for _ in range(layers + 1)]
+    x, weights, biases = _chain_case(widths, lead, dtype, bias, rng.randrange(2**31))
+    sites = layers - 1 + inp + outp
+    patterns = test_ops._patterns(sites, rng, dps)
+    kw = dict(family=family, activations=[rng.choice(ACTS) for _ in range(layers - 1 + outp)],
+              input_dropout=inp, output_dropout=outp, rates=[rng.choice([0.3, 0.5, 0.7]) for _ in range(sites)],
+              scale=rng.choice(["kept", "rate"]))
+    return x, weights, biases, patterns, kw
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_chain_random_structures(backend, family, dtype, lead):
+    rng = random.Random(f"{family}{dtype}{lead}")
+    for trial in range(6):
+        torch.manual_seed(trial)  # the output gradient: bf16 tolerances depend on the draw
+        x, weights, biases, patterns, kw = _random_chain(rng, family, dtype, lead, bias=trial % 2 == 0)
+        layers = len(weights)
+        out = ops.chain(x, weights, biases, patterns, **kw)
+        expect = ref.chain(x, weights, biases, patterns, **kw)
+        _check(out, expect, [x, *weights, *biases], dtype,
+               lambda x, *p: ref.chain(x, p[:layers], p[layers:], patterns, **kw))
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+def test_chain_gradcheck(backend, family):
+    x, weights, biases = _chain_case([6, 11, 4], (2, 2), torch.float64, True, 7)
+    for patterns in (torch.tensor([[3, 2], [2, 1], [5, 4]]), torch.tensor([[1, 0], [8, 7], [1, 0]])):
+        kw = dict(family=family, activations=["leaky_relu:0.1", "elu:0.5"], input_dropout=True,
+                  output_dropout=True, rates=[0.5, 0.3, 0.7], scale="rate")
+        assert torch.autograd.gradcheck(lambda x, *p: ops.chain(x, p[:2], p[2:], patterns, **kw),
+                                        (x, *weights, *biases))
+
+
+@pytest.mark.parametrize("tile", [3, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tile_every_dp_offset(backend, tile, dtype):
+    gen = torch.Generator().manual_seed(tile)
+    torch.manual_seed(tile)
+    for shape, lead in (((45, 70), (2, 5)), ((7, 3), (4,))) if tile < 32 else (((33, 65), (3,)),):
+        x = torch.randn(*lead, shape[1], generator=gen).to(dtype).requires_grad_()
+        w = (torch.randn(*shape, generator=gen) / 8).to(dtype).requires_grad_()
+        for bias in (True, False):
+            b = torch.randn(shape[0], generator=gen).to(dtype).requires_grad_() if bias else None
+            for dp in range(1, 9):
+                for offset in range(dp):
+                    pattern = torch.tensor([dp, offset])
+                    kw = dict(tile=tile, p=0.5, scale="kept" if offset % 2 else "rate")
+                    _check(ops.tile_linear(x, w, b, pattern, **kw), ref.tile_linear(x, w, b, pattern, **kw),
+                           [x, w, b], dtype, lambda x, w, b: ref.tile_linear(x, w, b, pattern, **kw))
+
+
+def test_tile_gradcheck(backend):
+    x = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(10, 13, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    for pattern in (torch.tensor([3, 1]), torch.tensor([8, 7])):
+        assert torch.autograd.gradcheck(lambda *a: ops.tile_linear(*a, pattern, tile=4, p=0.5), (x, w, b))
+
+
+def test_opcheck_compiled(compiled):
+    x, weights, biases = _chain_case([17, 13, 11], (2, 3), torch.float32, True, 5)
+    patterns = torch.tensor([[3, 1], [2, 0], [4, 1]])
+    for family in ("row", "block"):
+        torch.library.opcheck(torch.ops.fxdrop.chain.default,
+                              (x, weights, biases, [True, True], patterns, family, ["silu", "relu"], True, True,
+                               "kept", [0.5, 0.5, 0.5]))
+        torch.library.opcheck(torch.ops.fxdrop.unit_dropout.default, (x, patterns[0], family, "rate", 0.5))
+    torch.library.opcheck(torch.ops.fxdrop.tile_linear.default, (x, weights[0], biases[0], patterns[0], 4,
+                                                                  "kept", 0.5))
+
+
+def test_weight_grad_is_dense_with_zeros_outside_the_kept_region(backend):
+    """Row family: the kept columns are strided, so the gradient is written by the expand pass."""
+    x, weights, biases = _chain_case([8, 12, 6], (5,), torch.float32, True, 4)
+    out = ops.chain(x, weights, biases, torch.tensor([[3, 1]]), family="row", activations=["relu"], rates=[0.6])
+    out.sum().backward()
+    kept = P.kept("row", 12, 3, 1)
+    dropped = torch.ones(12, dtype=torch.bool)
+    dropped[kept] = False
+    assert weights[0].grad[dropped].eq(0).all() and weights[1].grad[:, dropped].eq(0).all()
+    assert biases[0].grad[dropped].eq(0).all() and weights[1].grad[:, kept].ne(0).any()
+
+
+def test_errors_name_the_culprit_in_compiled_kernels(compiled):
+    x, weights, biases = _chain_case([17, 13, 11], (6,), torch.float32, True, 3)
+    kw = dict(family="block", activations=["relu"], rates=[0.5])
+    with pytest.raises(ValueError, match=r"weights\[1\] expects 12 input features, but weights\[0\] gives 13"):
+        ops.chain(x, [weights[0], torch.randn(11, 12)], biases, torch.tensor([[2, 0]]), **kw)
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        ops.chain(x, weights, biases, torch.tensor([[2, 0]]), family="block", activations=["swish"], rates=[0.5])
+    with pytest.raises(ValueError, match="offset"):
+        ops.tile_linear(x, weights[0], biases[0], torch.tensor([2, 5]), tile=4)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_cached_library_loads_at_import_without_compiling(compiled):
+    result = _python("""
+        import time, warnings
+        warnings.simplefilter("error")
+        import torch
+        start = time.perf_counter()
+        import fxdrop
+        elapsed = time.perf_counter() - start
+        info = fxdrop.backend_info()
+        import sys
+        assert "torch.utils.cpp_extension" not in sys.modules, "import compiled or imported the builder"
+        print(info["cpu"], f"{elapsed:.3f}")
+    """)
+    assert result.returncode == 0, result.stderr
+    state, seconds = result.stdout.split()
+    assert state == "compiled" and float(seconds) < 2.0
+
+
+def test_no_ext_env_gives_composite_without_warnings():
+    result = _python("""
+        import warnings
+        warnings.simplefilter("error")
+        import fxdrop
+        from fxdrop.ops import extension
+        assert extension.ensure_loaded() is None
+        info = fxdrop.backend_info()
+        assert info["cpu"] == "composite" and "FXDROP_NO_EXT" in info["reason"], info
+    """, FXDROP_NO_EXT="1")
+    assert result.returncode == 0, result.stderr
+
+
+def test_failed_build_falls_back_with_one_warning_and_strict_shows_compiler_output(tmp_path):
+    if not HAVE_TOOLCHAIN:
+        pytest.skip("no C++ compiler")
+    broken = tmp_path / "csrc"
+    shutil.copytree(extension.csrc_dir(), broken)
+    for source in ("structured.cpp", "cpu/kernels.cpp"):
+        path = broken / source
+        path.write_text("#error fxdrop deliberately broken\n")  # fails in milliseconds
+    setup = f"""
+        import warnings
+        from pathlib import Path
+        from fxdrop.ops import extension
+        extension.csrc_dir = lambda: Path({str(broken)!r})
+    """
+    env = dict(FXDROP_CACHE=str(tmp_path / "cache"))
+    fallback = _python(setup + """
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert extension.ensure_loaded() is None
+            assert extension.ensure_loaded() is None
+        assert len(caught) == 1 and "composite" in str(caught[0].message), [str(w.message) for w in caught]
+        assert extension.backend_info()["cpu"] == "composite"
+    """, **env)
+    assert fallback.returncode == 0, fallback.stdout + fallback.stderr
+    strict = _python(setup + """
+        extension.build("cpu", strict=True)
+    """, **env)
+    assert strict.returncode != 0 and "deliberately broken" in strict.stderr, strict.stderr[-3000:]
