@@ -4,7 +4,6 @@ Public names only; everything else lives in submodules.
 """
 
 from .ops.extension import backend_info
-from .ops.extension import backend_info
 from .patterns import Pattern
 from .scheduler import PatternScheduler
 from .search import PatternDistribution, search_distribution
