@@ -356,25 +356,23 @@ def _measure(work: nn.Module, regions, inputs: tuple) -> tuple[dict[tuple, Gemm]
         return any(name == r or name.startswith(r + ".") or r == "" for r in region_names)
 
     try:
-        if "" not in region_names:
-            for name, module in work.named_modules():
-                if name in region_names:
-                    def capture(m, args, name=name):
-                        captured.setdefault(name, args)  # a region called again has the same shapes
-                    handles.append(module.register_forward_pre_hook(capture))
-                elif not inside_region(name) and not list(module.children()):
-                    def hook(m, args, output, name=name):
-                        for key, gemm in _module_gemms(m, args, output).items():
-                            place = ("module", name) + key
-                            if place in gemms:
-                                gemms[place].forward += gemm.forward
-                            else:
-                                gemms[place] = gemm
-                    handles.append(module.register_forward_hook(hook))
-            with torch.no_grad():
-                work(*inputs)
-        else:
-            captured[""] = inputs
+        # Region inputs by pre-hooks (nested regions too); leaves outside every region by forward hooks.
+        for name, module in work.named_modules():
+            if name in region_names:
+                def capture(m, args, name=name):
+                    captured.setdefault(name, args)  # a region called again has the same shapes
+                handles.append(module.register_forward_pre_hook(capture))
+            elif not inside_region(name) and not list(module.children()):
+                def hook(m, args, output, name=name):
+                    for key, gemm in _module_gemms(m, args, output).items():
+                        place = ("module", name) + key
+                        if place in gemms:
+                            gemms[place].forward += gemm.forward
+                        else:
+                            gemms[place] = gemm
+                handles.append(module.register_forward_hook(hook))
+        with torch.no_grad():
+            work(*inputs)
         for handle in handles:
             handle.remove()
         for name, args in captured.items():

@@ -200,6 +200,7 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
         conversion.sites.extend(region.plan.sites)
     index = {id(site): i for i, site in enumerate(conversion.sites)}
 
+    _check_site_names(p, pattern, conversion.sites, work)
     # Validate every site first, so a bad rate fails before anything is built.
     for site in conversion.converted:
         check_rate(site.p, max_dp, where=f"p of dropout site {site.name!r}")
@@ -226,6 +227,16 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
     work = _structure_lstms(work, conversion, p=p, pattern=pattern, max_dp=max_dp, seed=seed, scale=scale)
     work.__dict__[REPORT_ATTR] = conversion
     return work
+
+
+def _check_site_names(p: Any, pattern: Any, records: list[DropoutSite], work: nn.Module) -> None:
+    """A per-site dict naming no site is a typo: say so, with the names there are."""
+    known = {r.name for r in records} | {name for name, m in work.named_modules() if isinstance(m, nn.LSTM)}
+    for option, value in (("p", p), ("pattern", pattern)):
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"{option} names no dropout site: {unknown}; the sites are {sorted(known)}")
 
 
 def _structure_lstms(work: nn.Module, conversion: Conversion, *, p, pattern, max_dp, seed, scale) -> nn.Module:

@@ -336,3 +336,27 @@ def test_example_inputs_reject_a_graph_that_disagrees():
     assert torch.equal(converted(x), model(x))
     # without example inputs the graph would be taken as traced (and need the mask)
     assert conversion(convert(model, seed=0)).regions == [""]
+
+
+def test_per_site_dict_with_an_unknown_name():
+    with pytest.raises(ValueError, match=r"p names no dropout site: \['net.7'\]; the sites are"):
+        convert(zoo.MLP(), p={"net.7": 0.2})
+    with pytest.raises(ValueError, match="pattern names no dropout site"):
+        convert(zoo.MLP(), pattern={"nett.2": "block"})
+
+
+def test_hooks_survive():
+    model = zoo.T5LayerFF()
+    calls = []
+    model.DenseReluDense.register_forward_hook(lambda m, args, out: calls.append("inner"))
+    model.register_forward_hook(lambda m, args, out: calls.append("root"))
+    converted = convert(model, seed=0)
+    converted(torch.randn(2, 3, 24))
+    assert calls == ["inner", "root"]
+    # the hooked block stays a call (not inlined), converted as a region of its own
+    assert "DenseReluDense" in converted.code
+    assert conversion(converted).regions == ["", "DenseReluDense"]
+    assert [s.name for s in sites(converted)] == ["DenseReluDense.dropout"]
+    model.eval(), converted.eval()
+    x = torch.randn(2, 3, 24)
+    assert torch.equal(converted(x), model(x))

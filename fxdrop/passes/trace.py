@@ -26,14 +26,22 @@ MODE_ATTR = "training"
 
 
 class FxdropTracer(fx.Tracer):
-    """Leaf calls: every ``torch.nn`` module except ``nn.Sequential``, and modules with ``fxdrop_sites``."""
+    """Leaf calls: every ``torch.nn`` module except ``nn.Sequential``, modules with ``fxdrop_sites``,
+    and modules with forward hooks."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.Sequential):
-            return False
-        if callable(getattr(m, "fxdrop_sites", None)):
-            return True
-        return m.__module__.startswith(("torch.nn", "torch.ao.nn"))
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True  # inlining it would lose its hooks; called as a module, they run
+        return _natural_leaf(m)
+
+
+def _natural_leaf(module: nn.Module) -> bool:
+    """A leaf whatever its hooks: a ``torch.nn`` module (not a Sequential) or an fxdrop module."""
+    if isinstance(module, nn.Sequential):
+        return False
+    if callable(getattr(module, "fxdrop_sites", None)):
+        return True
+    return module.__module__.startswith(("torch.nn", "torch.ao.nn"))
 
 
 class TraceError(Exception):
@@ -211,7 +219,7 @@ def trace_regions(model: nn.Module, accept: Callable[[str, nn.Module, fx.Graph],
     result = TraceResult()
 
     def visit(name: str, module: nn.Module) -> None:
-        if FxdropTracer().is_leaf_module(module, name):
+        if _natural_leaf(module):
             return
         try:
             graph = trace_module(module)
@@ -224,6 +232,13 @@ def trace_regions(model: nn.Module, accept: Callable[[str, nn.Module, fx.Graph],
                 visit(f"{name}.{child_name}" if name else child_name, child)
             return
         result.regions.append(TracedRegion(name, module, graph))
+        # Modules the trace kept as calls only because they have hooks are regions of their own.
+        hooked: list[str] = []
+        for sub_name, sub in module.named_modules():
+            if sub is not module and (sub._forward_hooks or sub._forward_pre_hooks) and not _natural_leaf(sub) \
+                    and not any(sub_name.startswith(h + ".") for h in hooked):
+                hooked.append(sub_name)
+                visit(f"{name}.{sub_name}" if name else sub_name, sub)
 
     visit("", model)
     return result
@@ -243,7 +258,10 @@ def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     gm.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     for target, value in extras.items():
         # Not a buffer: the original had no state_dict entry for it.
-        object.__setattr__(gm, target, value) if "." not in target else setattr(
-            get_path(gm, target.rpartition(".")[0]), target.rpartition(".")[2], value)
+        owner, _, name = target.rpartition(".")
+        object.__setattr__(get_path(gm, owner), name, value)
+    for key, value in vars(module).items():
+        if "hooks" in key and isinstance(value, (dict, set)):  # the root's own hooks (forward, state_dict, ...)
+            gm.__dict__[key] = copy.copy(value)
     gm.training = module.training
     return gm
