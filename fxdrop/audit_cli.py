@@ -14,7 +14,6 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any
 
 import torch
 from torch import nn

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 import fxdrop
 from fxdrop.audit import AuditReport, audit, ideal_speedup

@@ -19,7 +19,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import fx, nn
 
 MODE_ATTR = "training"
