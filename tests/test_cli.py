@@ -68,3 +68,11 @@ def test_errors_are_one_line(argv, message, capsys):
     code, out, err = run(argv, capsys)
     assert code == 2 and not out
     assert err.startswith("fxdrop audit: error: ") and message in err and err.count("\n") == 1
+
+
+def test_through_the_fxdrop_command(capsys):
+    from fxdrop import cli
+
+    assert cli.main(["audit", f"{ZOO_FILE}:MLP", "--input", "8x20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "MLP"
+    assert cli.main(["audit", f"{ZOO_FILE}:MLP", "--input", "8x"]) == 2
