@@ -105,25 +105,34 @@ def scenario_shared_ddp(rank):
 
 
 def scenario_comm_hook(rank):
-    """The kept-block hook gives the plain all-reduce's gradients and sends fewer elements."""
+    """The kept-block hook gives the plain all-reduce's gradients and sends fewer elements; no_sync
+    accumulation (two patterns in one gradient) falls back to the dense all-reduce for that step."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    for family in ("row", "block"):
+    for family, as_view in (("row", False), ("block", True)):
         plain_model = fd.prepare(converted(family), sync=True, seed=BASE_SEED)
         hooked_model = fd.prepare(converted(family), sync=True, seed=BASE_SEED)
         plain = DDP(plain_model, bucket_cap_mb=0.004)  # several buckets
-        hooked = DDP(hooked_model, bucket_cap_mb=0.004)
+        hooked = DDP(hooked_model, bucket_cap_mb=0.004, gradient_as_bucket_view=as_view)
         state = fd.register_comm_hook(hooked)
-        for step, batch in enumerate(batches(4)):
+        data = batches(5)
+        for step, batch in enumerate(data):
             x, y = local(batch, rank)
             for ddp in (plain, hooked):
                 ddp.zero_grad()
+                if step == 4:  # accumulate a first micro-batch without communication
+                    with ddp.no_sync():
+                        F.cross_entropy(ddp(x[:4]), y[:4]).backward()
                 F.cross_entropy(ddp(x), y).backward()
             for got, want in zip(grads(hooked_model), grads(plain_model)):
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7,
                                            msg=lambda m: f"{family} step {step}: {m}")
-        assert state.steps == 4 and state.dense_elements == 4 * sum(p.numel() for p in hooked_model.parameters())
-        assert 0.3 < state.saving < 1, f"{family}: saving {state.saving}"
+            if step == 3:
+                kept_steps = (state.sent_elements, state.dense_elements)
+        total = sum(p.numel() for p in hooked_model.parameters())
+        assert state.steps == 5 and state.dense_elements == 5 * total
+        assert state.sent_elements - kept_steps[0] == total, "the no_sync step should all-reduce densely"
+        assert 0.3 < 1 - kept_steps[0] / kept_steps[1] < 1, f"{family}: saving {state.saving}"
 
 
 def scenario_hook_detects_unshared(rank):
@@ -259,6 +268,9 @@ def _free_port():
 def two_ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
+    from fxdrop.ops import extension
+
+    extension.ensure_loaded()  # build the compiled kernels (if any) here, once, not in both ranks at once
     out_dir = str(tmp_path_factory.mktemp("ddp"))
     context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False,
                                  start_method="spawn")
