@@ -158,6 +158,9 @@ def load_state_dict(model: nn.Module, state: Mapping[str, Any], group: Any = Non
         raise ValueError(f"fxdrop.distributed.load_state_dict: the checkpoint was saved with sync={state['sync']} "
                          f"but this model was prepared with sync={info.sync}; prepare it the way it was saved")
     _load_site_states(model, ranks[rank])
+    if info is None and state.get("sync") is not None:  # resumed without prepare: remember the mode
+        model.__dict__[SHARING_ATTR] = PatternSharing(bool(state["sync"]), _rank_world(group)[0], world, tuple(
+            int(site_state["state"][0]) for site_state in ranks[0].values()))
 
 
 # ---------------------------------------------------------------- DDP comm hook

@@ -328,6 +328,9 @@ def test_shared_checkpoint_resumes_on_one_process():
     model = fd.prepare(converted(), sync=True)
     fd.load_state_dict(model, _two_rank_checkpoint(sync=True))
     assert [s.scheduler.draws for s in fxdrop.sites(model)] == [3, 3, 3]
+    unprepared = converted()
+    fd.load_state_dict(unprepared, _two_rank_checkpoint(sync=True))
+    assert fd.sharing(unprepared).sync is True
 
 
 def test_independent_checkpoint_needs_its_world_size():
