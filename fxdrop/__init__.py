@@ -10,6 +10,14 @@ from .search import PatternDistribution, search_distribution
 from .convert import convert, load_state_dict, sites, state_dict
 from .audit import AuditReport, audit, ideal_speedup
 
+import sys as _sys
+
+# backend="fxdrop": registering needs torch._dynamo, which takes seconds to import; so it is registered
+# here only when Dynamo is already loaded, and otherwise by the torch_dynamo_backends entry point on first
+# use (or by importing fxdrop.backend).
+if "torch._dynamo" in _sys.modules:
+    from . import backend as _backend  # noqa: F401
+
 __all__ = ["backend_info", "Pattern", "PatternDistribution", "PatternScheduler", "search_distribution", "convert", "sites",
            "state_dict", "load_state_dict", "audit", "AuditReport", "ideal_speedup"]
 __version__ = "0.1.0"
