@@ -122,7 +122,8 @@ def main() -> None:
                        f"{args.epochs} --batch {args.batch} --p {args.p} --pattern {args.pattern}"
                        + (" --sync" if args.sync else "") + (" --comm-hook" if args.comm_hook else ""),
             "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                        "world_size": world, "backend": "gloo", "threads_per_rank": torch.get_num_threads()},
+                        "world_size": world, "backend": "gloo", "threads_per_rank": torch.get_num_threads(),
+                        "fxdrop_kernels": fxdrop.backend_info()["cpu"]},
             "patterns": "shared across ranks" if args.sync else "independent per rank",
             "models": {name: {"epoch_s": epoch_s[name], "median_epoch_s": statistics.median(epoch_s[name]),
                               "test_accuracy": accuracy[name]} for name in names},
@@ -130,7 +131,8 @@ def main() -> None:
         }
         if hook is not None:
             result["comm_hook_traffic_saving"] = hook.saving
-        print(f"\n{'model':18s} {'median s/epoch':>15s} {'final test acc':>15s}")
+        print(f"\nfxdrop kernels: {result['machine']['fxdrop_kernels']}; patterns {result['patterns']}")
+        print(f"{'model':18s} {'median s/epoch':>15s} {'final test acc':>15s}")
         for name in names:
             print(f"{name:18s} {result['models'][name]['median_epoch_s']:15.2f} {accuracy[name][-1]:15.2%}")
         print(f"speedup (median epoch, standard / fxdrop): {result['speedup_median_epoch']:.2f}x"
