@@ -122,7 +122,7 @@ def main() -> None:
         Console(width=160).print(table)
         machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                    "cpus": os.cpu_count(), "world_size": dist.get_world_size(), "backend": "gloo",
-                   "threads_per_rank": torch.get_num_threads()}
+                   "threads_per_rank": torch.get_num_threads(), "fxdrop_kernels": fxdrop.backend_info()["cpu"]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
         print(f"wrote {args.out}")
