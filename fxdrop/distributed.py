@@ -431,7 +431,9 @@ def fully_shard(model: nn.Module, **kwargs: Any) -> nn.Module:
     The converted graph reads the Linears' weights directly (``get_attr``) and never calls the Linear
     modules, so FSDP2's per-module hooks on them would never all-gather their shards. Shard the converted
     model (or a module whose forward the graph calls) as one unit; a model where a bypassed submodule
-    was already passed to ``fully_shard`` raises ``ValueError`` naming it.
+    was already passed to ``fully_shard`` raises ``ValueError`` naming it. Convert first, shard second:
+    ``fxdrop.convert`` of a model that already went through ``fully_shard`` fails while cloning it.
+    Patterns may be independent (default) or shared, as under DDP; gradients are reduce-scattered whole.
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard as _fully_shard
 
