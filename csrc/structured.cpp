@@ -293,14 +293,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     const Layer& step = plan[l];
     const auto w = kept_columns(kept_rows(weights[l], step.outputs()), step.inputs());
     const auto b = biases[l].defined() ? kept_rows(biases[l], step.outputs()) : at::Tensor();
-    auto z = gemm(cur, w.t(), alpha);
+    // In bf16/fp16, GEMM-then-bias rounds z twice, which flips the sign of near-zero z (and with it
+    // the ReLU-family derivative) more often than the dense reference's single-rounding addmm: let
+    // the GEMM add the bias there. fp32/fp64 keep the bias in the fused epilogue pass.
+    const bool bias_in_gemm = b.defined() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+    auto z = bias_in_gemm ? at::addmm(b, cur, w.t(), 1, alpha) : gemm(cur, w.t(), alpha);
     if (!step.has_out) {
+      if (bias_in_gemm) {
+        cur = z;
+        alpha = 1.0;
+        continue;
+      }
       cur = b.defined() ? z.add_(b) : z;
       alpha = 1.0;
       continue;
     }
     const Act& act = acts[act_index++];
-    auto [z_saved, h] = k.bias_act(z, b, act, act.needs_input());
+    auto [z_saved, h] = k.bias_act(z, bias_in_gemm ? at::Tensor() : b, act, act.needs_input());
     saved.push_back(act.needs_input() ? z_saved : x.new_empty({0}));
     saved.push_back(h);
     cur = h;

@@ -22,7 +22,11 @@ constexpr int64_t kGrain = 16;  // rows per task: rows are thousands of elements
 // Rows of a residue class of tiles: [tile*j, min(tile*(j+1), n)) for j = residue, residue + dp, ...
 std::vector<std::pair<int64_t, int64_t>> tile_runs(int64_t n, int64_t tile, int64_t dp, int64_t residue) {
   std::vector<std::pair<int64_t, int64_t>> runs;
-  for (int64_t j = residue; j * tile < n; j += dp) runs.emplace_back(j * tile, std::min(n, (j + 1) * tile));
+  for (int64_t j = residue; j * tile < n; j += dp) {
+    const int64_t a = j * tile, b = std::min(n, (j + 1) * tile);
+    if (!runs.empty() && runs.back().second == a) runs.back().second = b;  // dp == 1: one run, a view
+    else runs.emplace_back(a, b);
+  }
   return runs;
 }
 
@@ -266,12 +270,26 @@ struct CpuKernels final : Kernels {
     return dst;
   }
 
-  // weight[rows][:, cols] in one copy.
+  // weight[rows][:, cols] in one copy (a view when both are one run).
   static at::Tensor block(const at::Tensor& w, const Group& g) {
     if (g.rows.size() == 1) return columns(w.slice(0, g.rows[0].first, g.rows[0].second), g.cols);
-    std::vector<at::Tensor> parts;
-    for (auto [a, b] : g.rows) parts.push_back(w.slice(0, a, b));
-    return columns(at::cat(parts, 0), g.cols);
+    std::vector<int64_t> row_ids;
+    for (auto [a, b] : g.rows) for (int64_t o = a; o < b; ++o) row_ids.push_back(o);
+    const int64_t width = run_length(g.cols), ld = w.size(1);
+    auto dst = at::empty({static_cast<int64_t>(row_ids.size()), width}, w.options());
+    const int64_t item = w.element_size();
+    const char* src = static_cast<const char*>(w.const_data_ptr());
+    char* out = static_cast<char*>(dst.data_ptr());
+    at::parallel_for(0, static_cast<int64_t>(row_ids.size()), kGrain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        char* o = out + i * width * item;
+        for (auto [a, b] : g.cols) {
+          std::memcpy(o, src + (row_ids[i] * ld + a) * item, (b - a) * item);
+          o += (b - a) * item;
+        }
+      }
+    });
+    return dst;
   }
 
   at::Tensor tile_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,

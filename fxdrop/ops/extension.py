@@ -40,9 +40,15 @@ COMPILED_OPS = ("chain", "chain_backward", "unit_dropout", "tile_linear", "tile_
 _CPU_SOURCES = ("structured.cpp", "cpu/kernels.cpp")
 _CUDA_SOURCES = _CPU_SOURCES + ("cuda/kernels.cu",)
 _HEADERS = ("structured.h", "activation.h", "cuda/tile_gemm.cuh")
-_CFLAGS = ["-O3", "-std=c++17"]
-_CUDA_CFLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80"]
+_CFLAGS = ["-O3"]  # the C++ standard is torch's choice (C++17 up to 2.13, C++20 from 2.14)
+# No --use_fast_math: the epilogues' erf/exp/tanh must match ATen's to the tests' tolerances. The
+# target architecture comes from TORCH_CUDA_ARCH_LIST (cpp_extension reads it; default: the visible
+# GPU's, or 9.0 when there is none). FXDROP_NVCC_FLAGS adds flags (e.g. -Xptxas -v).
+_CUDA_CFLAGS = ["-O3", "-lineinfo"]
+
+
+def _cuda_cflags() -> list[str]:
+    return _CUDA_CFLAGS + os.environ.get("FXDROP_NVCC_FLAGS", "").split()
 
 _lock = threading.RLock()
 _state: dict = {"variant": None, "library": None, "reason": None, "warned": False, "tried_build": False}
@@ -88,7 +94,8 @@ def _target(variant: str) -> tuple[str, Path]:
         path = root / rel
         if path.is_file():
             digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(repr((_CFLAGS, _CUDA_CFLAGS if variant == "cuda" else None)).encode())
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if variant == "cuda" else ""
+    digest.update(repr((_CFLAGS, _cuda_cflags() if variant == "cuda" else None, arch)).encode())
     key = digest.hexdigest()[:16]
     name = f"fxdrop_{variant}_{key}"
     tag = f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}".replace("+", "_")
@@ -181,9 +188,11 @@ def _compile(variant: str, name: str, directory: Path, verbose: bool) -> None:
     include = [str(csrc_dir())]
     if variant == "cuda":
         include += _cuda_include_dirs()
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
     cpp_extension.load(
         name=name, sources=[str(s) for s in _sources(variant)], extra_cflags=list(_CFLAGS),
-        extra_cuda_cflags=list(_CUDA_CFLAGS) if variant == "cuda" else None, extra_include_paths=include,
+        extra_cuda_cflags=_cuda_cflags() if variant == "cuda" else None, extra_include_paths=include,
         build_directory=str(directory), verbose=verbose, with_cuda=variant == "cuda", is_python_module=False)
 
 
