@@ -113,7 +113,7 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
     console = Console()
     console.print(table(result))
-    console.print(f"first step (compilation included), s: "
+    console.print("first step (compilation included), s: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in result["first_step_s"].items()))
     console.print(f"wrote {path}")
 

@@ -68,11 +68,16 @@ log = logging.getLogger(__name__)
 
 
 def _configure_logging() -> None:
-    """``FXDROP_LOG=1`` (read at each compile): decisions at DEBUG, printed to stderr."""
+    """``FXDROP_LOG=1`` (read at each compile): decisions at DEBUG, printed to stderr; unset, back to normal."""
+    ours = [h for h in log.handlers if getattr(h, "_fxdrop", False)]
     if os.environ.get("FXDROP_LOG", "") in ("", "0"):
+        for handler in ours:
+            log.removeHandler(handler)
+        if ours:
+            log.setLevel(logging.NOTSET)
         return
     log.setLevel(logging.DEBUG)
-    if not any(getattr(h, "_fxdrop", False) for h in log.handlers):
+    if not ours:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("fxdrop: %(message)s"))
         handler._fxdrop = True  # type: ignore[attr-defined]
@@ -157,7 +162,10 @@ def sites(model: nn.Module) -> list[Site]:
 
 @dataclass
 class CompiledGraph:
-    """One graph Dynamo captured and this backend compiled: its decisions and its live sites."""
+    """One graph Dynamo captured and this backend compiled: its decisions and its live sites.
+
+    ``training``: a dropout of the graph was active (a training-mode graph); only those are rewritten.
+    """
 
     index: int
     training: bool

@@ -379,6 +379,9 @@ def test_backend_counts_and_logs_skipped_sites(caplog, monkeypatch):
     text = caplog.text
     assert "attn_drop" in text and "attention probabilities" in text
     assert "conv_drop" in text and "convolution" in text
+    monkeypatch.delenv("FXDROP_LOG")
+    torch.compile(Skipped(), backend=make_backend("eager"))(torch.randn(2, 4, 8))
+    assert not logging.getLogger("fxdrop.backend").handlers  # FXDROP_LOG unset: back to normal
 
 
 # ---------------------------------------------------------------- nn.LSTM
@@ -462,10 +465,6 @@ def test_inductor_converted_and_backend():
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         assert_all_close(got[1], want[1], atol=1e-5, rtol=1e-4)
     assert counters["fxdrop"]["sites_converted"] == 2
-    compiled.eval()
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- a real model library
