@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_WIDTH = 1024
-DEFAULT_EPOCHS = 3
+DEFAULT_EPOCHS = 2
 DEFAULT_BATCH = 128
-DEFAULT_LR = 0.05
+DEFAULT_LR = 0.01
 DEFAULT_MOMENTUM = 0.9
 EVAL_BATCH = 2000
 
@@ -157,25 +157,22 @@ def build_pair(config: DemoConfig, convert: Callable[..., nn.Module] | None = No
     return standard, converted
 
 
-def compare(config: DemoConfig, data=None, *, convert: Callable[..., nn.Module] | None = None,
-            progress=None) -> dict:
-    """Train both models, epochs alternating; return the JSON-ready result.
-
-    ``data``: an object with ``train_images, train_labels, test_images, test_labels`` (default
-    :func:`fxdrop.data.load_mnist`). ``convert``: stand-in for :func:`fxdrop.convert` (tests).
-    ``progress``: a ``rich.progress.Progress`` to show one bar per model, or None.
-    """
-    config.check()
-    if data is None:
-        from .data import load_mnist
-
-        data = load_mnist()
+def _training_images(config: DemoConfig, data):
     images, labels = data.train_images, data.train_labels
     if config.train_limit is not None:
         images, labels = images[:config.train_limit], labels[:config.train_limit]
-    standard, converted = build_pair(config, convert)
-    trainers = [Trainer("standard dropout", standard, config, images, labels),
-                Trainer(f"fxdrop ({config.pattern})", converted, config, images, labels)]
+    return images, labels
+
+
+def train_interleaved(models: dict[str, nn.Module], config: DemoConfig, data, *, progress=None) -> list[RunRecord]:
+    """Train every model for ``config.epochs``, epochs alternating between models, each with the same data order.
+
+    ``data``: an object with ``train_images, train_labels, test_images, test_labels``. Test accuracy is
+    taken after every epoch (outside the timed part). ``progress``: a ``rich.progress.Progress`` or None.
+    """
+    config.check()
+    images, labels = _training_images(config, data)
+    trainers = [Trainer(name, model, config, images, labels) for name, model in models.items()]
     tasks = {}
     if progress is not None:
         for trainer in trainers:
@@ -187,15 +184,34 @@ def compare(config: DemoConfig, data=None, *, convert: Callable[..., nn.Module] 
         for trainer in trainers:
             task = tasks.get(trainer.record.name)
             on_step = (lambda task=task: progress.advance(task)) if task is not None else None
-            trainer.train_epoch(on_step)
+            seconds = trainer.train_epoch(on_step)
             trainer.record.test_accuracy.append(accuracy(trainer.model, data.test_images, data.test_labels))
+            if progress is not None:
+                progress.console.log(f"{trainer.record.name}: epoch {_epoch + 1} in {seconds:.1f} s, "
+                                     f"test accuracy {100 * trainer.record.test_accuracy[-1]:.2f}%")
+    return [trainer.record for trainer in trainers]
+
+
+def compare(config: DemoConfig, data=None, *, convert: Callable[..., nn.Module] | None = None,
+            progress=None) -> dict:
+    """Train the standard-dropout model and its fxdrop conversion, epochs alternating; the JSON-ready result.
+
+    ``data``: default :func:`fxdrop.data.load_mnist`. ``convert``: stand-in for :func:`fxdrop.convert` (tests).
+    """
+    config.check()
+    if data is None:
+        from .data import load_mnist
+
+        data = load_mnist()
+    standard, converted = build_pair(config, convert)
+    standard_record, fxdrop_record = train_interleaved(
+        {"standard dropout": standard, f"fxdrop ({config.pattern})": converted}, config, data, progress=progress)
     from .timing import machine_info
 
-    standard_record, fxdrop_record = (t.record for t in trainers)
     return {
         "config": asdict(config),
         "model": f"MLP 784-{config.width}-{config.width}-{config.width}-10, ReLU + Dropout({config.p})",
-        "train_images": len(images), "test_images": len(data.test_images),
+        "train_images": len(_training_images(config, data)[0]), "test_images": len(data.test_images),
         "machine": machine_info(),
         "standard": standard_record.to_dict(),
         "fxdrop": fxdrop_record.to_dict(),
@@ -265,7 +281,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"SGD learning rate (default {DEFAULT_LR}, "
                                                                       f"momentum {DEFAULT_MOMENTUM})")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, data order and patterns (default 0)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; on a machine shared with other busy "
+                             "processes, --threads 1 avoids OpenMP oversubscription, which can cost 10x)")
     parser.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--out", type=Path, default=Path("demo-results"),
                         help="output folder for demo.json and demo.png (default ./demo-results)")
@@ -297,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
     with Progress(*columns, console=console) as progress:
         result = compare(config, data, progress=progress)
     console.print(results_table(result))
+    for side in ("standard", "fxdrop"):
+        if any(loss != loss for loss in result[side]["train_loss"]):  # NaN
+            console.print(f"[yellow]{result[side]['name']} diverged (NaN loss): try a smaller --lr")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "demo.json"
     json_path.write_text(json.dumps(result, indent=2))

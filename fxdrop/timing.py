@@ -89,10 +89,15 @@ def paired_timing(baseline: Callable[[], object], candidate: Callable[[], object
 
 
 def peak_step_memory(step: Callable[[], object]) -> int:
-    """Bytes: the peak of memory allocated by one call of ``step`` on top of what existed before it.
+    """Bytes: the largest rise of allocated memory during one call of ``step``.
 
-    Read from the allocation and free events that the CPU allocator reports to ``torch.profiler``.
-    Run ``step`` once before, so lazily created state (optimizer buffers, caches) does not count.
+    Read from the allocation and free events that the CPU allocator reports to ``torch.profiler``:
+    the running sum of those events, in time order, minus its lowest value before that point. Taking the
+    rise from the lowest point (not from the start) matters because frees of tensors from an earlier
+    step (e.g. gradients released by ``zero_grad(set_to_none=True)``) are reported with their size when
+    the profiler saw them allocated, and without it otherwise; the rise counts every tensor the step
+    itself allocates and holds at once either way. Run ``step`` once before, so lazily created state
+    (optimizer buffers, caches) does not count.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -102,11 +107,12 @@ def peak_step_memory(step: Callable[[], object]) -> int:
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
     events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
+    live = lowest = rise = 0
     for event in events:
         live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+        lowest = min(lowest, live)
+        rise = max(rise, live - lowest)
+    return rise
 
 
 def _cpu_model() -> str:
