@@ -23,6 +23,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -94,14 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     parser.add_argument("--families", nargs="+", default=["row", "block"], choices=["row", "block"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice; 1 is steadier on a machine shared with other jobs)")
     parser.add_argument("--quick", action="store_true", help="hidden 200, 5 pairs (a smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS / "lstm.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.pairs, args.warmup = 200, 5, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
     example = _example()
     console = Console()
     rows = []
+    load_before = os.getloadavg()
     for p in args.rates:
         for family in args.families:
             standard, structured, conversion, ideal = make_steps(
@@ -123,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "PTB word LM training step (forward, loss, backward, clip, SGD): standard dropout vs fxdrop",
         "command": "python benchmarks/lstm.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "config": {"hidden": args.hidden, "vocab": args.vocab, "layers": args.layers, "bptt": args.bptt,
-                   "batch": args.batch, "dtype": "float32", "pairs": args.pairs, "warmup": args.warmup},
+                   "batch": args.batch, "dtype": "float32", "pairs": args.pairs, "warmup": args.warmup,
+                   "threads": torch.get_num_threads()},
         "machine": example.machine(),
+        # Other processes on the machine: the paired ratios absorb steady load, not bursts.
+        "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,12 +109,12 @@ class StructuredWordLM(nn.Module):
 EXPECTED_SITES = {"drop_in", "rnn.layer0", "drop_out"}
 
 
-def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str = "kept",
+def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str = "kept", max_dp: int = 8,
                  conversion: str = "auto") -> nn.Module:
     """The fxdrop twin of ``model`` (shares its Parameters): ``fxdrop.convert`` when it converts every site."""
     if conversion in ("auto", "convert") and hasattr(fxdrop, "convert"):
         try:
-            converted = fxdrop.convert(model, p=p, pattern=family, seed=seed, scale=scale)
+            converted = fxdrop.convert(model, p=p, pattern=family, seed=seed, scale=scale, max_dp=max_dp)
             names = {site.name for site in fxdrop.sites(converted)}
         except Exception as err:  # noqa: BLE001  (auto: fall back, and say why)
             if conversion == "convert":
@@ -130,7 +130,7 @@ def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str 
         if conversion == "convert":
             raise RuntimeError(f"fxdrop.convert did not convert every dropout of the model ({reason})")
         print(f"[fxdrop.convert does not structure every dropout yet ({reason}); building the model by hand]")
-    twin = StructuredWordLM(model, p=p, family=family, seed=seed, scale=scale)
+    twin = StructuredWordLM(model, p=p, family=family, seed=seed, scale=scale, max_dp=max_dp)
     twin.fxdrop_conversion = "manual (StructuredLSTM + fxdrop.ops.chain decoder)"
     return twin
 
@@ -210,6 +210,7 @@ def parse_args(argv=None):
     parser.add_argument("--family", choices=("row", "block"), default="row")
     parser.add_argument("--scale", choices=("kept", "rate"), default="kept",
                         help="kept units x n / kept (default) or x 1 / (1 - p)")
+    parser.add_argument("--max-dp", type=int, default=8, help="largest pattern period (fxdrop.convert's max_dp)")
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--eval-batch", type=int, default=10)
@@ -243,7 +244,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     standard = WordLM(vocab, args.hidden, args.layers, args.p)
     structured = fxdrop_model(copy.deepcopy(standard), p=args.p, family=args.family, seed=args.seed,
-                              scale=args.scale, conversion=args.conversion)
+                              scale=args.scale, max_dp=args.max_dp, conversion=args.conversion)
     console.print(f"fxdrop model: {structured.fxdrop_conversion}; sites: "
                   f"{[site.name for site in fxdrop.sites(structured)] if hasattr(fxdrop, 'sites') else '?'}")
     runs = {"standard": {"model": standard}, "fxdrop": {"model": structured}}
