@@ -1,8 +1,9 @@
 """Measuring a training step fairly: interleaved paired timing, peak step memory, and the machine record.
 
-Every fxdrop speed figure is a *median of paired ratios*: the baseline and the candidate step alternate
-(ABBA order, so neither always runs first), each pair gives ``baseline_time / candidate_time``, and the
-figure is the median of those ratios. Load from other processes on a shared machine then hits both
+Every fxdrop speed figure is a *median of paired ratios*: turns of the baseline and the candidate
+alternate (ABBA order, so neither always runs first; each turn is two steps of which the second is
+timed, so a timed step always follows a step of its own kind), each pair gives
+``baseline_time / candidate_time``, and the figure is the median of those ratios. Load from other processes on a shared machine then hits both
 sides of a pair alike and drops out of the ratio; warm-up steps are run and discarded first.
 
 Peak memory of a step is read from ``torch.profiler`` with ``profile_memory=True``: the CPU allocator
@@ -46,6 +47,16 @@ class PairedTiming:
         return statistics.median(self.ratios)
 
     @property
+    def total_ratio(self) -> float:
+        """Total baseline time over total candidate time: the wall-clock speedup of a training run.
+
+        When the candidate's work varies from step to step (fxdrop draws a pattern per step, and a step
+        with dp = 1 does all the work), the median of per-step ratios overstates this (Jensen): compare
+        the FLOP ideal, an expectation, with this figure.
+        """
+        return sum(self.baseline_s) / sum(self.candidate_s)
+
+    @property
     def baseline_median_s(self) -> float:
         return statistics.median(self.baseline_s)
 
@@ -54,33 +65,46 @@ class PairedTiming:
         return statistics.median(self.candidate_s)
 
     def to_dict(self) -> dict:
-        return {"speedup": self.speedup, "baseline_median_s": self.baseline_median_s,
+        return {"speedup": self.speedup, "total_ratio": self.total_ratio, "baseline_median_s": self.baseline_median_s,
                 "candidate_median_s": self.candidate_median_s, "ratios": self.ratios,
                 "baseline_s": self.baseline_s, "candidate_s": self.candidate_s}
 
 
 def paired_timing(baseline: Callable[[], object], candidate: Callable[[], object], *, pairs: int,
-                  warmup: int = 2, on_pair: Callable[[int], None] | None = None) -> PairedTiming:
-    """Time ``pairs`` interleaved calls of each function after ``warmup`` untimed calls of each.
+                  warmup: int = 2, steps_per_turn: int = 2,
+                  on_pair: Callable[[int], None] | None = None) -> PairedTiming:
+    """Time ``pairs`` interleaved turns of each function after ``warmup`` untimed turns of each.
 
-    Pairs alternate the order (baseline first, then candidate first), so a systematic first-runner
-    effect (cache state, frequency ramps) cancels. ``on_pair(i)`` is called after each pair (progress bars).
+    A turn is ``steps_per_turn`` consecutive calls of one function, and only its last call is timed, so
+    every timed call follows a call of the same function, as in a real training loop. Timing a call
+    right after the other function's call measures the switch as well: large tensors freed by one and
+    allocated again by the other (page faults, cache state) made ratios alternate by a factor of 2-4
+    between orders on a 2-core CPU. Turns alternate the order (baseline first, then candidate first).
+    ``on_pair(i)`` is called after each pair (progress bars).
     """
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
         raise ValueError(f"pairs must be an int >= 1, got {pairs!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if isinstance(steps_per_turn, bool) or not isinstance(steps_per_turn, int) or steps_per_turn < 1:
+        raise ValueError(f"steps_per_turn must be an int >= 1, got {steps_per_turn!r}")
+
+    def turn(fn: Callable[[], object]) -> float:
+        for _ in range(steps_per_turn - 1):
+            fn()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
     for _ in range(warmup):
-        baseline()
-        candidate()
+        turn(baseline)
+        turn(candidate)
     timing = PairedTiming()
     for i in range(pairs):
         seconds = {}
         order = (("baseline", baseline), ("candidate", candidate))
         for name, fn in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            fn()
-            seconds[name] = time.perf_counter() - start
+            seconds[name] = turn(fn)
         timing.baseline_s.append(seconds["baseline"])
         timing.candidate_s.append(seconds["candidate"])
         if on_pair is not None:

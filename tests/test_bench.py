@@ -14,10 +14,26 @@ from fxdrop.timing import PairedTiming, machine_info, paired_timing, peak_step_m
 
 def test_paired_timing_interleaves_and_excludes_warmup():
     calls = []
-    timing = paired_timing(lambda: calls.append("a"), lambda: calls.append("b"), pairs=4, warmup=2)
+    timing = paired_timing(lambda: calls.append("a"), lambda: calls.append("b"), pairs=4, warmup=2,
+                           steps_per_turn=1)
     assert calls[:4] == ["a", "b", "a", "b"]  # warm-up, untimed
     assert calls[4:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # ABBA: neither always runs first
     assert len(timing.baseline_s) == len(timing.candidate_s) == 4
+
+
+def test_each_timed_call_follows_a_call_of_the_same_function():
+    calls, timed_after = [], []
+
+    def make(name):
+        def fn():
+            calls.append(name)
+        return fn
+
+    paired_timing(make("a"), make("b"), pairs=3, warmup=1, steps_per_turn=2)
+    assert calls == ["a", "a", "b", "b"] * 1 + ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    for i in range(1, len(calls), 2):  # the second call of each turn is the timed one
+        timed_after.append(calls[i - 1] == calls[i])
+    assert all(timed_after)
 
 
 def test_paired_timing_measures_a_known_ratio():
@@ -30,6 +46,7 @@ def test_speedup_is_the_median_of_paired_ratios():
     assert timing.ratios == [2.0, 9.0, 1.0]
     assert timing.speedup == 2.0
     assert timing.baseline_median_s == 3.0 and timing.candidate_median_s == 1.0
+    assert timing.total_ratio == pytest.approx(14.0 / 5.0)
 
 
 def test_paired_timing_errors_name_the_argument():
@@ -37,6 +54,8 @@ def test_paired_timing_errors_name_the_argument():
         paired_timing(lambda: None, lambda: None, pairs=0)
     with pytest.raises(ValueError, match="warmup must be an int >= 0"):
         paired_timing(lambda: None, lambda: None, pairs=1, warmup=-1)
+    with pytest.raises(ValueError, match="steps_per_turn must be an int >= 1"):
+        paired_timing(lambda: None, lambda: None, pairs=1, steps_per_turn=0)
 
 
 def test_peak_step_memory_counts_live_tensors():
@@ -82,7 +101,8 @@ def test_measure_rows_have_every_figure(tiny_result):
     assert [row["family"] for row in tiny_result["rows"]] == ["row", "block"]
     for row in tiny_result["rows"]:
         assert row["speedup"] > 0 and row["ideal"] > 1.0
-        assert row["efficiency"] == pytest.approx(row["speedup"] / row["ideal"])
+        assert row["efficiency"] == pytest.approx(row["speedup_total"] / row["ideal"])
+        assert row["speedup_total"] == pytest.approx(sum(row["baseline_s"]) / sum(row["fxdrop_s"]))
         assert row["baseline_peak_bytes"] > 0 and row["fxdrop_peak_bytes"] > 0
         assert len(row["ratios"]) == 2
     for key in ("platform", "cpu", "torch", "torch_threads", "cpu_count"):
