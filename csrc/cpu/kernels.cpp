@@ -11,13 +11,18 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "../structured.h"
 
 namespace fxdrop {
 namespace {
 
-constexpr int64_t kGrain = 16;  // rows per task: rows are thousands of elements wide
+// Rows per task: at least at::internal::GRAIN_SIZE elements, as ATen's own loops do, so small
+// tensors stay on one thread (waking the OpenMP team costs more than the pass on a busy machine).
+inline int64_t grain(int64_t row_elements) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_elements));
+}
 
 // Rows of a residue class of tiles: [tile*j, min(tile*(j+1), n)) for j = residue, residue + dp, ...
 std::vector<std::pair<int64_t, int64_t>> tile_runs(int64_t n, int64_t tile, int64_t dp, int64_t residue) {
@@ -28,6 +33,17 @@ std::vector<std::pair<int64_t, int64_t>> tile_runs(int64_t n, int64_t tile, int6
     else runs.emplace_back(a, b);
   }
   return runs;
+}
+
+// Calls f(std::integral_constant<ActKind, kind>) for the activations the scalar loops handle, so
+// the kind is a compile-time constant inside the loop (no per-element switch; the loop vectorises).
+template <typename F>
+void with_simple_kind(ActKind kind, F&& f) {
+  switch (kind) {
+    case ActKind::None: return f(std::integral_constant<ActKind, ActKind::None>{});
+    case ActKind::Relu: return f(std::integral_constant<ActKind, ActKind::Relu>{});
+    default: return f(std::integral_constant<ActKind, ActKind::LeakyRelu>{});
+  }
 }
 
 int64_t run_length(const std::vector<std::pair<int64_t, int64_t>>& runs) {
@@ -41,7 +57,7 @@ template <typename T>
 void gather_columns(const T* src, int64_t src_ld, T* dst, int64_t rows,
                     const std::vector<std::pair<int64_t, int64_t>>& runs) {
   const int64_t width = run_length(runs);
-  at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(width), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       T* out = dst + r * width;
       for (auto [a, b] : runs) {
@@ -76,21 +92,23 @@ struct CpuKernels final : Kernels {
       const scalar_t* bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
       const int64_t bs = bias.defined() ? bias.stride(0) : 0;
       const acc_t arg = static_cast<acc_t>(act.arg);
-      const ActKind kind = act.kind;
-      at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          scalar_t* zr = zp + r * cols;
-          scalar_t* hr = hp + r * cols;
-          for (int64_t c = 0; c < cols; ++c) {
-            acc_t v = static_cast<acc_t>(zr[c]);
-            if (bp != nullptr) {
-              v += static_cast<acc_t>(bp[c * bs]);
-              zr[c] = static_cast<scalar_t>(v);
-              v = static_cast<acc_t>(zr[c]);  // h = act(z) of the rounded z, as the reference does
+      with_simple_kind(act.kind, [&](auto kind_c) {
+        constexpr ActKind kind = decltype(kind_c)::value;
+        at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            scalar_t* zr = zp + r * cols;
+            scalar_t* hr = hp + r * cols;
+            for (int64_t c = 0; c < cols; ++c) {
+              acc_t v = static_cast<acc_t>(zr[c]);
+              if (bp != nullptr) {
+                v += static_cast<acc_t>(bp[c * bs]);
+                zr[c] = static_cast<scalar_t>(v);
+                v = static_cast<acc_t>(zr[c]);  // h = act(z) of the rounded z, as the reference does
+              }
+              hr[c] = static_cast<scalar_t>(act_forward<acc_t>(kind, arg, v));
             }
-            hr[c] = static_cast<scalar_t>(act_forward<acc_t>(kind, arg, v));
           }
-        }
+        });
       });
     });
     return {keep_z ? z : at::Tensor(), h};
@@ -105,7 +123,7 @@ struct CpuKernels final : Kernels {
       const scalar_t* vp = v.const_data_ptr<scalar_t>();
       scalar_t* fp = full.data_ptr<scalar_t>();
       const acc_t a = static_cast<acc_t>(alpha);
-      at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, rows, grain(m.n), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* vr = vp + r * m.count;
           scalar_t* fr = fp + r * m.n;
@@ -140,7 +158,10 @@ struct CpuKernels final : Kernels {
     }
     auto g = at::empty({rows, cols}, g_in.options());
     // Per-chunk partial column sums in the accumulation type, reduced afterwards: deterministic.
-    const int64_t chunks = col_sum ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)) : 0;
+    const int64_t chunks = !col_sum ? 0
+                           : rows * cols < at::internal::GRAIN_SIZE
+                               ? 1
+                               : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
     const auto acc_dtype = at::toOpMathType(g_in.scalar_type());
     auto partial = col_sum ? at::zeros({chunks, cols}, g_in.options().dtype(acc_dtype)) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g_in.scalar_type(), "fxdrop_act_grad", [&] {
@@ -152,7 +173,8 @@ struct CpuKernels final : Kernels {
       scalar_t* op = g.data_ptr<scalar_t>();
       acc_t* sp = col_sum ? partial.data_ptr<acc_t>() : nullptr;
       const acc_t s = static_cast<acc_t>(scale), arg = static_cast<acc_t>(act.arg);
-      const ActKind kind = act.kind;
+      with_simple_kind(act.kind, [&](auto kind_c) {
+      constexpr ActKind kind = decltype(kind_c)::value;
       auto body = [&](int64_t r0, int64_t r1, acc_t* sums) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* gr = gp + r * gs0;
@@ -173,8 +195,9 @@ struct CpuKernels final : Kernels {
           }
         });
       } else {
-        at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) { body(r0, r1, nullptr); });
+        at::parallel_for(0, rows, grain(cols), [&](int64_t r0, int64_t r1) { body(r0, r1, nullptr); });
       }
+      });
     });
     return {g, col_sum ? partial.sum(0).to(g.scalar_type()) : at::Tensor()};
   }
@@ -183,7 +206,7 @@ struct CpuKernels final : Kernels {
     const int64_t n_rows = full.size(0), n_cols = full.size(1);
     const int64_t item = full.element_size();
     char* base = static_cast<char*>(full.data_ptr());
-    at::parallel_for(0, n_rows, kGrain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n_rows, grain(n_cols), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         char* row = base + r * n_cols * item;
         const bool kept = rows == nullptr ||
@@ -208,7 +231,7 @@ struct CpuKernels final : Kernels {
       scalar_t* fp = full.data_ptr<scalar_t>();
       const acc_t a = static_cast<acc_t>(alpha);
       const int64_t c_start = cols ? cols->start : 0, c_step = cols ? cols->step : 1;
-      at::parallel_for(0, n_rows, kGrain, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, n_rows, grain(n_cols), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           scalar_t* fr = fp + r * n_cols;
           std::memset(fr, 0, n_cols * sizeof(scalar_t));
@@ -233,7 +256,7 @@ struct CpuKernels final : Kernels {
       scalar_t* yp = y.data_ptr<scalar_t>();
       // The reference multiplies by a mask in x's dtype: round the scale the same way.
       const acc_t s = static_cast<acc_t>(static_cast<scalar_t>(m.scale));
-      at::parallel_for(0, rows, kGrain, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, rows, grain(n), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const scalar_t* xr = xp + r * n;
           scalar_t* yr = yp + r * n;
@@ -280,7 +303,7 @@ struct CpuKernels final : Kernels {
     const int64_t item = w.element_size();
     const char* src = static_cast<const char*>(w.const_data_ptr());
     char* out = static_cast<char*>(dst.data_ptr());
-    at::parallel_for(0, static_cast<int64_t>(row_ids.size()), kGrain, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, static_cast<int64_t>(row_ids.size()), grain(width), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         char* o = out + i * width * item;
         for (auto [a, b] : g.cols) {
@@ -307,7 +330,7 @@ struct CpuKernels final : Kernels {
         const int64_t bs = bias.defined() ? bias.stride(0) : 0;
         scalar_t* yp = y.data_ptr<scalar_t>();
         const acc_t s = static_cast<acc_t>(t.scale);
-        at::parallel_for(0, batch, kGrain, [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, batch, grain(out_f), [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const scalar_t* pr = pp != nullptr ? pp + r * width : nullptr;
             scalar_t* yr = yp + r * out_f;
@@ -346,7 +369,7 @@ struct CpuKernels final : Kernels {
         for (auto [a, b] : grp.rows) for (int64_t o = a; o < b; ++o) row_ids.push_back(o);
         const scalar_t* gwp = gw.defined() ? gw.const_data_ptr<scalar_t>() : nullptr;
         const int64_t width = run_length(grp.cols);
-        at::parallel_for(0, static_cast<int64_t>(row_ids.size()), kGrain, [&](int64_t i0, int64_t i1) {
+        at::parallel_for(0, static_cast<int64_t>(row_ids.size()), grain(in_f), [&](int64_t i0, int64_t i1) {
           for (int64_t i = i0; i < i1; ++i) {
             scalar_t* wr = wp + row_ids[i] * in_f;
             std::memset(wr, 0, in_f * sizeof(scalar_t));
@@ -361,7 +384,7 @@ struct CpuKernels final : Kernels {
         if (gx.defined()) {  // distinct groups read distinct column residues: plain stores
           const scalar_t* gxp = gx.const_data_ptr<scalar_t>();
           scalar_t* xp = grad_x.data_ptr<scalar_t>();
-          at::parallel_for(0, batch, kGrain, [&](int64_t r0, int64_t r1) {
+          at::parallel_for(0, batch, grain(width), [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r) {
               const scalar_t* src = gxp + r * width;
               for (auto [a, b] : grp.cols) {
@@ -385,7 +408,7 @@ struct CpuKernels final : Kernels {
     if (!gaps.empty()) {
       const int64_t item = grad_x.element_size();
       char* base = static_cast<char*>(grad_x.data_ptr());
-      at::parallel_for(0, batch, kGrain, [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, batch, grain(in_f), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           for (auto [a, b] : gaps) std::memset(base + (r * in_f + a) * item, 0, (b - a) * item);
       });
