@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -126,9 +127,12 @@ def correctness(backend: str) -> dict:
                 for bias, lead in ((True, (33,)), (False, (4, 9))):
                     record(f"chain/{family}", dtype, check_chain(gen, family, dtype, dps, bias, lead))
                 record(f"unit_dropout/{family}", dtype, check_unit_dropout(gen, dtype, family, dp))
-        for dp in range(1, 9):
-            for tile in (32, 5):
-                record(f"tile_linear/t{tile}", dtype, check_tile(gen, dtype, dp, tile, bias=dp % 2 == 0))
+        for kernel in ("groups", "tile_gemm"):  # cuBLAS per residue group (default) / tile-skipping GEMM
+            os.environ["FXDROP_TILE_GEMM"] = "1" if kernel == "tile_gemm" else "0"
+            for dp in range(1, 9):
+                for tile in (32, 5):
+                    record(f"tile_linear/{kernel}/t{tile}", dtype, check_tile(gen, dtype, dp, tile, bias=dp % 2 == 0))
+        os.environ.pop("FXDROP_TILE_GEMM", None)
     if DEV == "cuda":
         torch.cuda.synchronize()
     return {"worst_rel_error": worst, "failures": failures}

@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "../structured.h"
 #include "tile_gemm.cuh"
 
@@ -242,11 +244,54 @@ struct CudaKernels final : Kernels {
     return a;
   }
 
+  // The tile-skipping kernel is a plain-FMA baseline that has not met a GPU yet; until it is measured
+  // against cuBLAS, the default is one cuBLAS GEMM per residue group of tile rows on gathered
+  // operands (what the CPU kernels do). FXDROP_TILE_GEMM=1 selects the tile-skipping kernel.
+  static bool use_tile_gemm() {
+    const char* v = std::getenv("FXDROP_TILE_GEMM");
+    return v != nullptr && v[0] == '1';
+  }
+
+  struct Group {
+    at::Tensor rows, cols;  // unit indices on the device
+  };
+
+  static at::Tensor indices(int64_t n, int64_t tile, int64_t dp, int64_t residue, const at::Device& device) {
+    std::vector<int64_t> ids;
+    for (int64_t j = residue; j * tile < n; j += dp)
+      for (int64_t u = j * tile; u < std::min(n, (j + 1) * tile); ++u) ids.push_back(u);
+    return at::tensor(ids, at::TensorOptions().dtype(at::kLong)).to(device, /*non_blocking=*/false);
+  }
+
+  static std::vector<Group> groups(const TilePlan& t, int64_t out_f, int64_t in_f, const at::Device& device) {
+    std::vector<Group> out;
+    for (int64_t r = 0; r < std::min(t.dp, t.grid_rows); ++r) {
+      const int64_t residue = (((t.offset - r) % t.dp) + t.dp) % t.dp;
+      out.push_back({indices(out_f, t.tile, t.dp, r, device), indices(in_f, t.tile, t.dp, residue, device)});
+    }
+    return out;
+  }
+
   at::Tensor tile_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
                           const TilePlan& t) const override {
     const int64_t batch = x2.size(0), out_f = weight.size(0), in_f = weight.size(1);
     auto y = at::empty({batch, out_f}, x2.options());
     if (y.numel() == 0) return y;
+    if (!use_tile_gemm()) {
+      for (const auto& g : groups(t, out_f, in_f, x2.device())) {
+        at::Tensor part;
+        if (g.cols.numel() == 0) {
+          part = bias.defined() ? bias.index_select(0, g.rows).expand({batch, g.rows.numel()})
+                                : at::zeros({batch, g.rows.numel()}, x2.options());
+        } else {
+          const auto w = weight.index_select(0, g.rows).index_select(1, g.cols);
+          part = bias.defined() ? at::addmm(bias.index_select(0, g.rows), x2.index_select(1, g.cols), w.t(), 1, t.scale)
+                                : at::mm(x2.index_select(1, g.cols), w.t()).mul_(t.scale);
+        }
+        y.index_copy_(1, g.rows, part);
+      }
+      return y;
+    }
     TileArgs a = args(t, batch, out_f, in_f);
     a.a_sm = in_f; a.a_sk = 1;     // x (batch, in)
     a.b_sk = 1; a.b_sn = in_f;     // W^T: B(k, n) = W[n, k]
@@ -259,6 +304,20 @@ struct CudaKernels final : Kernels {
   std::pair<at::Tensor, at::Tensor> tile_backward(const at::Tensor& g2, const at::Tensor& x2,
                                                   const at::Tensor& weight, const TilePlan& t) const override {
     const int64_t batch = x2.size(0), out_f = weight.size(0), in_f = weight.size(1);
+    if (!use_tile_gemm()) {
+      auto grad_x = at::zeros({batch, in_f}, x2.options());
+      auto grad_w = at::zeros({out_f, in_f}, weight.options());
+      for (const auto& g : groups(t, out_f, in_f, x2.device())) {
+        if (g.cols.numel() == 0) continue;
+        const auto g_rows = g2.index_select(1, g.rows);
+        const auto x_cols = x2.index_select(1, g.cols);
+        const auto gw = at::mm(g_rows.t(), x_cols).mul_(t.scale);
+        grad_w.index_put_({g.rows.unsqueeze(1), g.cols.unsqueeze(0)}, gw);
+        const auto w = weight.index_select(0, g.rows).index_select(1, g.cols);
+        grad_x.index_copy_(1, g.cols, at::mm(g_rows, w).mul_(t.scale));  // groups read disjoint columns
+      }
+      return {grad_x, grad_w};
+    }
     auto grad_x = at::empty({batch, in_f}, x2.options());
     auto grad_w = at::empty({out_f, in_f}, weight.options());
     if (grad_x.numel() > 0) {
