@@ -61,7 +61,7 @@ class DemoConfig:
     seed: int = 0
     lr: float = DEFAULT_LR
     momentum: float = DEFAULT_MOMENTUM
-    scale: str = "kept"
+    scale: str = "rate"  # measured: 1/(1-p) trains closer to standard dropout than n/kept (examples/mnist_mlp.py)
     train_limit: int | None = None  # use only the first N training images (tests, quick looks)
 
     def check(self) -> None:
@@ -273,8 +273,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p", type=float, default=0.5, help="drop rate of every dropout (default 0.5)")
     parser.add_argument("--pattern", choices=("row", "block"), default="block",
                         help="fxdrop pattern family (default block: contiguous kept units, no gathers)")
-    parser.add_argument("--scale", choices=("kept", "rate"), default="kept",
-                        help="scale of kept units: n/kept (default) or 1/(1-p)")
+    parser.add_argument("--scale", choices=("kept", "rate"), default="rate",
+                        help="scale of kept units: 1/(1-p) (default; closer to standard dropout's accuracy in "
+                             "examples/mnist_mlp.py) or n/kept")
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"hidden width h (default {DEFAULT_WIDTH})")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"batch size (default {DEFAULT_BATCH})")
