@@ -8,6 +8,7 @@ composite kernels, and the checks below run on both backends (``composite`` puts
 kernels back on the CPU key for the test).
 """
 
+import functools
 import os
 import random
 import shutil
@@ -89,10 +90,22 @@ def _check(out, expect, inputs, dtype, reference):
         assert err <= 0.04 * e.abs().max().item() + 1e-2, f"bf16 error {err:.3g}, largest entry {e.abs().max():.3g}"
 
 
+def _on_composite(test):
+    """A copy of a test_ops.py test that runs on the composite kernels.
+
+    The mark goes on a wrapper: marking ``test`` itself would also mark it in test_ops.py, where the
+    fixture does not exist.
+    """
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return test(*args, **kwargs)
+    return pytest.mark.usefixtures("composite_only")(run)
+
+
 # tests/test_ops.py, every check, on the composite kernels (test_ops.py itself runs on the compiled ones).
 for _name in dir(test_ops):
     if _name.startswith("test_"):
-        globals()[f"{_name}_composite"] = pytest.mark.usefixtures("composite_only")(getattr(test_ops, _name))
+        globals()[f"{_name}_composite"] = _on_composite(getattr(test_ops, _name))
 
 
 def test_compiled_kernels_are_dispatched(compiled):
