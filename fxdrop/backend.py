@@ -241,6 +241,8 @@ class FxdropBackend:
         self.graphs.append(record)
         gm = _own_copy(gm)
         extra = self._rewrite(gm, list(example_inputs), record)
+        if extra:
+            ops.extension.ensure_loaded()  # the graph calls the ops directly: load the kernels now
         record.code = gm.code
         inputs = list(example_inputs) + _fake_like(example_inputs, extra)
         with _dynamic_output_shapes(extra):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .lstm import StructuredLSTM, lstm_blocker, structure_lstm
+from .ops import extension
 from .passes.find import DropoutSite, LSTMInputPlan, NormalisedGraph, Plan, plan_graph, site_family, site_rate
 from .passes.rewrite import apply_plan
 from .passes.trace import SkippedModule, clone_modules, graph_module, set_submodule, trace_regions
@@ -78,6 +79,20 @@ def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
         raise ValueError(f"scale={scale!r} is not a scale mode; expected one of {', '.join(SCALE_MODES)}")
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be an int >= 1, got {tile!r}")
+    _check_not_sharded(model)
+
+
+def _check_not_sharded(model: nn.Module) -> None:
+    """FSDP2 replaces Parameters by DTensor shards: convert first, then shard (fxdrop.distributed.fully_shard)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            raise TypeError(f"fxdrop.convert: module {name or type(model).__name__!r} already went through "
+                            "fully_shard (FSDP2); convert the unsharded model first, then shard it with "
+                            "fxdrop.distributed.fully_shard(converted)")
 
 
 def as_input_tuple(example_inputs: Any) -> tuple:
@@ -226,6 +241,8 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
             work = region.module
     work = _structure_lstms(work, conversion, p=p, pattern=pattern, max_dp=max_dp, seed=seed, scale=scale)
     work.__dict__[REPORT_ATTR] = conversion
+    if conversion.converted:
+        extension.ensure_loaded()  # compiled kernels now, not at the first (maybe traced) training step
     return work
 
 

@@ -12,6 +12,7 @@ Imports torch, fxdrop.ops and fxdrop.site.
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import torch
@@ -34,6 +35,21 @@ def _split(params: Sequence[torch.Tensor], has_bias: Sequence[bool]):
         else:
             biases.append(None)
     return weights, biases
+
+
+def _check_local(params: Sequence[torch.Tensor | None], where: str) -> None:
+    """A DTensor weight means fully_shard went onto a module the converted graph bypasses: say so.
+
+    (Without this the op fails with "mixed torch.Tensor and DTensor". No DTensor can exist unless
+    torch.distributed.tensor was imported, so this costs nothing otherwise; never inside a trace.)
+    """
+    if torch.compiler.is_compiling():
+        return
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    if dtensor is not None and any(isinstance(t, dtensor) for t in params):
+        raise ValueError(f"{where}: its weights are DTensor shards, so fully_shard (FSDP2) was applied to a "
+                         "module that the converted graph never calls and its shards are never gathered; "
+                         "shard the converted model as a whole: fxdrop.distributed.fully_shard(model)")
 
 
 class StructuredChain(nn.Module):
@@ -64,6 +80,7 @@ class StructuredChain(nn.Module):
         return list(self.sites)
 
     def forward(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        _check_local(params, f"fxdrop chain of {', '.join(self.linears) or 'Linears'}")
         weights, biases = _split(params, self.has_bias)
         if not self.training:
             y = self._original(x, weights, biases)
@@ -110,6 +127,7 @@ class TileLinear(nn.Module):
         return [self.site]
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        _check_local((weight, bias), f"fxdrop tile Linear {self.linear or self.site.name}")
         if not self.training:
             return F.linear(x, weight, bias)
         site = self.site

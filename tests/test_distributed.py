@@ -233,6 +233,21 @@ def scenario_fsdp2(rank):
         assert "fully_shard(net) cannot work on a converted model" in str(err), str(err)
     else:
         raise AssertionError("fully_shard of a bypassed submodule was accepted")
+    x, _ = local(batches(1)[0], rank)
+    try:
+        bypassed.train()(x)
+    except ValueError as err:
+        assert "DTensor shards" in str(err) and "fxdrop.distributed.fully_shard(model)" in str(err), str(err)
+    else:
+        raise AssertionError("a converted model with sharded bypassed weights ran")
+    sharded = MLP()
+    fully_shard(sharded)
+    try:
+        fxdrop.convert(sharded)
+    except TypeError as err:
+        assert "already went through fully_shard" in str(err), str(err)
+    else:
+        raise AssertionError("fxdrop.convert accepted a model after fully_shard")
 
 
 SCENARIOS = [scenario_shared_ddp, scenario_comm_hook, scenario_independent, scenario_resume, scenario_fsdp2,

@@ -259,6 +259,28 @@ def test_cached_library_loads_at_import_without_compiling(compiled):
     assert state == "compiled" and float(seconds) < 2.0
 
 
+def test_wheel_ships_the_sources(tmp_path):
+    """A regular (non-editable) install finds csrc/ inside the package (fxdrop/csrc links to it)."""
+    pytest.importorskip("setuptools")
+    repo = Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(repo)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheel").glob("fxdrop-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+        names = set(archive.namelist())
+    sources = {f"fxdrop/csrc/{name}" for name in extension._CPU_SOURCES + extension._CUDA_SOURCES + extension._HEADERS}
+    assert sources <= names, sorted(sources - names)
+    result = subprocess.run([sys.executable, "-c", "from fxdrop.ops import extension; print(extension.csrc_dir())"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == tmp_path / "site" / "fxdrop" / "csrc"
+
+
 def test_no_ext_env_gives_composite_without_warnings():
     result = _python("""
         import warnings

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from . import composite
+from . import composite, extension
 from .schema import NAMESPACE, SCHEMAS  # noqa: F401  (defines the ops)
 
 _KEY = "CompositeExplicitAutograd"
@@ -147,6 +147,12 @@ torch.library.register_autograd("fxdrop::tile_linear", _tile_backward, setup_con
 
 # ---------------------------------------------------------------- wrappers
 
+def _kernels_ready() -> None:
+    """First eager call: load (or build once, cached) the compiled kernels; never inside a trace."""
+    if not torch.compiler.is_compiling():
+        extension.ensure_loaded()
+
+
 def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
           patterns: torch.Tensor, *, family: str, activations: Sequence[str], input_dropout: bool = False,
           output_dropout: bool = False, scale: str = "kept", rates: Sequence[float]) -> torch.Tensor:
@@ -154,6 +160,7 @@ def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[tor
 
     ``x: (..., in_features)``; ``patterns: int64 (sites, 2)``; returns ``(..., out_features)``.
     """
+    _kernels_ready()
     y, _ = torch.ops.fxdrop.chain(x, list(weights), [b for b in biases if b is not None],
                                   [b is not None for b in biases], patterns, family, list(activations),
                                   bool(input_dropout), bool(output_dropout), scale, [float(r) for r in rates])
@@ -163,10 +170,12 @@ def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[tor
 def unit_dropout(x: torch.Tensor, pattern: torch.Tensor, *, family: str, scale: str = "kept",
                  p: float = 0.0) -> torch.Tensor:
     """``x * mask`` along the last dim (0 at dropped units, the scale at kept ones)."""
+    _kernels_ready()
     return torch.ops.fxdrop.unit_dropout(x, pattern, family, scale, float(p))
 
 
 def tile_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pattern: torch.Tensor, *,
                 tile: int = 32, scale: str = "kept", p: float = 0.0) -> torch.Tensor:
     """``x @ (weight * tile mask)^T + bias``, computed on the kept tiles only."""
+    _kernels_ready()
     return torch.ops.fxdrop.tile_linear(x, weight, bias, pattern, int(tile), scale, float(p))

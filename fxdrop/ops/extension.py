@@ -223,6 +223,8 @@ def ensure_loaded() -> str | None:
             return None
         if load_cached() is not None:
             return _state["variant"]
+        print(f"fxdrop: compiling the C++ kernels once (about 30 s per variant; cached in {cache_root()}; "
+              "`python -m fxdrop.build` prebuilds, FXDROP_NO_EXT=1 skips)", file=sys.stderr, flush=True)
         for variant in _variants():
             if build(variant) is not None:
                 if variant == "cpu" and torch.version.cuda is not None:
