@@ -1,7 +1,8 @@
 """Forward + backward of the fused chain against ``Linear -> ReLU -> Dropout -> Linear``.
 
 Hidden 4096, batch 256, fp32 on this machine's CPU; each step draws a fresh pattern. Baseline and
-fxdrop steps alternate and the figure is the median of the paired ratios (baseline / fxdrop), so
+fxdrop steps alternate (``fxdrop.timing.paired_timing``) and the figures are the median of the paired ratios
+(baseline / fxdrop) and the ratio of total times, so
 load from other processes hits both sides alike. Writes ``benchmarks/results/ops.json``.
 
     python benchmarks/ops.py [--quick] [--hidden 4096] [--batch 256] [--pairs 15]
@@ -11,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,6 +21,8 @@ from torch import nn
 
 import fxdrop.ops as ops
 from fxdrop import PatternScheduler, search_distribution
+from fxdrop.audit_cli import max_dp_arg
+from fxdrop.timing import machine_info, paired_timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,30 +34,13 @@ def ideal_speedup(family: str, p: float) -> float:
     return 1.0 / (1.0 - p)
 
 
-def paired_ratios(baseline, candidate, pairs: int, warmup: int = 2) -> list[float]:
-    """``baseline_time / candidate_time`` for ``pairs`` interleaved pairs, after ``warmup`` of each."""
-    for _ in range(warmup):
-        baseline()
-        candidate()
-    ratios = []
-    for i in range(pairs):
-        order = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)
-        times = {}
-        for fn in order:
-            start = time.perf_counter()
-            fn()
-            times[fn] = time.perf_counter() - start
-        ratios.append(times[baseline] / times[candidate])
-    return ratios
-
-
-def make_steps(hidden: int, batch: int, family: str, p: float, seed: int = 0):
+def make_steps(hidden: int, batch: int, family: str, p: float, seed: int = 0, max_dp: int | str = "auto"):
     torch.manual_seed(seed)
     first, second = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
     dense = nn.Sequential(first, nn.ReLU(), nn.Dropout(p), second).train()
     x = torch.randn(batch, hidden)
     grad = torch.randn(batch, hidden)
-    scheduler = PatternScheduler(search_distribution(p), seed=seed)
+    scheduler = PatternScheduler(search_distribution(p, max_dp=max_dp), seed=seed)
     params = [first.weight, first.bias, second.weight, second.bias]
 
     def clear():
@@ -88,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--max-dp", type=max_dp_arg, default="auto", help="support of P(dp) (default auto, as convert)")
     parser.add_argument("--quick", action="store_true", help="hidden 1024, 5 pairs")
     parser.add_argument("--out", type=Path, default=RESULTS / "ops.json")
     args = parser.parse_args(argv)
@@ -96,28 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for p in (0.3, 0.5, 0.7):
         for family in ("row", "block", "tile"):
-            baseline, candidate = make_steps(args.hidden, args.batch, family, p)
-            ratios = paired_ratios(baseline, candidate, args.pairs)
-            speedup = statistics.median(ratios)
+            baseline, candidate = make_steps(args.hidden, args.batch, family, p, max_dp=args.max_dp)
+            timing = paired_timing(baseline, candidate, pairs=args.pairs)
             ideal = ideal_speedup(family, p)
-            rows.append({"p": p, "family": family, "speedup": speedup, "ideal": ideal,
-                         "efficiency": speedup / ideal, "ratios": ratios})
-            print(f"p={p} {family:5s} speedup {speedup:.2f}x  ideal {ideal:.2f}x", flush=True)
+            rows.append({"p": p, "family": family, "speedup": timing.speedup, "total_ratio": timing.total_ratio,
+                         "ideal": ideal, "efficiency": timing.total_ratio / ideal, **timing.to_dict()})
+            print(f"p={p} {family:5s} median {timing.speedup:.2f}x  total {timing.total_ratio:.2f}x  "
+                  f"ideal {ideal:.2f}x", flush=True)
     result = {
         "benchmark": "fused chain forward+backward vs Linear->ReLU->Dropout->Linear",
         "hidden": args.hidden, "batch": args.batch, "dtype": "float32", "pairs": args.pairs,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads()},
-        "torch": torch.__version__, "backend": _backend(), "rows": rows,
+        "max_dp": args.max_dp, "machine": machine_info(), "backend": _backend(), "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     table = Table(title=f"fused chain fwd+bwd, hidden {args.hidden}, batch {args.batch} (median of paired ratios)")
-    for col in ("p", "family", "speedup", "ideal", "efficiency"):
+    for col in ("p", "family", "median ratio", "total ratio", "ideal", "efficiency (total)"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['p']}", r["family"], f"{r['speedup']:.2f}x", f"{r['ideal']:.2f}x",
-                      f"{100 * r['efficiency']:.0f}%")
+        table.add_row(f"{r['p']}", r["family"], f"{r['speedup']:.2f}x", f"{r['total_ratio']:.2f}x",
+                      f"{r['ideal']:.2f}x", f"{100 * r['efficiency']:.0f}%")
     Console().print(table)
     return 0
 

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import fxdrop
+from fxdrop.audit_cli import max_dp_arg
 from fxdrop.data import load_mnist
 from fxdrop.demo import DemoConfig, mnist_mlp, train_interleaved
 from fxdrop.timing import machine_info
@@ -38,14 +39,17 @@ STANDARD = "standard"
 
 
 def variants_for(config: DemoConfig, families, scales) -> dict[str, torch.nn.Module]:
-    """Standard dropout and every (family, scale) conversion, all from the same initial weights."""
+    """Standard dropout and every (family, scale) conversion, all from the same initial weights.
+
+    (``config.max_dp``: fxdrop.convert's; "auto" by default.)
+    """
     torch.manual_seed(config.seed)
     standard = mnist_mlp(config.width, config.p)
     models = {STANDARD: standard}
     for family in families:
         for scale in scales:
             models[f"{family}/{scale}"] = fxdrop.convert(copy.deepcopy(standard), p=config.p, pattern=family,
-                                                         seed=config.seed, scale=scale)
+                                                         seed=config.seed, scale=scale, max_dp=config.max_dp)
     return models
 
 
@@ -84,7 +88,8 @@ def markdown_summary(result: dict) -> str:
                      f"{row['std_accuracy']:.2f} | {difference} | {row['epoch_seconds']:.1f} | {speedup} |")
     lines.append("")
     lines.append(f"MLP 784-{config['width']}-{config['width']}-{config['width']}-10, {config['epochs']} epochs, batch "
-                 f"{config['batch']}, SGD lr {config['lr']} momentum {config['momentum']}; "
+                 f"{config['batch']}, SGD lr {config['lr']} momentum {config['momentum']}, "
+                 f"max_dp {config.get('max_dp', 8)}; "
                  f"{result['machine']['cpu']}, {result['machine']['torch_threads']} threads.")
     return "\n".join(lines)
 
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--families", default="row,block")
     parser.add_argument("--scales", default="kept,rate")
+    parser.add_argument("--max-dp", type=max_dp_arg, default="auto", help="fxdrop.convert's max_dp (default auto)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--width", type=int, default=DemoConfig.width)
     parser.add_argument("--batch", type=int, default=DemoConfig.batch)
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     families, scales = args.families.split(","), args.scales.split(",")
     data = load_mnist()
     base = DemoConfig(width=args.width, epochs=args.epochs, batch=args.batch, lr=args.lr, momentum=args.momentum,
-                      train_limit=args.train_limit)
+                      max_dp=args.max_dp, train_limit=args.train_limit)
     result = {"study": "MNIST MLP quality parity: standard dropout vs fxdrop families x scale modes",
               "config": {k: v for k, v in vars(base).items() if k not in ("p", "seed", "pattern", "scale")},
               "rates": rates, "seeds": seeds, "families": families, "scales": scales,

@@ -39,6 +39,7 @@ from torch import nn
 
 import fxdrop
 import fxdrop.ops
+from fxdrop.audit_cli import max_dp_arg
 from fxdrop.lstm import StructuredLSTM, structure_lstm
 from fxdrop.scheduler import derive_seed
 from fxdrop.site import Site
@@ -92,7 +93,7 @@ class InputStructuredDecoder(nn.Module):
 class StructuredWordLM(nn.Module):
     """:class:`WordLM` with all three dropouts structured, built by hand; same Parameters, same keys."""
 
-    def __init__(self, model: WordLM, *, p: float, family: str, seed: int, max_dp: int = 8, scale: str = "kept"):
+    def __init__(self, model: WordLM, *, p: float, family: str, seed: int, max_dp: int | str = "auto", scale: str = "kept"):
         super().__init__()
         self.encoder = model.encoder
         self.rnn = structure_lstm(model.rnn, name="rnn", p=p, input_name="drop_in", input_p=p, family=family,
@@ -109,7 +110,7 @@ class StructuredWordLM(nn.Module):
 EXPECTED_SITES = {"drop_in", "rnn.layer0", "drop_out"}
 
 
-def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str = "kept", max_dp: int = 8,
+def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str = "kept", max_dp: int | str = "auto",
                  conversion: str = "auto") -> nn.Module:
     """The fxdrop twin of ``model`` (shares its Parameters): ``fxdrop.convert`` when it converts every site."""
     if conversion in ("auto", "convert") and hasattr(fxdrop, "convert"):
@@ -210,7 +211,8 @@ def parse_args(argv=None):
     parser.add_argument("--family", choices=("row", "block"), default="row")
     parser.add_argument("--scale", choices=("kept", "rate"), default="kept",
                         help="kept units x n / kept (default) or x 1 / (1 - p)")
-    parser.add_argument("--max-dp", type=int, default=8, help="largest pattern period (fxdrop.convert's max_dp)")
+    parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
+                        help="largest pattern period, or auto (fxdrop.convert's max_dp; default)")
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--eval-batch", type=int, default=10)

@@ -35,8 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--p", type=float, default=None, help="override every site's drop rate")
     parser.add_argument("--pattern", default="row", help="pattern family: row, block or tile (default row)")
-    parser.add_argument("--max-dp", type=int, default=8, help="largest pattern period (default 8)")
+    parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
+                        help="largest pattern period, or 'auto' (the tightest that reaches p; default)")
     parser.add_argument("--tile", type=int, default=32, help="tile size for the tile family (default 32)")
+
+
+def max_dp_arg(text: str) -> int | str:
+    """``--max-dp``: ``auto`` or a positive int."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1, got {text!r}")
+    return value
 
 
 def parse_shape(text: str) -> torch.Tensor:

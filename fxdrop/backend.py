@@ -52,7 +52,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 from .passes.find import (ChainPlan, DropoutSite, LinearCall, NormalisedGraph, Plan, TilePlan, UnitPlan, plan_graph)
-from .passes.rewrite import _chain_nodes, _topological_order  # private there; see notes/compile_requests.md
+from .passes.rewrite import chain_nodes, topological_order
 from .patterns import FAMILIES
 from .scheduler import derive_seed
 from .search import check_rate
@@ -204,7 +204,7 @@ class FxdropBackend:
     """
 
     def __init__(self, inner: str | Callable = INNER_DEFAULT, *, p: Any = None, pattern: Any = "row",
-                 max_dp: int = 8, seed: int | None = None, scale: str = "kept", tile: int = 32,
+                 max_dp: int | str = "auto", seed: int | None = None, scale: str = "kept", tile: int = 32,
                  inner_options: Mapping[str, Any] | None = None, mode: str | None = None):
         _check_options(inner, p, pattern, max_dp, seed, scale, tile)
         self.inner = inner
@@ -399,7 +399,7 @@ class _DynamoRewrite:
             self._tile(tile)
         for unit in plan.units:
             self._unit(unit)
-        _topological_order(self.graph)
+        topological_order(self.graph)
         self.graph.lint()
         self.gm.recompile()
 
@@ -489,7 +489,7 @@ class _DynamoRewrite:
             first = linears[0].node
             chain.dropouts[0].node.replace_all_uses_with(dropped, delete_user_cb=lambda user: user is not first)
 
-        self._replace(_chain_nodes(chain), output, build, share if chain.input_shared else None)
+        self._replace(chain_nodes(chain), output, build, share if chain.input_shared else None)
         self._count("chain")
 
     def _tile(self, tile: TilePlan) -> None:
@@ -537,8 +537,8 @@ def _check_options(inner: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
                          "each site's own rate")
     if isinstance(pattern, str) and pattern not in FAMILIES:
         raise ValueError(f"pattern={pattern!r} is not a pattern family; expected one of {', '.join(FAMILIES)}")
-    if isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1:
-        raise ValueError(f"max_dp must be an int >= 1, got {max_dp!r}")
+    if max_dp != "auto" and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
+        raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if scale not in SCALE_MODES:

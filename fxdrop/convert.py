@@ -71,8 +71,8 @@ def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
                                  f"{', '.join(FAMILIES)}")
     elif not callable(pattern):
         raise TypeError(f"pattern must be a family name, a dict or a callable, got {type(pattern).__name__}")
-    if isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1:
-        raise ValueError(f"max_dp must be an int >= 1, got {max_dp!r}")
+    if max_dp != "auto" and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
+        raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if scale not in SCALE_MODES:
@@ -199,7 +199,7 @@ def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row", example
 
 
 def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callable[[str], float | None] = None,
-            pattern: str | Mapping[str, str] | Callable[[str], str] = "row", max_dp: int = 8,
+            pattern: str | Mapping[str, str] | Callable[[str], str] = "row", max_dp: int | str = "auto",
             seed: int | None = None, scale: str = "kept", tile: int = 32, example_inputs: Any = None) -> nn.Module:
     """A converted copy of ``model`` that trains with approximate random dropout.
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .audit_cli import max_dp_arg
+
 DEFAULT_WIDTH = 1024
 DEFAULT_EPOCHS = 2
 DEFAULT_BATCH = 128
@@ -61,7 +63,8 @@ class DemoConfig:
     seed: int = 0
     lr: float = DEFAULT_LR
     momentum: float = DEFAULT_MOMENTUM
-    scale: str = "rate"  # measured: 1/(1-p) trains closer to standard dropout than n/kept (examples/mnist_mlp.py)
+    scale: str = "kept"  # fxdrop.convert's defaults; README "Choosing max_dp and scale" has the measurements
+    max_dp: int | str = "auto"
     train_limit: int | None = None  # use only the first N training images (tests, quick looks)
 
     def check(self) -> None:
@@ -153,7 +156,7 @@ def build_pair(config: DemoConfig, convert: Callable[..., nn.Module] | None = No
     torch.manual_seed(config.seed)
     standard = mnist_mlp(config.width, config.p)
     converted = convert(copy.deepcopy(standard), p=config.p, pattern=config.pattern, seed=config.seed,
-                        scale=config.scale)
+                        scale=config.scale, max_dp=config.max_dp)
     return standard, converted
 
 
@@ -225,7 +228,8 @@ def results_table(result: dict):
     from rich.table import Table
 
     config = result["config"]
-    table = Table(title=f"{result['model']}; fxdrop pattern={config['pattern']}, scale={config['scale']}; "
+    table = Table(title=f"{result['model']}; fxdrop pattern={config['pattern']}, scale={config['scale']}, "
+                        f"max_dp={config.get('max_dp', 8)}; "
                         f"batch {config['batch']}, seed {config['seed']}")
     table.add_column("epoch", justify="right")
     for side in ("standard", "fxdrop"):
@@ -273,9 +277,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p", type=float, default=0.5, help="drop rate of every dropout (default 0.5)")
     parser.add_argument("--pattern", choices=("row", "block"), default="block",
                         help="fxdrop pattern family (default block: contiguous kept units, no gathers)")
-    parser.add_argument("--scale", choices=("kept", "rate"), default="rate",
-                        help="scale of kept units: 1/(1-p) (default; closer to standard dropout's accuracy in "
-                             "examples/mnist_mlp.py) or n/kept")
+    parser.add_argument("--scale", choices=("kept", "rate"), default="kept",
+                        help="scale of kept units: n/kept (default) or 1/(1-p)")
+    parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
+                        help="largest pattern period, or auto (default: the tightest that reaches p)")
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH, help=f"hidden width h (default {DEFAULT_WIDTH})")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"batch size (default {DEFAULT_BATCH})")
@@ -302,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     config = DemoConfig(p=args.p, pattern=args.pattern, width=args.width, epochs=args.epochs, batch=args.batch,
-                        seed=args.seed, lr=args.lr, scale=args.scale, train_limit=args.train_limit)
+                        seed=args.seed, lr=args.lr, scale=args.scale, max_dp=args.max_dp,
+                        train_limit=args.train_limit)
     try:
         config.check()
         data = load_mnist()

@@ -59,7 +59,7 @@ class PatternScheduler:
     """
 
     def __init__(self, distribution: PatternDistribution | float, seed: int | None = None,
-                 max_dp: int = 8):
+                 max_dp: int | str = "auto"):
         if not isinstance(distribution, PatternDistribution):
             distribution = search_distribution(distribution, max_dp=max_dp)
         self.distribution = distribution

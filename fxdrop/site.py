@@ -39,7 +39,7 @@ class Site:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def create(cls, name: str, p: float, family: str, *, max_dp: int = 8, seed: int | None = None,
+    def create(cls, name: str, p: float, family: str, *, max_dp: int | str = "auto", seed: int | None = None,
                scale: str = "kept", **kwargs) -> "Site":
         check_family(family)
         if scale not in SCALE_MODES:

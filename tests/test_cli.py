@@ -76,3 +76,16 @@ def test_through_the_fxdrop_command(capsys):
     assert cli.main(["audit", f"{ZOO_FILE}:MLP", "--input", "8x20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "MLP"
     assert cli.main(["audit", f"{ZOO_FILE}:MLP", "--input", "8x"]) == 2
+
+
+def test_max_dp_option(capsys):
+    parser = argparse.ArgumentParser(prog="fxdrop audit")
+    audit_cli.add_arguments(parser)
+    assert parser.parse_args(["zoo:MLP"]).max_dp == "auto"
+    assert parser.parse_args(["zoo:MLP", "--max-dp", "8"]).max_dp == 8
+    for bad in ("0", "eight"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["zoo:MLP", "--max-dp", bad])
+        assert "expected 'auto' or an int >= 1" in capsys.readouterr().err
+    code, out, _ = run([f"{ZOO_FILE}:MLP", "--input", "4x20", "--json", "--max-dp", "8"], capsys)
+    assert code == 0 and json.loads(out)["options"]["max_dp"] == 8

@@ -306,6 +306,19 @@ def test_max_dp_too_small_names_the_site():
         convert(zoo.MLP(p=0.9), max_dp=4)
 
 
+def test_default_support_is_the_tightest_per_site():
+    from fxdrop.search import max_dp_for
+
+    model = convert(zoo.MLP(p=0.3), p={"net.2": 0.7})
+    supports = {site.name: site.scheduler.distribution.max_dp for site in fxdrop.sites(model)}
+    assert supports["net.2"] == max_dp_for(0.7) == 4
+    assert all(v == max_dp_for(0.3) == 2 for name, v in supports.items() if name != "net.2"), supports
+    wide = convert(zoo.MLP(p=0.3), max_dp=8)
+    assert {site.scheduler.distribution.max_dp for site in fxdrop.sites(wide)} == {8}
+    with pytest.raises(ValueError, match="max_dp must be an int >= 1 or 'auto'"):
+        convert(zoo.MLP(), max_dp="tight")
+
+
 def test_wrong_example_input_shape():
     with pytest.raises(ValueError, match=r"example_inputs \(\(4, 7\)\)"):
         convert(zoo.MLP(), example_inputs=torch.randn(4, 7))

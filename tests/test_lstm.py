@@ -254,7 +254,7 @@ def test_errors():
     with pytest.raises(ValueError, match="give both input_name and input_p"):
         structure_lstm(lstm, name="rnn", input_p=0.5)
     with pytest.raises(ValueError, match="p of dropout site 'rnn.layer0'=0.95 is not reachable"):
-        StructuredLSTM.from_lstm(lstm, name="rnn", p=0.95)
+        StructuredLSTM.from_lstm(lstm, name="rnn", p=0.95, max_dp=8)
 
     class MyLSTM(nn.LSTM):
         pass

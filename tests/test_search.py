@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxdrop import search_distribution
-from fxdrop.search import max_dp_for
+from fxdrop.search import largest_reachable, max_dp_for
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.7, 0.8])
@@ -68,3 +68,22 @@ def test_bad_arguments():
         search_distribution("0.5")
     with pytest.raises(ValueError, match="max_dp must be an int"):
         search_distribution(0.5, max_dp=0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.9])
+def test_auto_is_the_tightest_support_that_reaches_p(p):
+    dist = search_distribution(p, max_dp="auto")
+    assert abs(dist.rate - p) < 1e-9
+    assert dist.max_dp == max_dp_for(p)
+    assert largest_reachable(dist.max_dp) >= p and (dist.max_dp == 1 or largest_reachable(dist.max_dp - 1) < p)
+    assert dist.entropy >= 0.0
+
+
+def test_auto_at_half_is_always_every_other_unit():
+    dist = search_distribution(0.5, max_dp="auto")
+    assert dist.probs.tolist() == [0.0, 1.0] and dist.entropy == 0.0
+
+
+def test_max_dp_names_auto_in_errors():
+    with pytest.raises(ValueError, match="max_dp must be an int >= 1 or 'auto', got 'tight'"):
+        search_distribution(0.5, max_dp="tight")

@@ -29,6 +29,6 @@ def test_errors_name_the_site():
     with pytest.raises(ValueError, match="site 'encoder.drop'.*unknown scale mode"):
         Site.create("encoder.drop", 0.5, "row", scale="auto", units=4)
     with pytest.raises(ValueError, match="p of dropout site 'head.drop'=0.95 is not reachable with max_dp=8"):
-        Site.create("head.drop", 0.95, "row", units=4)
+        Site.create("head.drop", 0.95, "row", max_dp=8, units=4)
     with pytest.raises(ValueError, match="unknown pattern family 'diag'"):
         Site.create("x", 0.5, "diag", units=4)

@@ -60,7 +60,7 @@ def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Ca
         graph.erase_node(node)
 
 
-def _topological_order(graph: fx.Graph) -> None:
+def topological_order(graph: fx.Graph) -> None:
     """Restore def-before-use after a rewrite that gave earlier nodes a later definition (a shared
     input dropout whose other users come before the Linear): a stable topological sort."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -76,7 +76,7 @@ def _topological_order(graph: fx.Graph) -> None:
         previous = node
 
 
-def _chain_nodes(chain: ChainPlan) -> list[fx.Node]:
+def chain_nodes(chain: ChainPlan) -> list[fx.Node]:
     """Every node the chain replaces: its Linears, its dropouts, and the activation before each
     dropout that follows a Linear of the chain."""
     linear_nodes = [linear.node for linear in chain.linears]
@@ -132,7 +132,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
             chain.dropouts[0].node.replace_all_uses_with(dropped, delete_user_cb=lambda user: user is not first)
             return y
 
-        _replace(graph, _chain_nodes(chain), output, build, share if chain.input_shared else None)
+        _replace(graph, chain_nodes(chain), output, build, share if chain.input_shared else None)
         COUNTERS["chain"] += 1
         changed = True
     for index, tile in enumerate(plan.tiles):
@@ -157,7 +157,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
         COUNTERS["unit_dropout"] += 1
         changed = True
     if changed:
-        _topological_order(graph)
+        topological_order(graph)
         graph.lint()
         gm.recompile()
     return changed
