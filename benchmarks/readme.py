@@ -1,0 +1,282 @@
+"""Render README.md's results section from the committed result files (nothing here is typed by hand).
+
+    python benchmarks/readme.py           # rewrite the block between the results markers in README.md
+    python benchmarks/readme.py --check   # exit 1 if README.md is out of date (tests/test_readme.py runs this)
+
+Each subsection reads one JSON file under ``benchmarks/results/`` or ``examples/results/``, says how
+the figures were produced (command, machine) and is left out when its file is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+DEMO = RESULTS / "demo" / "demo.json"
+MLP = RESULTS / "mlp.json"
+PARITY = ROOT / "examples" / "results" / "mnist_mlp_w512_e20.json"
+LSTM = RESULTS / "lstm.json"
+PTB = RESULTS / "ptb_lstm_h200_e6_b150_auto.json"
+OPS = RESULTS / "ops.json"
+COMPILE = RESULTS / "compile.json"
+DDP = (RESULTS / "ddp_mlp_independent.json", RESULTS / "ddp_mlp_sync_comm_hook.json")
+DDP_COMM = RESULTS / "ddp_comm.json"
+BACKENDS = RESULTS / "backends.json"
+MAX_DP_STUDY = ROOT / "examples" / "results" / "max_dp_study"
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _machine(machine: dict) -> str:
+    cpu = machine.get("cpu") or machine.get("processor") or "?"
+    threads = machine.get("torch_threads", machine.get("threads", machine.get("threads_per_rank", "?")))
+    return f"{cpu}, {threads} torch threads, torch {machine.get('torch', '?')}"
+
+
+def _kernels(machine: dict) -> str:
+    backend = machine.get("fxdrop_backend")
+    if isinstance(backend, dict):
+        return f"fxdrop CPU kernels: {backend.get('cpu', '?')}"
+    if machine.get("fxdrop_kernels"):
+        return f"fxdrop CPU kernels: {machine['fxdrop_kernels']}"
+    return ""
+
+
+def demo_section(result: dict) -> list[str]:
+    config, standard, fast = result["config"], result["standard"], result["fxdrop"]
+    lines = [f"### The main job: `fxdrop demo` ({_rel(DEMO)})", "",
+             f"{result['model']}, {config['epochs']} epochs, batch {config['batch']}, SGD lr {config['lr']} "
+             f"momentum {config['momentum']}, seed {config['seed']}; fxdrop `pattern={config['pattern']!r}, "
+             f"scale={config['scale']!r}, max_dp={config.get('max_dp', 8)!r}`.", "",
+             "| | standard dropout | fxdrop |", "|:---|---:|---:|",
+             f"| training time | {sum(standard['epoch_seconds']):.1f} s | {sum(fast['epoch_seconds']):.1f} s |",
+             f"| test accuracy after {config['epochs']} epochs | {100 * standard['test_accuracy'][-1]:.2f}% | "
+             f"{100 * fast['test_accuracy'][-1]:.2f}% |", "",
+             f"Speedup **{result['speedup']:.2f}×** (total training time); {_machine(result['machine'])}; "
+             f"{_kernels(result['machine'])}. Reproduce: `fxdrop demo --out {_rel(DEMO.parent)}`.", ""]
+    return lines
+
+
+def mlp_section(result: dict) -> list[str]:
+    bench = _import("fxdrop.bench")
+    lines = [f"### Training-step speed, MNIST MLP ({_rel(MLP)})", "",
+             "Whole training steps (forward, loss, backward, SGD) of the original model and of "
+             "`fxdrop.convert(model)`; the ideal is `fxdrop.audit`'s FLOP estimate.", "",
+             bench.markdown_table(result), ""]
+    if (MLP.with_suffix(".png")).is_file():
+        lines += [f"![speedup against p]({_rel(MLP.with_suffix('.png'))})", ""]
+    lines += [f"{_kernels(result['machine'])}. Reproduce: `fxdrop bench` (or `python benchmarks/run.py`; "
+              "`--quick` for a one-minute look).", ""]
+    return lines
+
+
+def parity_section(result: dict) -> list[str]:
+    study = _import_file(ROOT / "examples" / "mnist_mlp.py")
+    config = result["config"]
+    command = (f"python examples/mnist_mlp.py --width {config['width']} --epochs {config['epochs']} "
+               f"--out {_rel(PARITY)}")
+    return [f"### Quality parity, MNIST MLP ({_rel(PARITY)})", "",
+            "Final test accuracy, mean ± std over seeds; every variant of a (p, seed) starts from the same "
+            "weights and sees the same data order. `kept` scales kept units by n / kept, `rate` by 1 / (1 − p).",
+            "", study.markdown_summary(result), "", f"Reproduce: `{command}` "
+            f"({result.get('elapsed_s', 0) / 60:.0f} min here).", ""]
+
+
+def max_dp_section(studies: list[tuple[Path, dict]]) -> list[str]:
+    lines = [f"### Choosing max_dp and scale ({_rel(MAX_DP_STUDY)}/)", "",
+             "Final test accuracy of the demo's MLP after a few epochs, standard dropout against fxdrop "
+             "variants `family/scale/max_dp`, all from the same weights and data order. Every variant does the "
+             "same expected work; a large `max_dp` lets single steps keep as little as 1/max_dp of a layer.", "",
+             "| p | variant | test accuracy | Δ vs standard (points) | file |", "|---:|:---|---:|---:|:---|"]
+    for path, study in studies:
+        accuracy = study["test_accuracy"]
+        standard = accuracy["standard"][-1]
+        config = study["config"]
+        for name in sorted(accuracy, key=lambda n: (n != "standard", n)):
+            delta = "" if name == "standard" else f"{accuracy[name][-1] - standard:+.2f}"
+            lines.append(f"| {config['p']:g} | {name} | {accuracy[name][-1]:.2f}% | {delta} | {path.name} |")
+    config = studies[0][1]["config"]
+    lines += ["", f"MLP 784-{config['width']}×3-10, {config['epochs']} epochs, seed {config['seed']}, batch "
+              f"{config['batch']}, SGD lr {config['lr']} momentum {config['momentum']}. Reproduce: the `command` "
+              "in each file (`python examples/max_dp_study.py ...`).", ""]
+    return lines
+
+
+def lstm_section(speed: dict | None, quality: dict | None) -> list[str]:
+    lines = ["### LSTM language model, Penn Treebank", ""]
+    if speed is not None:
+        config = speed["config"]
+        lines += [f"Training-step speed ({_rel(LSTM)}): {config['layers']} × {config['hidden']} LSTM, vocabulary "
+                  f"{config['vocab']}, BPTT {config['bptt']}, batch {config['batch']}, fp32 (forward, loss, backward, "
+                  "clipping, SGD); the recurrent GEMMs do not shrink, so the FLOP ideal is low.", "",
+                  "| p | family | standard ms | fxdrop ms | speedup (median) | speedup (total) | ideal | efficiency |",
+                  "|---:|:---|---:|---:|---:|---:|---:|---:|"]
+        for row in speed["rows"]:
+            total = row.get("throughput_speedup", row["speedup"])
+            lines.append(f"| {row['p']:g} | {row['family']} | {row['standard_ms']:.0f} | {row['fxdrop_ms']:.0f} | "
+                         f"{row['speedup']:.2f}× | **{total:.2f}×** | {row['ideal']:.2f}× | "
+                         f"{100 * total / row['ideal']:.0f}% |")
+        lines += ["", f"{_machine(speed['machine'])}. Paper: 1.24–1.85× at p 0.3–0.7. "
+                  f"Reproduce: `{speed.get('command', 'python benchmarks/lstm.py')}`.", ""]
+    if quality is not None:
+        config, summary = quality["config"], quality["summary"]
+        reached = summary.get("fxdrop_seconds_to_standard_final_val_ppl")
+        lines += [f"Quality ({_rel(PTB)}): hidden {config['hidden']}, {config['layers']} layers, dropout "
+                  f"{config['p']}, `{config['family']}` patterns, scale `{config['scale']}`, "
+                  f"max_dp `{config.get('max_dp', 8)}`; {summary['epochs']} epochs of "
+                  f"{config['batches_per_epoch']} batches each (a shortened schedule: a full epoch is 1,327 "
+                  "batches), the same seed and schedule for both.", "",
+                  "| | standard dropout | fxdrop |", "|:---|---:|---:|",
+                  f"| validation perplexity | {summary['val_ppl_standard']:.1f} | {summary['val_ppl_fxdrop']:.1f} "
+                  f"({100 * summary['val_ppl_relative_difference']:+.1f}%) |",
+                  f"| test perplexity | {summary['test_ppl_standard']:.1f} | {summary['test_ppl_fxdrop']:.1f} |",
+                  f"| training speedup | | {summary['train_speedup']:.2f}× |",
+                  f"| time to standard's final validation perplexity | "
+                  f"{summary['standard_seconds_to_final_val_ppl']:.0f} s | "
+                  f"{'not reached' if reached is None else f'{reached:.0f} s'} |", "",
+                  f"Reproduce: `{quality['command']}`.", ""]
+    return lines
+
+
+def ops_section(result: dict) -> list[str]:
+    lines = [f"### The fused chain op ({_rel(OPS)})", "",
+             f"`Linear → ReLU → Dropout → Linear`, hidden {result['hidden']}, batch {result['batch']}, forward + "
+             "backward, against `fxdrop::chain` (row, block) and `fxdrop::tile_linear` (tile: only the second "
+             "GEMM shrinks).", "",
+             "| p | family | speedup (median) | speedup (total) | ideal | efficiency |", "|---:|:---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        total = row.get("total_ratio", row["speedup"])
+        lines.append(f"| {row['p']:g} | {row['family']} | {row['speedup']:.2f}× | **{total:.2f}×** | "
+                     f"{row['ideal']:.2f}× | {100 * total / row['ideal']:.0f}% |")
+    lines += ["", f"{_machine(result['machine'])}; {_kernels(result['machine'])}. "
+              "Reproduce: `python benchmarks/ops.py`.", ""]
+    return lines
+
+
+def compile_section(result: dict) -> list[str]:
+    lines = [f"### torch.compile ({_rel(COMPILE)})", "", result["benchmark"] + ".", "",
+             "| comparison | baseline ms | fxdrop ms | speedup (median) |", "|:---|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['candidate']} vs {row['baseline']} | {row['baseline_ms']:.0f} | "
+                     f"{row['candidate_ms']:.0f} | **{row['speedup']:.2f}×** |")
+    first = result.get("first_step_s", {})
+    if first:
+        lines += ["", "First step (compilation included): " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items())
+                  + "."]
+    lines += ["", f"{_machine(result['machine'])}. Reproduce: `python benchmarks/compile.py`.", ""]
+    return lines
+
+
+def ddp_section(runs: list[dict], comm: dict | None) -> list[str]:
+    lines = ["### DistributedDataParallel (2 ranks, gloo, this 2-core CPU)", ""]
+    if runs:
+        lines += ["| run | standard s/epoch (median) | fxdrop s/epoch (median) | speedup | standard accuracy | "
+                  "fxdrop accuracy |", "|:---|---:|---:|---:|---:|---:|"]
+        for path, run in runs:
+            models = run["models"]
+            standard = models["standard dropout"]
+            name, fast = next((k, v) for k, v in models.items() if k != "standard dropout")
+            lines.append(f"| {run['patterns']} ({_rel(path)}) | {standard['median_epoch_s']:.1f} | "
+                         f"{fast['median_epoch_s']:.1f} | {run['speedup_median_epoch']:.2f}× | "
+                         f"{100 * standard['test_accuracy'][-1]:.2f}% | {100 * fast['test_accuracy'][-1]:.2f}% |")
+        lines += ["", "Reproduce: " + "; ".join(f"`{run['command']}`" for _, run in runs) + ".", ""]
+    if comm is not None:
+        savings = [row["traffic_saving"] for row in comm["results"]]
+        lines += [f"The kept-block comm hook ({_rel(DDP_COMM)}) sends {100 * min(savings):.0f}–"
+                  f"{100 * max(savings):.0f}% fewer all-reduce bytes on the benchmark MLP "
+                  "(`python benchmarks/ddp_comm.py`).", ""]
+    return lines
+
+
+def backends_section(result: dict) -> list[str]:
+    lines = [f"### Compiled C++ CPU kernels against the composite PyTorch ones ({_rel(BACKENDS)})", "",
+             f"{result['benchmark']}, hidden {result['hidden']}, batch {result['batch']}.", "",
+             "| p | family | composite ms | compiled ms | speedup (median) |", "|---:|:---|---:|---:|---:|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['p']:g} | {row['family']} | {row['composite_ms']:.0f} | {row['compiled_ms']:.0f} | "
+                     f"{row['speedup']:.2f}× |")
+    lines += ["", "Reproduce: `python benchmarks/backends.py`.", ""]
+    return lines
+
+
+def render() -> str:
+    lines = ["## Measured results", "",
+             "Generated by `python benchmarks/readme.py` from the result files named in each heading. Speed "
+             "figures compare both sides in one run, interleaved (median of paired ratios, and the ratio of total "
+             "times, which is what a training run gains); the machines are shared, so expect noise. No GPU was "
+             "available: the CUDA kernels are compile-checked only (`scripts/check_cuda_build.sh`).", ""]
+    if (result := _load(DEMO)) is not None:
+        lines += demo_section(result)
+    if (result := _load(MLP)) is not None:
+        lines += mlp_section(result)
+    if (result := _load(PARITY)) is not None:
+        lines += parity_section(result)
+    studies = [(path, json.loads(path.read_text())) for path in sorted(MAX_DP_STUDY.glob("*.json"))]
+    if studies:
+        lines += max_dp_section(studies)
+    speed, quality = _load(LSTM), _load(PTB)
+    if speed is not None or quality is not None:
+        lines += lstm_section(speed, quality)
+    if (result := _load(OPS)) is not None:
+        lines += ops_section(result)
+    if (result := _load(COMPILE)) is not None:
+        lines += compile_section(result)
+    runs = [(path, run) for path in DDP if (run := _load(path)) is not None]
+    comm = _load(DDP_COMM)
+    if runs or comm is not None:
+        lines += ddp_section(runs, comm)
+    if (result := _load(BACKENDS)) is not None:
+        lines += backends_section(result)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _import(name: str):
+    return importlib.import_module(name)
+
+
+def _import_file(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def updated_readme(text: str) -> str:
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"README.md must hold one {START} ... {END} block")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{render()}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the files give")
+    args = parser.parse_args(argv)
+    text = README.read_text()
+    new = updated_readme(text)
+    if args.check:
+        if new != text:
+            print("README.md's results are out of date: run python benchmarks/readme.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
