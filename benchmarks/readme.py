@@ -24,13 +24,13 @@ DEMO = RESULTS / "demo" / "demo.json"
 MLP = RESULTS / "mlp.json"
 PARITY = ROOT / "examples" / "results" / "mnist_mlp_w512_e20.json"
 LSTM = RESULTS / "lstm.json"
-PTB = RESULTS / "ptb_lstm_h200_e6_b150_auto.json"
 OPS = RESULTS / "ops.json"
 COMPILE = RESULTS / "compile.json"
 DDP = (RESULTS / "ddp_mlp_independent.json", RESULTS / "ddp_mlp_sync_comm_hook.json")
 DDP_COMM = RESULTS / "ddp_comm.json"
 BACKENDS = RESULTS / "backends.json"
 MAX_DP_STUDY = ROOT / "examples" / "results" / "max_dp_study"
+CODROP = RESULTS / "codrop.json"
 
 
 def _load(path: Path) -> dict | None:
@@ -67,7 +67,8 @@ def demo_section(result: dict) -> list[str]:
              f"| test accuracy after {config['epochs']} epochs | {100 * standard['test_accuracy'][-1]:.2f}% | "
              f"{100 * fast['test_accuracy'][-1]:.2f}% |", "",
              f"Speedup **{result['speedup']:.2f}×** (total training time); {_machine(result['machine'])}; "
-             f"{_kernels(result['machine'])}. Reproduce: `fxdrop demo --out {_rel(DEMO.parent)}`.", ""]
+             f"{_kernels(result['machine'])}. Reproduce: `fxdrop demo --threads {result['machine']['torch_threads']} "
+             f"--out {_rel(DEMO.parent)}`.", ""]
     return lines
 
 
@@ -116,7 +117,21 @@ def max_dp_section(studies: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
-def lstm_section(speed: dict | None, quality: dict | None) -> list[str]:
+def codrop_section(result: dict) -> list[str]:
+    lines = [f"What the tight support costs in randomness ({_rel(CODROP)}; {result['units']} units, "
+             f"{result['samples']:,} draws; Bernoulli dropout has correlation 0 and 2^{result['units']} masks):", "",
+             "| p | max_dp | family | largest unit drop-rate error | mean pairwise co-drop correlation | "
+             "mean abs. correlation | distinct masks |", "|---:|:---|:---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        max_dp = row["max_dp"] if row["max_dp"] != "auto" else f"auto ({row['support']})"
+        lines.append(f"| {row['p']:g} | {max_dp} | {row['family']} | {row['max_rate_error']:.4f} | "
+                     f"{row['mean_pairwise_correlation']:+.3f} | {row['mean_abs_pairwise_correlation']:.3f} | "
+                     f"{row['distinct_masks']} |")
+    lines += ["", "Reproduce: `python benchmarks/codrop.py`.", ""]
+    return lines
+
+
+def lstm_section(speed: dict | None, quality: list[tuple[Path, dict]]) -> list[str]:
     lines = ["### LSTM language model, Penn Treebank", ""]
     if speed is not None:
         config = speed["config"]
@@ -132,23 +147,22 @@ def lstm_section(speed: dict | None, quality: dict | None) -> list[str]:
                          f"{100 * total / row['ideal']:.0f}% |")
         lines += ["", f"{_machine(speed['machine'])}. Paper: 1.24–1.85× at p 0.3–0.7. "
                   f"Reproduce: `{speed.get('command', 'python benchmarks/lstm.py')}`.", ""]
-    if quality is not None:
-        config, summary = quality["config"], quality["summary"]
-        reached = summary.get("fxdrop_seconds_to_standard_final_val_ppl")
-        lines += [f"Quality ({_rel(PTB)}): hidden {config['hidden']}, {config['layers']} layers, dropout "
-                  f"{config['p']}, `{config['family']}` patterns, scale `{config['scale']}`, "
-                  f"max_dp `{config.get('max_dp', 8)}`; {summary['epochs']} epochs of "
-                  f"{config['batches_per_epoch']} batches each (a shortened schedule: a full epoch is 1,327 "
-                  "batches), the same seed and schedule for both.", "",
-                  "| | standard dropout | fxdrop |", "|:---|---:|---:|",
-                  f"| validation perplexity | {summary['val_ppl_standard']:.1f} | {summary['val_ppl_fxdrop']:.1f} "
-                  f"({100 * summary['val_ppl_relative_difference']:+.1f}%) |",
-                  f"| test perplexity | {summary['test_ppl_standard']:.1f} | {summary['test_ppl_fxdrop']:.1f} |",
-                  f"| training speedup | | {summary['train_speedup']:.2f}× |",
-                  f"| time to standard's final validation perplexity | "
-                  f"{summary['standard_seconds_to_final_val_ppl']:.0f} s | "
-                  f"{'not reached' if reached is None else f'{reached:.0f} s'} |", "",
-                  f"Reproduce: `{quality['command']}`.", ""]
+    if quality:
+        lines += ["Quality (same seed and schedule for both; a shortened schedule of a few hundred batches per "
+                  "epoch, where a full epoch is 1,327 batches; hidden 200, 2 layers, dropout 0.5, `row` patterns):", "",
+                  "| file | epochs × batches | scale | max_dp | val ppl standard | val ppl fxdrop | Δ | "
+                  "test ppl standard | test ppl fxdrop | training speedup | time to standard's final val ppl |",
+                  "|:---|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for path, run in quality:
+            config, summary = run["config"], run["summary"]
+            reached = summary.get("fxdrop_seconds_to_standard_final_val_ppl")
+            lines.append(f"| {path.name} | {summary['epochs']} × {config['batches_per_epoch']} | {config['scale']} | "
+                         f"{config.get('max_dp', 8)} | {summary['val_ppl_standard']:.1f} | "
+                         f"{summary['val_ppl_fxdrop']:.1f} | {100 * summary['val_ppl_relative_difference']:+.1f}% | "
+                         f"{summary['test_ppl_standard']:.1f} | {summary['test_ppl_fxdrop']:.1f} | "
+                         f"{summary['train_speedup']:.2f}× | "
+                         f"{'not reached' if reached is None else f'{reached:.0f} s'} |")
+        lines += ["", "Reproduce: the `command` in each file, e.g. `" + quality[-1][1]["command"] + "`.", ""]
     return lines
 
 
@@ -228,8 +242,11 @@ def render() -> str:
     studies = [(path, json.loads(path.read_text())) for path in sorted(MAX_DP_STUDY.glob("*.json"))]
     if studies:
         lines += max_dp_section(studies)
-    speed, quality = _load(LSTM), _load(PTB)
-    if speed is not None or quality is not None:
+    if (result := _load(CODROP)) is not None:
+        lines += codrop_section(result)
+    speed = _load(LSTM)
+    quality = [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("ptb_lstm_*.json"))]
+    if speed is not None or quality:
         lines += lstm_section(speed, quality)
     if (result := _load(OPS)) is not None:
         lines += ops_section(result)

@@ -257,8 +257,8 @@ def _weight_trainable(g: NormalisedGraph, node: fx.Node) -> bool:
 # ---------------------------------------------------------------- audit
 
 
-def audit(model: nn.Module, example_inputs: Any = None, *, p: Any = None, pattern: Any = "row", max_dp: int | str = "auto",
-          seed: int | None = None, scale: str = "kept", tile: int = 32) -> AuditReport:
+def audit(model: nn.Module, example_inputs: Any = None, *, p: Any = None, pattern: Any = "row",
+          max_dp: int | str = "auto", seed: int | None = None, scale: str = "kept", tile: int = 32) -> AuditReport:
     """Report every dropout site of ``model`` and what :func:`fxdrop.convert` with these options would do.
 
     ``model`` is not changed. With ``example_inputs`` (a tensor or tuple), also FLOPs, shares and

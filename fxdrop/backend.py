@@ -55,7 +55,7 @@ from .passes.find import (ChainPlan, DropoutSite, LinearCall, NormalisedGraph, P
 from .passes.rewrite import chain_nodes, topological_order
 from .patterns import FAMILIES
 from .scheduler import derive_seed
-from .search import check_rate
+from .search import check_max_dp, check_rate
 from .site import SCALE_MODES, Site
 
 __all__ = ["FxdropBackend", "CompiledGraph", "fxdrop_backend", "make_backend", "sites"]
@@ -537,8 +537,7 @@ def _check_options(inner: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
                          "each site's own rate")
     if isinstance(pattern, str) and pattern not in FAMILIES:
         raise ValueError(f"pattern={pattern!r} is not a pattern family; expected one of {', '.join(FAMILIES)}")
-    if max_dp != "auto" and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
-        raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
+    check_max_dp(max_dp)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if scale not in SCALE_MODES:

@@ -21,7 +21,7 @@ from .passes.rewrite import apply_plan
 from .passes.trace import SkippedModule, clone_modules, graph_module, set_submodule, trace_regions
 from .patterns import FAMILIES, UNIT_FAMILIES
 from .scheduler import derive_seed
-from .search import check_rate
+from .search import check_max_dp, check_rate
 from .site import SCALE_MODES, Site
 
 REPORT_ATTR = "_fxdrop_conversion"
@@ -71,8 +71,7 @@ def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
                                  f"{', '.join(FAMILIES)}")
     elif not callable(pattern):
         raise TypeError(f"pattern must be a family name, a dict or a callable, got {type(pattern).__name__}")
-    if max_dp != "auto" and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
-        raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
+    check_max_dp(max_dp)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if scale not in SCALE_MODES:

@@ -81,14 +81,16 @@ class StructuredLSTM(nn.LSTM):
     projection size); ``input_site`` masks the input (``input_size`` units) or is ``None``.
     """
 
-    def __init__(self, *args, name: str = "lstm", p: float | None = None, family: str = "row", max_dp: int | str = "auto",
-                 seed: int | None = None, scale: str = "kept", input_site: Site | None = None, **kwargs):
+    def __init__(self, *args, name: str = "lstm", p: float | None = None, family: str = "row",
+                 max_dp: int | str = "auto", seed: int | None = None, scale: str = "kept",
+                 input_site: Site | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._attach_sites(name, p, family, max_dp, seed, scale, input_site)
 
     @classmethod
-    def from_lstm(cls, lstm: nn.LSTM, *, name: str, p: float | None = None, family: str = "row", max_dp: int | str = "auto",
-                  seed: int | None = None, scale: str = "kept", input_site: Site | None = None) -> "StructuredLSTM":
+    def from_lstm(cls, lstm: nn.LSTM, *, name: str, p: float | None = None, family: str = "row",
+                  max_dp: int | str = "auto", seed: int | None = None, scale: str = "kept",
+                  input_site: Site | None = None) -> "StructuredLSTM":
         """A StructuredLSTM that uses ``lstm``'s own ``Parameter`` objects (no copy); ``lstm`` is not modified.
 
         ``p=None`` keeps ``lstm.dropout`` for the inter-layer sites; a float overrides it. Inter-layer sites
@@ -217,8 +219,8 @@ class StructuredLSTM(nn.LSTM):
 
 
 def structure_lstm(lstm: nn.LSTM, *, name: str, p: float | None = None, input_name: str | None = None,
-                   input_p: float | None = None, family: str = "row", max_dp: int | str = "auto", seed: int | None = None,
-                   scale: str = "kept") -> StructuredLSTM:
+                   input_p: float | None = None, family: str = "row", max_dp: int | str = "auto",
+                   seed: int | None = None, scale: str = "kept") -> StructuredLSTM:
     """What the fx pass calls for an ``nn.LSTM`` with inter-layer dropout and/or a Dropout feeding it.
 
     ``input_name``/``input_p``: the qualified name and rate of a Dropout whose only user is this LSTM

@@ -71,19 +71,21 @@ def resolve_max_dp(p: float, max_dp: int | str) -> int:
     only ``1/dp`` of a layer and scales it ``dp``-fold, and on MNIST such steps cost accuracy (README,
     "Choosing max_dp and scale"). With the tightest support, ``dp`` stays next to ``1 / (1 - p)``.
     """
-    if max_dp == AUTO:
-        return max_dp_for(p)
-    if isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1:
+    check_max_dp(max_dp)
+    return max_dp_for(p) if max_dp == AUTO else max_dp
+
+
+def check_max_dp(max_dp: int | str) -> None:
+    """``max_dp`` must be ``"auto"`` or an int >= 1 (the one place this is checked)."""
+    if max_dp != AUTO and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
         raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
-    return max_dp
 
 
 def check_rate(p: float, max_dp: int | str, where: str = "p") -> float:
     """Validate a target drop rate against ``max_dp``; errors name the argument and the fix."""
     if isinstance(p, bool) or not isinstance(p, (int, float)):
         raise TypeError(f"{where} must be a float in [0, 1), got {type(p).__name__}")
-    if max_dp != AUTO and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
-        raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
+    check_max_dp(max_dp)
     p = float(p)
     if not 0.0 <= p < 1.0 or math.isnan(p):
         raise ValueError(f"{where}={p} is outside [0, 1): a drop rate must be at least 0 and below 1")

@@ -57,11 +57,12 @@ def test_sample_frequencies_follow_distribution():
     assert ((freq - dist.probs).abs() <= 4 * se + 1e-12).all()
 
 
+@pytest.mark.parametrize("max_dp", [8, "auto"])
 @pytest.mark.parametrize("family", ["row", "block"])
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.7])
-def test_every_unit_dropped_with_probability_p(family, p, record_property):
+def test_every_unit_dropped_with_probability_p(family, p, max_dp, record_property):
     n, samples = 64, 20000
-    sched = PatternScheduler(search_distribution(p), seed=11)
+    sched = PatternScheduler(search_distribution(p, max_dp=max_dp), seed=11)
     kept = torch.zeros(samples, n, dtype=torch.bool)
     for s in range(samples):
         dp, offset = sched.sample()
@@ -73,4 +74,4 @@ def test_every_unit_dropped_with_probability_p(family, p, record_property):
     # Mean pairwise co-drop correlation (Bernoulli dropout has 0); reported, not bounded.
     corr = torch.corrcoef(dropped.T)
     off_diag = corr[~torch.eye(n, dtype=torch.bool)]
-    record_property(f"codrop_corr_{family}_{p}", round(off_diag.mean().item(), 4))
+    record_property(f"codrop_corr_{family}_{p}_{max_dp}", round(off_diag.mean().item(), 4))
