@@ -322,3 +322,20 @@ def test_failed_build_falls_back_with_one_warning_and_strict_shows_compiler_outp
         extension.build("cpu", strict=True)
     """, **env)
     assert strict.returncode != 0 and "deliberately broken" in strict.stderr, strict.stderr[-3000:]
+
+
+def test_convert_and_eager_ops_load_the_kernels_first(monkeypatch):
+    """convert() and the eager op wrappers call ensure_loaded (a fresh machine builds there, not mid-trace)."""
+    import fxdrop
+
+    calls = []
+    monkeypatch.setattr(extension, "ensure_loaded", lambda: calls.append(1))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+    converted = fxdrop.convert(model, seed=0)
+    assert calls, "convert() did not load the kernels"
+    calls.clear()
+    converted.train()(torch.randn(4, 6))
+    assert calls, "the chain op wrapper did not load the kernels"
+    calls.clear()
+    fxdrop.convert(torch.nn.Sequential(torch.nn.Linear(6, 3)))
+    assert not calls, "a model with nothing to convert needs no kernels"
