@@ -20,7 +20,7 @@ from rich.table import Table
 from torch import nn
 
 import fxdrop.ops as ops
-from fxdrop import PatternScheduler, search_distribution
+from fxdrop import PatternScheduler, allocator, search_distribution
 from fxdrop.audit_cli import max_dp_arg
 from fxdrop.timing import machine_info, paired_timing
 
@@ -73,10 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=15)
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto", help="support of P(dp) (default auto, as convert)")
     parser.add_argument("--quick", action="store_true", help="hidden 1024, 5 pairs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ops.json")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed memory in the process (fxdrop.allocator); default output ops_retained.json")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/ops.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.pairs = 1024, 5
+    if args.retain_freed_memory and not allocator.retain_freed_memory():
+        parser.error("--retain-freed-memory needs glibc (Linux)")
+    if args.out is None:
+        args.out = RESULTS / ("ops_retained.json" if args.retain_freed_memory else "ops.json")
     rows = []
     for p in (0.3, 0.5, 0.7):
         for family in ("row", "block", "tile"):

@@ -22,9 +22,11 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 DEMO = RESULTS / "demo" / "demo.json"
 MLP = RESULTS / "mlp.json"
+MLP_RETAINED = RESULTS / "mlp_retained.json"
 PARITY = ROOT / "examples" / "results" / "mnist_mlp_w512_e20.json"
 LSTM = RESULTS / "lstm.json"
 OPS = RESULTS / "ops.json"
+OPS_RETAINED = RESULTS / "ops_retained.json"
 COMPILE = RESULTS / "compile.json"
 DDP = (RESULTS / "ddp_mlp_independent.json", RESULTS / "ddp_mlp_sync_comm_hook.json")
 DDP_COMM = RESULTS / "ddp_comm.json"
@@ -72,15 +74,23 @@ def demo_section(result: dict) -> list[str]:
     return lines
 
 
-def mlp_section(result: dict) -> list[str]:
+RETAINED_NOTE = ("With `fxdrop.allocator.retain_freed_memory()` (both sides, one process): glibc keeps freed "
+                 "memory, so each step's new weight gradients land on resident pages instead of fresh ones "
+                 "that the kernel faults in and zeroes (see `fxdrop/allocator.py`; jemalloc/tcmalloc do the same).")
+
+
+def mlp_section(path: Path, result: dict) -> list[str]:
     bench = _import("fxdrop.bench")
-    lines = [f"### Training-step speed, MNIST MLP ({_rel(MLP)})", "",
+    retained = result["machine"].get("retain_freed_memory", False)
+    lines = [f"### Training-step speed, MNIST MLP ({_rel(path)})", "",
              "Whole training steps (forward, loss, backward, SGD) of the original model and of "
-             "`fxdrop.convert(model)`; the ideal is `fxdrop.audit`'s FLOP estimate.", "",
+             "`fxdrop.convert(model)`; the ideal is `fxdrop.audit`'s FLOP estimate. "
+             + (RETAINED_NOTE if retained else "glibc's default allocator settings."), "",
              bench.markdown_table(result), ""]
-    if (MLP.with_suffix(".png")).is_file():
-        lines += [f"![speedup against p]({_rel(MLP.with_suffix('.png'))})", ""]
-    lines += [f"{_kernels(result['machine'])}. Reproduce: `fxdrop bench` (or `python benchmarks/run.py`; "
+    if path.with_suffix(".png").is_file():
+        lines += [f"![speedup against p]({_rel(path.with_suffix('.png'))})", ""]
+    command = "fxdrop bench" + (" --retain-freed-memory" if retained else "")
+    lines += [f"{_kernels(result['machine'])}. Reproduce: `{command}` (or `python benchmarks/run.py`; "
               "`--quick` for a one-minute look).", ""]
     return lines
 
@@ -166,18 +176,19 @@ def lstm_section(speed: dict | None, quality: list[tuple[Path, dict]]) -> list[s
     return lines
 
 
-def ops_section(result: dict) -> list[str]:
-    lines = [f"### The fused chain op ({_rel(OPS)})", "",
+def ops_section(path: Path, result: dict) -> list[str]:
+    retained = result["machine"].get("retain_freed_memory", False)
+    lines = [f"### The fused chain op ({_rel(path)})", "",
              f"`Linear → ReLU → Dropout → Linear`, hidden {result['hidden']}, batch {result['batch']}, forward + "
              "backward, against `fxdrop::chain` (row, block) and `fxdrop::tile_linear` (tile: only the second "
-             "GEMM shrinks).", "",
+             "GEMM shrinks). " + (RETAINED_NOTE if retained else "glibc's default allocator settings."), "",
              "| p | family | speedup (median) | speedup (total) | ideal | efficiency |", "|---:|:---|---:|---:|---:|---:|"]
     for row in result["rows"]:
         total = row.get("total_ratio", row["speedup"])
         lines.append(f"| {row['p']:g} | {row['family']} | {row['speedup']:.2f}× | **{total:.2f}×** | "
                      f"{row['ideal']:.2f}× | {100 * total / row['ideal']:.0f}% |")
-    lines += ["", f"{_machine(result['machine'])}; {_kernels(result['machine'])}. "
-              "Reproduce: `python benchmarks/ops.py`.", ""]
+    lines += ["", f"{_machine(result['machine'])}; {_kernels(result['machine'])}. Reproduce: "
+              f"`python benchmarks/ops.py{' --retain-freed-memory' if retained else ''}`.", ""]
     return lines
 
 
@@ -235,8 +246,9 @@ def render() -> str:
              "available: the CUDA kernels are compile-checked only (`scripts/check_cuda_build.sh`).", ""]
     if (result := _load(DEMO)) is not None:
         lines += demo_section(result)
-    if (result := _load(MLP)) is not None:
-        lines += mlp_section(result)
+    for path in (MLP, MLP_RETAINED):
+        if (result := _load(path)) is not None:
+            lines += mlp_section(path, result)
     if (result := _load(PARITY)) is not None:
         lines += parity_section(result)
     studies = [(path, json.loads(path.read_text())) for path in sorted(MAX_DP_STUDY.glob("*.json"))]
@@ -248,8 +260,9 @@ def render() -> str:
     quality = [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("ptb_lstm_*.json"))]
     if speed is not None or quality:
         lines += lstm_section(speed, quality)
-    if (result := _load(OPS)) is not None:
-        lines += ops_section(result)
+    for path in (OPS, OPS_RETAINED):
+        if (result := _load(path)) is not None:
+            lines += ops_section(path, result)
     if (result := _load(COMPILE)) is not None:
         lines += compile_section(result)
     runs = [(path, run) for path in DDP if (run := _load(path)) is not None]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import allocator
 from .demo import mnist_mlp
 from .timing import machine_info, paired_timing, peak_step_memory
 
@@ -258,6 +259,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads (default: torch's choice; on a machine shared with other busy "
                              "processes, --threads 1 avoids OpenMP oversubscription, which can cost 10x)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="keep freed memory in the process for both sides (fxdrop.allocator); results go to "
+                             "mlp_retained.json")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--table", type=Path, default=None, metavar="JSON",
                         help="print the markdown table of an existing results file and exit")
@@ -279,6 +283,9 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"[red]fxdrop bench: --threads must be >= 1, got {args.threads}")
             return 2
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory and not allocator.retain_freed_memory():
+        console.print("[red]fxdrop bench: --retain-freed-memory needs glibc (Linux)")
+        return 2
     widths = args.widths or (QUICK["widths"] if args.quick else WIDTHS)
     pairs = args.pairs or (QUICK["pairs"] if args.quick else PAIRS)
     warmup = args.warmup if args.warmup is not None else (QUICK["warmup"] if args.quick else WARMUP)
@@ -295,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_suite(widths=widths, rates=args.rates, families=args.families, batch=args.batch, pairs=pairs,
                            warmup=warmup, seed=args.seed, memory=not args.no_memory, progress=progress)
     console.print(rich_table(result))
-    stem = "mlp_quick" if args.quick else "mlp"
+    stem = ("mlp_quick" if args.quick else "mlp") + ("_retained" if args.retain_freed_memory else "")
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{stem}.json"
     json_path.write_text(json.dumps(result, indent=2))

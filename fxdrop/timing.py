@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from . import allocator
+
 
 @dataclass
 class PairedTiming:
@@ -167,6 +169,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "fxdrop": fxdrop.__version__,
         "fxdrop_backend": backend if isinstance(backend, (str, int, float, dict, list)) else repr(backend),
+        "retain_freed_memory": allocator.retained(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
