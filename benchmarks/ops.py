@@ -5,7 +5,7 @@ fxdrop steps alternate (``fxdrop.timing.paired_timing``) and the figures are the
 (baseline / fxdrop) and the ratio of total times, so
 load from other processes hits both sides alike. Writes ``benchmarks/results/ops.json``.
 
-    python benchmarks/ops.py [--quick] [--hidden 4096] [--batch 256] [--pairs 15]
+    python benchmarks/ops.py [--quick] [--hidden 4096] [--batch 256] [--pairs 31] [--retain-freed-memory]
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--pairs", type=int, default=15)
+    parser.add_argument("--pairs", type=int, default=31,
+                        help="timed pairs (default 31: per-step ratios are bimodal when P(dp=1) > 0, see README)")
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto", help="support of P(dp) (default auto, as convert)")
     parser.add_argument("--quick", action="store_true", help="hidden 1024, 5 pairs")
     parser.add_argument("--retain-freed-memory", action="store_true",

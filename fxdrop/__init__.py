@@ -3,6 +3,7 @@
 Public names only; everything else lives in submodules.
 """
 
+from . import allocator
 from .ops.extension import backend_info
 from .patterns import Pattern
 from .scheduler import PatternScheduler
@@ -18,6 +19,6 @@ import sys as _sys
 if "torch._dynamo" in _sys.modules:
     from . import backend as _backend  # noqa: F401
 
-__all__ = ["backend_info", "Pattern", "PatternDistribution", "PatternScheduler", "search_distribution", "convert", "sites",
+__all__ = ["allocator", "backend_info", "Pattern", "PatternDistribution", "PatternScheduler", "search_distribution", "convert", "sites",
            "state_dict", "load_state_dict", "audit", "AuditReport", "ideal_speedup"]
 __version__ = "0.1.0"
