@@ -159,14 +159,16 @@ def lstm_section(speed: dict | None, quality: list[tuple[Path, dict]]) -> list[s
                   f"Reproduce: `{speed.get('command', 'python benchmarks/lstm.py')}`.", ""]
     if quality:
         lines += ["Quality (same seed and schedule for both; a shortened schedule of a few hundred batches per "
-                  "epoch, where a full epoch is 1,327 batches; hidden 200, 2 layers, dropout 0.5, `row` patterns):", "",
-                  "| file | epochs × batches | scale | max_dp | val ppl standard | val ppl fxdrop | Δ | "
-                  "test ppl standard | test ppl fxdrop | training speedup | time to standard's final val ppl |",
-                  "|:---|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "epoch, where a full epoch is 1,327 batches):", "",
+                  "| file | LSTM, dropout, family | epochs × batches | scale | max_dp | val ppl standard | "
+                  "val ppl fxdrop | Δ | test ppl standard | test ppl fxdrop | training speedup | "
+                  "time to standard's final val ppl |",
+                  "|:---|:---|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for path, run in quality:
             config, summary = run["config"], run["summary"]
             reached = summary.get("fxdrop_seconds_to_standard_final_val_ppl")
-            lines.append(f"| {path.name} | {summary['epochs']} × {config['batches_per_epoch']} | {config['scale']} | "
+            lines.append(f"| {path.name} | {config['layers']} × {config['hidden']}, {config['p']:g}, {config['family']} | "
+                         f"{summary['epochs']} × {config['batches_per_epoch']} | {config['scale']} | "
                          f"{config.get('max_dp', 8)} | {summary['val_ppl_standard']:.1f} | "
                          f"{summary['val_ppl_fxdrop']:.1f} | {100 * summary['val_ppl_relative_difference']:+.1f}% | "
                          f"{summary['test_ppl_standard']:.1f} | {summary['test_ppl_fxdrop']:.1f} | "
