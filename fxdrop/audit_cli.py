@@ -18,6 +18,8 @@ import sys
 import torch
 from torch import nn
 
+from .search import AUTO, check_max_dp
+
 _DTYPES = {"float": torch.float32, "float32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "half": torch.float16, "bfloat16": torch.bfloat16, "long": torch.long, "int64": torch.long,
            "int": torch.long}
@@ -42,14 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def max_dp_arg(text: str) -> int | str:
     """``--max-dp``: ``auto`` or a positive int."""
-    if text == "auto":
-        return text
     try:
-        value = int(text)
+        value = text if text == AUTO else int(text)
+        check_max_dp(value)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1, got {text!r}") from None
     return value
 
 
