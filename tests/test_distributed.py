@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 
@@ -255,7 +256,15 @@ def _worker(rank, port, out_dir):
             results[scenario.__name__] = (traceback.format_exc(), time.perf_counter() - start)
         dist.barrier()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # both ranks' results are on disk
     dist.destroy_process_group()
+    # Skip interpreter teardown. Twice in full-suite runs (never in this file alone) a rank died with
+    # "terminate called without an active exception" (a C++ thread destroyed at exit) with no scenario
+    # error in its output; teardown is the likely place. The test checks the saved results, and a
+    # crash before they are saved still fails it (the fixture cannot load them).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port():
