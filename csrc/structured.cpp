@@ -275,87 +275,141 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// A dense `shape` tensor holding alpha * a @ b at [rows, cols] and zeros elsewhere: `empty`, zero only
-// the complement, GEMM straight into the kept region when that is a BLAS-compatible view; a strided
+// full (2-D, rows contiguous) = alpha * a @ b at [rows, cols] and zeros elsewhere: zero only the
+// complement, GEMM straight into the kept region when that is a BLAS-compatible view; a strided
 // column set (row family) goes through a compact product and one fused expand pass instead.
-at::Tensor scatter_product(const Kernels& k, at::IntArrayRef shape, const at::TensorOptions& options,
-                           const Mask* rows, const Mask* cols, const at::Tensor& a, const at::Tensor& b,
-                           double alpha) {
+void scatter_product_into(const Kernels& k, at::Tensor& full, const Mask* rows, const Mask* cols, const at::Tensor& a,
+                          const at::Tensor& b, double alpha) {
   if (rows != nullptr && rows->full()) rows = nullptr;
   if (cols != nullptr && cols->full()) cols = nullptr;
-  auto full = at::empty(shape, options);
-  advise_huge_pages(full);
   if (cols == nullptr || cols->contiguous()) {
     k.zero_outside(full, rows, cols);
     gemm_into(region(full, rows, cols), a, b, alpha);
   } else {
     k.expand(full, gemm(a, b, 1.0), rows, cols, alpha);
   }
+}
+
+// A dense `shape` tensor holding alpha * a @ b at [rows, cols] and zeros elsewhere (`empty`, never
+// `zeros` + a copy).
+at::Tensor scatter_product(const Kernels& k, at::IntArrayRef shape, const at::TensorOptions& options,
+                           const Mask* rows, const Mask* cols, const at::Tensor& a, const at::Tensor& b,
+                           double alpha) {
+  auto full = at::empty(shape, options);
+  advise_huge_pages(full);
+  scatter_product_into(k, full, rows, cols, a, b, alpha);
   return full;
 }
 
-}  // namespace
+// full[rows, cols] += alpha * a @ b (row groups of one chain call add into the same gradient).
+void accumulate_product(at::Tensor& full, const Mask* rows, const Mask* cols, const at::Tensor& a, const at::Tensor& b,
+                        double alpha) {
+  if (rows != nullptr && rows->full()) rows = nullptr;
+  if (cols != nullptr && cols->full()) cols = nullptr;
+  auto r = region(full, rows, cols);
+  if (cols == nullptr || cols->contiguous()) {
+    r.addmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
+  } else {
+    r.add_(at::mm(a, b), alpha);
+  }
+}
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
-    const Kernels& k, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
-    c10::List<bool> has_bias, const at::Tensor& patterns, const std::string& family,
-    const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates) {
-  const auto biases = expand_biases(biases_in, has_bias, weights.size());
-  check_chain(x, weights, biases);
-  std::vector<Act> acts;
-  const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
-                               scale, rates, &acts);
-  const auto x2 = x.reshape({-1, x.size(-1)});
+// One row group of a grouped call: rows [start, start + count) with their own patterns (sites, 2).
+struct RowGroup {
+  int64_t start = 0, count = 0;
+  at::Tensor patterns;
+};
+
+// fxdrop.ops.composite.row_groups, same messages. An empty `g`: one pattern set for all rows (returns
+// no groups).
+std::vector<RowGroup> row_groups(const at::Tensor& g, const at::Tensor& patterns, int64_t sites, int64_t rows) {
+  std::vector<RowGroup> out;
+  TORCH_CHECK_VALUE(g.scalar_type() == at::kLong && g.dim() == 1,
+                    "groups must be an int64 tensor of shape (G,) = rows per group, got ",
+                    dtype_name(g.scalar_type()), " ", g.sizes());
+  const int64_t count = g.size(0);
+  if (count == 0) return out;
+  TORCH_CHECK_VALUE(patterns.dim() == 3 && patterns.size(0) == count && patterns.size(1) == sites &&
+                        patterns.size(2) == 2,
+                    "with ", count, " row groups, patterns must have shape (", count, ", ", sites, ", 2), got ",
+                    patterns.sizes());
+  const at::Tensor cpu = g.to(at::kCPU).contiguous();
+  const int64_t* data = cpu.data_ptr<int64_t>();
+  int64_t start = 0;
+  bool valid = true;
+  for (int64_t i = 0; i < count; ++i) {
+    valid = valid && data[i] >= 0;
+    out.push_back({start, data[i], patterns[i]});
+    start += data[i];
+  }
+  TORCH_CHECK_VALUE(valid && start == rows, "groups must be non-negative row counts summing to the ", rows,
+                    " rows of x, got ", cpu.sizes(), " summing to ", start);
+  return out;
+}
+
+int64_t num_sites(at::TensorList weights, bool input_dropout, bool output_dropout) {
+  return static_cast<int64_t>(weights.size()) - 1 + input_dropout + output_dropout;
+}
+
+// The chain on 2-D rows x2 for one pattern set. Returns y2 (written into `out` when defined) and
+// the tensors saved for backward.
+std::pair<at::Tensor, std::vector<at::Tensor>> forward_rows(const Kernels& k, const at::Tensor& x2,
+                                                            at::TensorList weights,
+                                                            const std::vector<at::Tensor>& biases,
+                                                            const std::vector<Layer>& plan,
+                                                            const std::vector<Act>& acts, at::Tensor out) {
   at::Tensor cur = kept_columns(x2, plan[0].inputs());
   double alpha = plan[0].has_in ? plan[0].in.scale : 1.0;
   std::vector<at::Tensor> saved;
   size_t act_index = 0;
+  const bool low_precision = x2.scalar_type() == at::kBFloat16 || x2.scalar_type() == at::kHalf;
   for (size_t l = 0; l < weights.size(); ++l) {
     const Layer& step = plan[l];
     const auto w = kept_columns(kept_rows(weights[l], step.outputs()), step.inputs());
     const auto b = biases[l].defined() ? kept_rows(biases[l], step.outputs()) : at::Tensor();
+    if (!step.has_out && out.defined()) {  // the last Linear, straight into the caller's rows
+      if (b.defined()) {
+        at::addmm_out(out, b, cur, w.t(), 1, alpha);
+      } else {
+        gemm_into(out, cur, w.t(), alpha);
+      }
+      return {out, saved};
+    }
     // In bf16/fp16, GEMM-then-bias rounds z twice, which flips the sign of near-zero z (and with it
     // the ReLU-family derivative) more often than the dense reference's single-rounding addmm: let
     // the GEMM add the bias there. fp32/fp64 keep the bias in the fused epilogue pass.
-    const bool bias_in_gemm = b.defined() && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf);
+    const bool bias_in_gemm = b.defined() && low_precision;
     auto z = bias_in_gemm ? at::addmm(b, cur, w.t(), 1, alpha) : gemm(cur, w.t(), alpha);
     if (!step.has_out) {
-      if (bias_in_gemm) {
-        cur = z;
-        alpha = 1.0;
-        continue;
-      }
-      cur = b.defined() ? z.add_(b) : z;
+      cur = (b.defined() && !bias_in_gemm) ? z.add_(b) : z;
       alpha = 1.0;
       continue;
     }
     const Act& act = acts[act_index++];
     auto [z_saved, h] = k.bias_act(z, bias_in_gemm ? at::Tensor() : b, act, act.needs_input());
-    saved.push_back(act.needs_input() ? z_saved : x.new_empty({0}));
+    saved.push_back(act.needs_input() ? z_saved : x2.new_empty({0}));
     saved.push_back(h);
     cur = h;
     alpha = step.out.scale;
   }
   at::Tensor y = plan.back().has_out ? k.scatter_columns(cur, plan.back().out, alpha) : cur;
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(y.size(1));
-  return {y.reshape(shape), saved};
+  if (out.defined()) {
+    out.copy_(y);
+    return {out, saved};
+  }
+  return {y, saved};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward(
-    const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
-    c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, const std::string& family,
-    const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad) {
-  const auto biases = expand_biases(biases_in, has_bias, weights.size());
-  std::vector<Act> acts;
-  const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
-                               scale, rates, &acts);
+// Gradients of the chain on 2-D rows for one pattern set. Fresh (accumulate == false): grad_weights
+// and grad_biases (one per Linear, undefined where there is no bias) are set, and *grad_x too when
+// needed. Accumulating (row groups): they already hold dense tensors that this adds into, and the
+// input gradient of these rows is written into grad_x_rows.
+void backward_rows(const Kernels& k, at::Tensor g, const at::Tensor& x2, at::TensorList weights,
+                   const std::vector<at::Tensor>& biases, const std::vector<Layer>& plan, const std::vector<Act>& acts,
+                   at::TensorList saved, bool needs_input_grad, bool accumulate,
+                   std::vector<at::Tensor>& grad_weights, std::vector<at::Tensor>& grad_biases, at::Tensor* grad_x,
+                   at::Tensor grad_x_rows) {
   const int64_t layers = static_cast<int64_t>(weights.size());
-  const auto x2 = x.reshape({-1, x.size(-1)});
-  at::Tensor g = grad_y.reshape({-1, grad_y.size(-1)});
-  std::vector<at::Tensor> grad_weights(layers), grad_biases_rev;
   int64_t site = static_cast<int64_t>(saved.size()) / 2 - 1;  // latest hidden site
   at::Tensor g_bias;  // column sums of g, when the act-grad pass produced them
   if (plan.back().has_out) {
@@ -366,22 +420,28 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
                                      biases.back().defined());
     --site;
   }
-  at::Tensor grad_x;
   for (int64_t l = layers - 1; l >= 0; --l) {
     const Layer& step = plan[l];
     const auto& weight = weights[l];
     const at::Tensor inp = l > 0 ? saved[2 * site + 1] : kept_columns(x2, step.inputs());
     const double alpha = step.has_in ? step.in.scale : 1.0;
-    grad_weights[l] = scatter_product(k, weight.sizes(), weight.options(), step.outputs(), step.inputs(), g.t(),
-                                      inp, alpha);
+    if (accumulate) {
+      accumulate_product(grad_weights[l], step.outputs(), step.inputs(), g.t(), inp, alpha);
+    } else {
+      grad_weights[l] = scatter_product(k, weight.sizes(), weight.options(), step.outputs(), step.inputs(), g.t(),
+                                        inp, alpha);
+    }
     if (biases[l].defined()) {
       at::Tensor sums = g_bias.defined() ? g_bias : g.sum(0);
-      if (!step.has_out || step.out.full()) {
-        grad_biases_rev.push_back(sums);
+      const bool all = !step.has_out || step.out.full();
+      if (accumulate) {
+        (all ? grad_biases[l] : grad_biases[l].slice(0, step.out.start, step.out.stop, step.out.step)).add_(sums);
+      } else if (all) {
+        grad_biases[l] = sums;
       } else {
         auto gb = at::zeros_like(biases[l]);
         gb.slice(0, step.out.start, step.out.stop, step.out.step).copy_(sums);
-        grad_biases_rev.push_back(gb);
+        grad_biases[l] = gb;
       }
     }
     g_bias = at::Tensor();
@@ -392,15 +452,98 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
       std::tie(g, g_bias) = k.act_grad(g_in, saved[2 * site], saved[2 * site + 1], acts[site], 1.0,
                                        biases[l - 1].defined());
       --site;
+    } else if (accumulate) {
+      if (!step.has_in || step.in.full()) {
+        gemm_into(grad_x_rows, g, w, alpha);
+      } else {
+        scatter_product_into(k, grad_x_rows, nullptr, step.inputs(), g, w, alpha);
+      }
     } else if (!step.has_in || step.in.full()) {
-      grad_x = gemm(g, w, alpha);
+      *grad_x = gemm(g, w, alpha);
     } else {
-      grad_x = scatter_product(k, {g.size(0), x.size(-1)}, g.options(), nullptr, step.inputs(), g, w, alpha);
+      *grad_x = scatter_product(k, {g.size(0), x2.size(1)}, g.options(), nullptr, step.inputs(), g, w, alpha);
     }
   }
-  std::reverse(grad_biases_rev.begin(), grad_biases_rev.end());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
+    const Kernels& k, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
+    c10::List<bool> has_bias, const at::Tensor& patterns, const std::string& family,
+    const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
+    const std::string& scale, const std::vector<double>& rates, const at::Tensor& groups) {
+  const auto biases = expand_biases(biases_in, has_bias, weights.size());
+  check_chain(x, weights, biases);
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(weights.back().size(0));
+  std::vector<Act> acts;
+  const auto spec = row_groups(groups, patterns, num_sites(weights, input_dropout, output_dropout), x2.size(0));
+  if (spec.empty()) {
+    const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
+                                 scale, rates, &acts);
+    auto [y, saved] = forward_rows(k, x2, weights, biases, plan, acts, at::Tensor());
+    return {y.reshape(shape), saved};
+  }
+  auto y = at::empty({x2.size(0), weights.back().size(0)}, x.options());
+  std::vector<at::Tensor> saved;
+  for (const auto& group : spec) {
+    const auto plan = plan_chain(x.size(-1), weights, group.patterns, family, activations, input_dropout,
+                                 output_dropout, scale, rates, &acts);
+    // An empty group runs too (GEMMs of 0 rows): its saved tensors then have the shapes the fake kernel gives.
+    auto piece = forward_rows(k, x2.narrow(0, group.start, group.count), weights, biases, plan, acts,
+                              y.narrow(0, group.start, group.count));
+    saved.insert(saved.end(), piece.second.begin(), piece.second.end());
+  }
+  return {y.reshape(shape), saved};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward(
+    const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
+    c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, const std::string& family,
+    const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
+    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad, const at::Tensor& groups) {
+  const auto biases = expand_biases(biases_in, has_bias, weights.size());
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  const auto x2 = x.reshape({-1, x.size(-1)});
+  const at::Tensor g = grad_y.reshape({-1, grad_y.size(-1)});
+  std::vector<Act> acts;
+  std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
+  at::Tensor grad_x;
+  const auto spec = row_groups(groups, patterns, num_sites(weights, input_dropout, output_dropout), x2.size(0));
+  if (spec.empty()) {
+    const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
+                                 scale, rates, &acts);
+    backward_rows(k, g, x2, weights, biases, plan, acts, saved, needs_input_grad, /*accumulate=*/false, grad_weights,
+                  grad_biases, &grad_x, at::Tensor());
+  } else {
+    for (int64_t l = 0; l < layers; ++l) {
+      grad_weights[l] = at::zeros_like(weights[l]);
+      if (biases[l].defined()) grad_biases[l] = at::zeros_like(biases[l]);
+    }
+    if (needs_input_grad) grad_x = at::empty(x2.sizes(), x2.options());
+    const int64_t per_group = 2 * static_cast<int64_t>(activations.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == per_group * static_cast<int64_t>(spec.size()),
+                      "chain_backward: expected ", per_group * spec.size(), " saved tensors for ", spec.size(),
+                      " row groups, got ", saved.size());
+    for (size_t i = 0; i < spec.size(); ++i) {
+      const auto& group = spec[i];
+      if (group.count == 0) continue;
+      const auto plan = plan_chain(x.size(-1), weights, group.patterns, family, activations, input_dropout,
+                                   output_dropout, scale, rates, &acts);
+      backward_rows(k, g.narrow(0, group.start, group.count), x2.narrow(0, group.start, group.count), weights,
+                    biases, plan, acts, saved.slice(i * per_group, per_group), needs_input_grad,
+                    /*accumulate=*/true, grad_weights, grad_biases, nullptr,
+                    needs_input_grad ? grad_x.narrow(0, group.start, group.count) : at::Tensor());
+    }
+  }
+  std::vector<at::Tensor> present;
+  for (const auto& gb : grad_biases) {
+    if (gb.defined()) present.push_back(gb);
+  }
   grad_x = grad_x.defined() ? grad_x.reshape(x.sizes()) : x.new_empty({0});
-  return {grad_x, grad_weights, grad_biases_rev};
+  return {grad_x, grad_weights, present};
 }
 
 at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor& pattern, const std::string& family,

@@ -69,13 +69,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     const Kernels& k, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, const std::string& family,
     const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates);
+    const std::string& scale, const std::vector<double>& rates, const at::Tensor& groups);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward(
     const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, const std::string& family,
     const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad);
+    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad,
+    const at::Tensor& groups);
 
 at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor& pattern, const std::string& family,
                         const std::string& scale, double p);

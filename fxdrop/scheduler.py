@@ -43,6 +43,84 @@ def draw(seed: int, counter: int, cdf: list[float]) -> Pattern:
     return Pattern(dp, min(int(u_offset * dp), dp - 1))
 
 
+def support(max_dp: int) -> list[Pattern]:
+    """Every pattern of periods ``1 .. max_dp``, in row-plan order: dp ascending, then offset."""
+    return [Pattern(dp, offset) for dp in range(1, max_dp + 1) for offset in range(dp)]
+
+
+def row_plan_size(max_dp: int) -> int:
+    """Pieces in every row plan of a ``max_dp`` distribution: one per pattern, plus the wrapped one."""
+    return max_dp * (max_dp + 1) // 2 + 1
+
+
+def draw_rows(seed: int, counter: int, probs: list[float], rows: int) -> list[tuple[Pattern, int]]:
+    """Row plan number ``counter`` of stream ``seed``: which pattern each of ``rows`` rows uses.
+
+    Returns ``row_plan_size(len(probs))`` pieces ``(pattern, count)`` that cover the rows in order
+    (counts may be 0). Pattern ``(dp, offset)`` has probability ``q = probs[dp - 1] / dp``; it gets
+    ``floor(q * rows)`` rows plus one more with probability ``frac(q * rows)`` (systematic sampling, so
+    the counts always sum to ``rows``), as one contiguous chunk; the chunks, laid out in
+    :func:`support` order, are rotated by a uniform shift. So every row uses pattern ``(dp, offset)``
+    with probability exactly ``q``, and every unit of every row is dropped with probability exactly
+    the distribution's rate, while each step's work is fixed: ``rows * q`` rows per pattern, up to one.
+    """
+    patterns = support(len(probs))
+    total = sum(probs)
+    expected = [rows * probs[pat.dp - 1] / (total * pat.dp) for pat in patterns]
+    counts = [int(e) for e in expected]
+    frac = [e - c for e, c in zip(expected, counts)]
+    extra = rows - sum(counts)
+    u_count, u_shift = _uniforms(seed, counter)
+    if extra > 0:
+        weight = extra / sum(frac)  # 1 up to rounding: the fractions sum to the rows left
+        acc, given = 0.0, 0
+        for k, f in enumerate(frac):
+            acc += f * weight
+            while given < extra and u_count + given < acc:
+                counts[k] += 1
+                given += 1
+        for k in range(len(counts) - 1, -1, -1):  # rounding left a row over: the last chunk that may take it
+            if given == extra:
+                break
+            if frac[k] > 0:
+                counts[k] += 1
+                given += 1
+    shift = min(int(u_shift * rows), rows - 1) if rows > 0 else 0
+    start, first = 0, 0
+    for k, count in enumerate(counts):  # the chunk the shift falls in
+        if start + count > shift:
+            first = k
+            break
+        start += count
+    order = list(range(first + 1, len(counts))) + list(range(first))
+    return ([(patterns[first], start + counts[first] - shift)] + [(patterns[k], counts[k]) for k in order]
+            + [(patterns[first], shift - start)])
+
+
+def merge_row_plans(plans: list[list[tuple[Pattern, int]]]) -> list[tuple[tuple[Pattern, ...], int]]:
+    """Several sites' row plans over the same rows as one: pieces ``(pattern per site, count)``.
+
+    Every boundary of every plan is a boundary of the merge; the result is padded with empty pieces
+    to ``sum(len(plan)) - len(plans) + 1`` pieces, a number that does not depend on the draws.
+    """
+    size = sum(len(plan) for plan in plans) - len(plans) + 1
+    cursors = [[0, plan[0][1]] for plan in plans]  # [piece index, rows left in it]
+    merged: list[tuple[tuple[Pattern, ...], int]] = []
+    while True:
+        for cursor, plan in zip(cursors, plans):
+            while cursor[1] == 0 and cursor[0] + 1 < len(plan):
+                cursor[0] += 1
+                cursor[1] = plan[cursor[0]][1]
+        step = min(cursor[1] for cursor in cursors)
+        if step == 0:
+            break
+        merged.append((tuple(plan[cursor[0]][0] for cursor, plan in zip(cursors, plans)), step))
+        for cursor in cursors:
+            cursor[1] -= step
+    filler = tuple(Pattern(1, 0) for _ in plans)
+    return merged + [(filler, 0)] * (size - len(merged))
+
+
 def derive_seed(base: int, *salt: int) -> int:
     """A seed for a sub-stream (a site, a rank) derived from a base seed."""
     z = int(base) & _MASK64
@@ -71,6 +149,7 @@ class PatternScheduler:
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         self.cdf = torch.cumsum(distribution.probs, 0)
         self._cdf_list = self.cdf.tolist()
+        self._probs_list = distribution.probs.tolist()
         self.state = torch.zeros(2 + distribution.max_dp, dtype=torch.int64)
         self.state[0] = seed & ((1 << _SEED_BITS) - 1)
 
@@ -85,7 +164,7 @@ class PatternScheduler:
 
     @property
     def counts(self) -> torch.Tensor:
-        """``counts[k]``: how many draws had ``dp = k + 1``."""
+        """``counts[k]``: how many draws had ``dp = k + 1`` (for row plans: how many rows)."""
         return self.state[2:].clone()
 
     @property
@@ -103,6 +182,24 @@ class PatternScheduler:
         self.state[1] += 1
         self.state[2 + pattern.dp - 1] += 1
         return pattern
+
+    def sample_rows(self, rows: int) -> list[tuple[Pattern, int]]:
+        """Draw a row plan for ``rows`` rows (see :func:`draw_rows`); advances the stream by one draw."""
+        plan = draw_rows(self.seed, self.draws, self._probs_list, rows)
+        self._count_rows(self.state, plan)
+        return plan
+
+    @staticmethod
+    def _count_rows(state: torch.Tensor, plan: list[tuple[Pattern, int]]) -> None:
+        state[1] += 1
+        for pattern, count in plan:
+            state[2 + pattern.dp - 1] += count
+
+    def last_row_plan(self, rows: int) -> list[tuple[Pattern, int]] | None:
+        """The row plan of the last draw, had it been a row plan for ``rows`` rows."""
+        if self.draws == 0:
+            return None
+        return draw_rows(self.seed, self.draws - 1, self._probs_list, rows)
 
     def sample_tensor(self) -> torch.Tensor:
         """Draw through the ``fxdrop::sample_pattern`` op: ``int64 (2,) = [dp, offset]`` on the CPU."""

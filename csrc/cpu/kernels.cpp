@@ -432,18 +432,18 @@ const CpuKernels& cpu() {
 std::tuple<at::Tensor, std::vector<at::Tensor>> chain_cpu(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
     const at::Tensor& patterns, std::string family, std::vector<std::string> activations, bool input_dropout,
-    bool output_dropout, std::string scale, std::vector<double> rates) {
+    bool output_dropout, std::string scale, std::vector<double> rates, const at::Tensor& groups) {
   return chain(cpu(), x, weights, biases, std::move(has_bias), patterns, family, activations, input_dropout,
-               output_dropout, scale, rates);
+               output_dropout, scale, rates, groups);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, std::string family,
     std::vector<std::string> activations, bool input_dropout, bool output_dropout, std::string scale,
-    std::vector<double> rates, bool needs_input_grad) {
+    std::vector<double> rates, bool needs_input_grad, const at::Tensor& groups) {
   return chain_backward(cpu(), grad_y, x, weights, biases, std::move(has_bias), patterns, saved, family,
-                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad);
+                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad, groups);
 }
 
 at::Tensor unit_dropout_cpu(const at::Tensor& x, const at::Tensor& pattern, std::string family, std::string scale,

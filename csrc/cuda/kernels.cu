@@ -346,20 +346,20 @@ const CudaKernels& kernels() {
 std::tuple<at::Tensor, std::vector<at::Tensor>> chain_cuda(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
     const at::Tensor& patterns, std::string family, std::vector<std::string> activations, bool input_dropout,
-    bool output_dropout, std::string scale, std::vector<double> rates) {
+    bool output_dropout, std::string scale, std::vector<double> rates, const at::Tensor& groups) {
   const c10::cuda::CUDAGuard guard(x.device());
   return chain(kernels(), x, weights, biases, std::move(has_bias), patterns, family, activations, input_dropout,
-               output_dropout, scale, rates);
+               output_dropout, scale, rates, groups);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, std::string family,
     std::vector<std::string> activations, bool input_dropout, bool output_dropout, std::string scale,
-    std::vector<double> rates, bool needs_input_grad) {
+    std::vector<double> rates, bool needs_input_grad, const at::Tensor& groups) {
   const c10::cuda::CUDAGuard guard(x.device());
   return chain_backward(kernels(), grad_y, x, weights, biases, std::move(has_bias), patterns, saved, family,
-                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad);
+                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad, groups);
 }
 
 at::Tensor unit_dropout_cuda(const at::Tensor& x, const at::Tensor& pattern, std::string family, std::string scale,

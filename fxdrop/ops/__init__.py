@@ -8,7 +8,8 @@ references for tests are in :mod:`fxdrop.ops.reference`.
 Wrappers (what the rest of fxdrop calls)::
 
     chain(x, weights, biases, patterns, *, family, activations, input_dropout=False,
-          output_dropout=False, scale="kept", rates)           # x: (..., in_features)
+          output_dropout=False, scale="kept", rates, groups=None)   # x: (..., in_features)
+    sample_rows(states, cdfs, rows)                       # row groups and their patterns for chain
     unit_dropout(x, pattern, *, family, scale="kept", p=0.0)
     tile_linear(x, weight, bias, pattern, *, tile=32, scale="kept", p=0.0)
 """
@@ -45,29 +46,40 @@ def _unit_dropout_fake(x, pattern, family, scale, p):
     return torch.empty_like(x)
 
 
+@torch.library.register_fake("fxdrop::sample_rows")
+def _sample_rows_fake(states, cdfs, rows):
+    from ..scheduler import row_plan_size
+
+    size = sum(row_plan_size(cdf.numel()) for cdf in cdfs) - len(cdfs) + 1
+    return states[0].new_empty(size, len(states), 2), states[0].new_empty(size)
+
+
 @torch.library.register_fake("fxdrop::chain")
 def _chain_fake(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale,
-                rates):
+                rates, groups):
     composite.check_chain(x, weights, composite.expand_biases(biases, has_bias))
     layers = len(weights)
     sites = layers - 1 + int(input_dropout) + int(output_dropout)
-    if patterns.shape != (sites, 2):
-        raise ValueError(f"patterns must have shape ({sites}, 2), got {tuple(patterns.shape)}")
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    count = groups.numel()
+    want = (sites, 2) if count == 0 else (count, sites, 2)
+    if tuple(patterns.shape) != want:
+        raise ValueError(f"patterns must have shape {want}, got {tuple(patterns.shape)}")
     ctx = torch.library.get_ctx()
     saved = []
     from . import activations as act
-    for name in activations:
-        kept = ctx.new_dynamic_size()
-        z = x.new_empty(rows, kept) if act.needs_input(name) else x.new_empty(0)
-        saved += [z, x.new_empty(rows, kept)]
+    for _ in range(max(count, 1)):
+        rows = (x.numel() // x.shape[-1] if x.shape[-1] else 0) if count == 0 else ctx.new_dynamic_size()
+        for name in activations:
+            kept = ctx.new_dynamic_size()
+            z = x.new_empty(rows, kept) if act.needs_input(name) else x.new_empty(0)
+            saved += [z, x.new_empty(rows, kept)]
     y = x.new_empty(*x.shape[:-1], weights[-1].shape[0])
     return y, saved
 
 
 @torch.library.register_fake("fxdrop::chain_backward")
 def _chain_backward_fake(grad_y, x, weights, biases, has_bias, patterns, saved, family, activations,
-                         input_dropout, output_dropout, scale, rates, needs_input_grad):
+                         input_dropout, output_dropout, scale, rates, needs_input_grad, groups):
     grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
     return grad_x, [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
 
@@ -87,28 +99,29 @@ def _tile_linear_backward_fake(grad_y, x, weight, pattern, tile, scale, p, has_b
 # ---------------------------------------------------------------- autograd
 
 def _chain_setup(ctx, inputs, output):
-    x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates = inputs
+    (x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates,
+     groups) = inputs
     _, saved = output
     ctx.config = (list(has_bias), family, list(activations), input_dropout, output_dropout, scale, list(rates))
     ctx.counts = (len(weights), len(biases))
-    ctx.save_for_backward(x, patterns, *weights, *biases, *saved)
+    ctx.save_for_backward(x, patterns, groups, *weights, *biases, *saved)
 
 
 def _chain_backward(ctx, grad_y, grad_saved):
-    x, patterns, *rest = ctx.saved_tensors
+    x, patterns, groups, *rest = ctx.saved_tensors
     layers, present = ctx.counts
     weights, biases, saved = rest[:layers], rest[layers: layers + present], rest[layers + present:]
     has_bias, family, activations, input_dropout, output_dropout, scale, rates = ctx.config
     needs_x = ctx.needs_input_grad[0]
     grad_x, grad_w, grad_b = torch.ops.fxdrop.chain_backward(
         grad_y.contiguous(), x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
-        output_dropout, scale, rates, needs_x)
+        output_dropout, scale, rates, needs_x, groups)
     # register_autograd compares structures, and flattens an empty list of anything as a tensor list.
     def no_grad(value):
         return [] if isinstance(value, list) and not value else None
 
     return (grad_x if needs_x else None, list(grad_w), list(grad_b), no_grad(has_bias), None, None,
-            no_grad(activations), None, None, None, no_grad(rates))
+            no_grad(activations), None, None, None, no_grad(rates), None)
 
 
 torch.library.register_autograd("fxdrop::chain", _chain_backward, setup_context=_chain_setup)
@@ -153,18 +166,31 @@ def _kernels_ready() -> None:
         extension.ensure_loaded()
 
 
+_NO_GROUPS = torch.empty(0, dtype=torch.int64)  # chain's "one pattern set for all rows"
+
+
 def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
           patterns: torch.Tensor, *, family: str, activations: Sequence[str], input_dropout: bool = False,
-          output_dropout: bool = False, scale: str = "kept", rates: Sequence[float]) -> torch.Tensor:
+          output_dropout: bool = False, scale: str = "kept", rates: Sequence[float],
+          groups: torch.Tensor | None = None) -> torch.Tensor:
     """``[dropout ->] Linear -> act -> dropout -> ... -> Linear [-> act -> dropout]`` on kept units only.
 
     ``x: (..., in_features)``; ``patterns: int64 (sites, 2)``; returns ``(..., out_features)``.
+    With ``groups`` (int64 ``(G,)``, rows per group, summing to ``x.numel() // in_features``) the rows
+    of ``x`` (flattened to 2-D) form contiguous groups and ``patterns: (G, sites, 2)`` holds each
+    group's patterns (what :func:`sample_rows` returns).
     """
     _kernels_ready()
     y, _ = torch.ops.fxdrop.chain(x, list(weights), [b for b in biases if b is not None],
                                   [b is not None for b in biases], patterns, family, list(activations),
-                                  bool(input_dropout), bool(output_dropout), scale, [float(r) for r in rates])
+                                  bool(input_dropout), bool(output_dropout), scale, [float(r) for r in rates],
+                                  _NO_GROUPS if groups is None else groups)
     return y
+
+
+def sample_rows(states: Sequence[torch.Tensor], cdfs: Sequence[torch.Tensor], rows: int):
+    """Each site's next row plan, merged: ``(patterns int64 (G, sites, 2), rows per group int64 (G,))``."""
+    return torch.ops.fxdrop.sample_rows(list(states), list(cdfs), int(rows))
 
 
 def unit_dropout(x: torch.Tensor, pattern: torch.Tensor, *, family: str, scale: str = "kept",

@@ -200,18 +200,55 @@ def expand_biases(biases: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> l
     return [next(present) if has else None for has in has_bias]
 
 
-def chain(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates):
-    biases = expand_biases(biases, has_bias)
-    check_chain(x, weights, biases)
-    plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale, rates)
-    lead = x.shape[:-1]
-    cur = _columns(x.reshape(-1, x.shape[-1]), plan[0].inputs)
+def row_groups(groups: torch.Tensor | None, patterns: torch.Tensor, sites: int, rows: int):
+    """``[(start, count, patterns (sites, 2)), ...]`` of a grouped call, or ``None`` for one pattern set
+    (``groups`` empty).
+
+    Grouped: ``groups`` is int64 ``(G,)`` of row counts summing to ``rows`` (the rows of ``x`` flattened
+    to 2-D, in order) and ``patterns`` is ``(G, sites, 2)``: group ``g`` is rows ``[start, start + count)``
+    and uses ``patterns[g]``. Empty groups are allowed (and skipped).
+    """
+    if groups.dtype != torch.int64 or groups.dim() != 1:
+        raise ValueError(f"groups must be an int64 tensor of shape (G,) = rows per group, got {groups.dtype} "
+                         f"{tuple(groups.shape)}")
+    count = groups.numel()
+    if count == 0:
+        return None
+    if patterns.shape != (count, sites, 2):
+        raise ValueError(f"with {count} row groups, patterns must have shape ({count}, {sites}, 2), got "
+                         f"{tuple(patterns.shape)}")
+    counts = groups.tolist()
+    if min(counts, default=0) < 0 or sum(counts) != rows:
+        raise ValueError(f"groups must be non-negative row counts summing to the {rows} rows of x, got {counts}")
+    spec, start = [], 0
+    for g, n in enumerate(counts):
+        spec.append((start, n, patterns[g]))
+        start += n
+    return spec
+
+
+def _num_sites(weights, input_dropout: bool, output_dropout: bool) -> int:
+    return len(weights) - 1 + int(input_dropout) + int(output_dropout)
+
+
+def _forward(x2, weights, biases, plan, activations, out=None):
+    """The chain on 2-D ``x2`` for one pattern set: ``(y2, saved)``; ``y2`` written into ``out`` if given."""
+    cur = _columns(x2, plan[0].inputs)
     alpha = plan[0].inputs.scale if plan[0].inputs is not None else 1.0
     saved: list[torch.Tensor] = []
     name_index = 0
+    last = len(weights) - 1
     for layer, (weight, bias, step) in enumerate(zip(weights, biases, plan)):
         w = _columns(_rows(weight, step.outputs), step.inputs)
         b = _rows(bias, step.outputs) if bias is not None else None
+        if layer == last and step.outputs is None and out is not None:
+            if b is None:
+                torch.mm(cur, w.t(), out=out)
+                if alpha != 1.0:
+                    out.mul_(alpha)
+            else:
+                torch.addmm(b, cur, w.t(), beta=1, alpha=alpha, out=out)
+            return out, saved
         z = _linear(cur, w, b, alpha)
         if step.outputs is None:
             cur = z
@@ -225,48 +262,90 @@ def chain(x, weights, biases, has_bias, patterns, family, activations, input_dro
             h = z.relu_() if act.parse(name)[0] == "relu" else act.apply(name, z)
             saved += [z.new_empty(0), h]
         cur, alpha = h, step.outputs.scale
-    last = plan[-1].outputs
-    if last is not None:  # output dropout: scatter the kept units to full width
-        y = _scatter_columns(cur, last.n, last, alpha)
-    else:
-        y = cur
+    final = plan[-1].outputs
+    y = _scatter_columns(cur, final.n, final, alpha) if final is not None else cur
+    if out is not None:
+        out.copy_(y)
+        return out, saved
+    return y, saved
+
+
+def chain(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates,
+          groups):
+    biases = expand_biases(biases, has_bias)
+    check_chain(x, weights, biases)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    spec = row_groups(groups, patterns, _num_sites(weights, input_dropout, output_dropout), x2.shape[0])
+    if spec is None:
+        plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale,
+                     rates)
+        y, saved = _forward(x2, weights, biases, plan, activations)
+        return y.reshape(*lead, y.shape[-1]), saved
+    y = x2.new_empty(x2.shape[0], weights[-1].shape[0])
+    saved = []
+    for start, count, group_patterns in spec:
+        plan = _plan(x.shape[-1], weights, group_patterns, family, activations, input_dropout, output_dropout,
+                     scale, rates)
+        # An empty group runs too (GEMMs of 0 rows): its saved tensors then have the shapes the fake kernel gives.
+        _, piece = _forward(x2[start: start + count], weights, biases, plan, activations,
+                            out=y[start: start + count])
+        saved += piece
     return y.reshape(*lead, y.shape[-1]), saved
 
 
-def chain_backward(grad_y, x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
-                   output_dropout, scale, rates, needs_input_grad):
-    biases = expand_biases(biases, has_bias)
-    plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale, rates)
-    g = grad_y.reshape(-1, grad_y.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+def _accumulate_product(full: torch.Tensor, rows: Mask | None, cols: Mask | None, a: torch.Tensor,
+                        b: torch.Tensor, alpha: float) -> None:
+    """``full[rows, cols] += alpha * a @ b``."""
+    region = full
+    if rows is not None and not rows.full:
+        region = region[rows.keep]
+    if cols is not None and not cols.full:
+        region = region[:, cols.keep]
+    if region.stride(-1) == 1:
+        region.addmm_(a, b, alpha=alpha)
+    else:
+        region.add_(torch.mm(a, b), alpha=alpha)
+
+
+def _backward(g, x2, weights, biases, plan, hidden, activations, needs_input_grad, grads=None, grad_x_out=None):
+    """Gradients of the chain on 2-D rows for one pattern set.
+
+    ``grads=None``: returns ``(grad_x2, grad_weights, grad_biases)`` as fresh dense tensors. Otherwise
+    ``grads = (grad_weights, grad_biases)`` (dense, one entry per Linear, None for no bias) are
+    accumulated into, and the input gradient is written into ``grad_x_out``.
+    """
+    accumulate = grads is not None
     sites_after = [step.outputs is not None for step in plan]
-    hidden = [(saved[2 * i], saved[2 * i + 1]) for i in range(len(saved) // 2)]
-    name_of = list(activations)
-    grad_weights: list[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
-    grad_biases: list[torch.Tensor] = []
+    grad_weights: list = [None] * len(weights)
+    grad_biases: list = [None] * len(weights)
     site_index = sum(sites_after) - 1  # index into hidden / activations of the latest site
     if plan[-1].outputs is not None:
         last = plan[-1].outputs
         z, h = hidden[site_index]
-        g = act.grad(name_of[site_index], _columns(g, last).mul(last.scale), z if z.numel() else None, h)
+        g = act.grad(activations[site_index], _columns(g, last).mul(last.scale), z if z.numel() else None, h)
         site_index -= 1
     grad_x = None
     for layer in range(len(weights) - 1, -1, -1):
         step, weight, bias = plan[layer], weights[layer], biases[layer]
-        if layer > 0:
-            inp = hidden[site_index][1]
-        else:
-            inp = _columns(x2, step.inputs)
+        inp = hidden[site_index][1] if layer > 0 else _columns(x2, step.inputs)
         alpha = step.inputs.scale if step.inputs is not None else 1.0
-        grad_weights[layer] = _scatter_product(tuple(weight.shape), weight, step.outputs, step.inputs,
-                                               g.t(), inp, alpha)
+        if accumulate:
+            _accumulate_product(grads[0][layer], step.outputs, step.inputs, g.t(), inp, alpha)
+        else:
+            grad_weights[layer] = _scatter_product(tuple(weight.shape), weight, step.outputs, step.inputs,
+                                                   g.t(), inp, alpha)
         if bias is not None:
-            if step.outputs is None or step.outputs.full:
-                grad_biases.append(g.sum(0))
+            sums = g.sum(0)
+            if accumulate:
+                target = grads[1][layer]
+                (target if step.outputs is None or step.outputs.full else target[step.outputs.keep]).add_(sums)
+            elif step.outputs is None or step.outputs.full:
+                grad_biases[layer] = sums
             else:
                 gb = bias.new_zeros(bias.shape)
-                gb[step.outputs.keep] = g.sum(0)
-                grad_biases.append(gb)
+                gb[step.outputs.keep] = sums
+                grad_biases[layer] = gb
         if layer == 0 and not needs_input_grad:
             break
         w = _columns(_rows(weight, step.outputs), step.inputs)
@@ -275,17 +354,53 @@ def chain_backward(grad_y, x, weights, biases, has_bias, patterns, saved, family
             if alpha != 1.0:
                 g_in.mul_(alpha)
             z, h = hidden[site_index]
-            g = act.grad(name_of[site_index], g_in, z if z.numel() else None, h)
+            g = act.grad(activations[site_index], g_in, z if z.numel() else None, h)
             site_index -= 1
+        elif accumulate:
+            if step.inputs is None or step.inputs.full:
+                torch.mm(g, w, out=grad_x_out)
+                if alpha != 1.0:
+                    grad_x_out.mul_(alpha)
+            else:
+                grad_x_out.zero_()
+                _accumulate_product(grad_x_out, None, step.inputs, g, w, alpha)
         elif step.inputs is None:
             grad_x = torch.mm(g, w)
         else:
-            grad_x = _scatter_product((g.shape[0], x.shape[-1]), g, None, step.inputs, g, w, alpha)
-    grad_biases.reverse()
-    if grad_x is None:
-        grad_x = x.new_empty(0)
+            grad_x = _scatter_product((g.shape[0], x2.shape[-1]), g, None, step.inputs, g, w, alpha)
+    return grad_x, grad_weights, [b for b in grad_biases if b is not None]
+
+
+def chain_backward(grad_y, x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
+                   output_dropout, scale, rates, needs_input_grad, groups):
+    biases = expand_biases(biases, has_bias)
+    g = grad_y.reshape(-1, grad_y.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    activations = list(activations)
+    spec = row_groups(groups, patterns, _num_sites(weights, input_dropout, output_dropout), x2.shape[0])
+    per_group = 2 * len(activations)
+    if spec is None:
+        plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale,
+                     rates)
+        hidden = [(saved[2 * i], saved[2 * i + 1]) for i in range(len(saved) // 2)]
+        grad_x, grad_weights, grad_biases = _backward(g, x2, weights, biases, plan, hidden, activations,
+                                                      needs_input_grad)
     else:
-        grad_x = grad_x.reshape(x.shape)
+        grad_weights = [torch.zeros_like(w) for w in weights]
+        grad_bias_full = [torch.zeros_like(b) if b is not None else None for b in biases]
+        grad_x = x2.new_empty(x2.shape) if needs_input_grad else None
+        for index, (start, count, group_patterns) in enumerate(spec):
+            if count == 0:
+                continue
+            plan = _plan(x.shape[-1], weights, group_patterns, family, activations, input_dropout,
+                         output_dropout, scale, rates)
+            group_saved = saved[index * per_group: (index + 1) * per_group]
+            hidden = [(group_saved[2 * i], group_saved[2 * i + 1]) for i in range(len(activations))]
+            _backward(g[start: start + count], x2[start: start + count], weights, biases, plan, hidden,
+                      activations, needs_input_grad, grads=(grad_weights, grad_bias_full),
+                      grad_x_out=None if grad_x is None else grad_x[start: start + count])
+        grad_biases = [b for b in grad_bias_full if b is not None]
+    grad_x = x.new_empty(0) if grad_x is None else grad_x.reshape(x.shape)
     return grad_x, grad_weights, grad_biases
 
 
@@ -350,3 +465,26 @@ def sample_pattern(state, cdf):
     state[1] += 1
     state[2 + pattern.dp - 1] += 1
     return torch.tensor([pattern.dp, pattern.offset], dtype=torch.int64)
+
+
+def sample_rows(states, cdfs, rows):
+    from ..scheduler import PatternScheduler, draw_rows, merge_row_plans
+
+    if len(states) != len(cdfs) or not states:
+        raise ValueError(f"sample_rows: needs one cdf per state and at least one site, got {len(states)} states "
+                         f"and {len(cdfs)} cdfs")
+    if rows < 0:
+        raise ValueError(f"sample_rows: rows must be >= 0, got {rows}")
+    plans = []
+    for state, cdf in zip(states, cdfs):
+        if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
+            raise ValueError(f"sample_rows: state must be int64 of shape ({2 + cdf.numel()},) = [seed, draws, "
+                             f"counts per dp], got {state.dtype} {tuple(state.shape)}")
+        probs = torch.diff(cdf.to(torch.float64), prepend=cdf.new_zeros(1, dtype=torch.float64)).tolist()
+        plan = draw_rows(int(state[0]), int(state[1]), probs, int(rows))
+        PatternScheduler._count_rows(state, plan)
+        plans.append(plan)
+    merged = merge_row_plans(plans)
+    patterns = torch.tensor([[list(p) for p in pats] for pats, _ in merged], dtype=torch.int64)
+    counts = torch.tensor([count for _, count in merged], dtype=torch.int64)
+    return patterns, counts

@@ -48,3 +48,16 @@ def tile_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     dp, offset = _pair(pattern)
     mask = P.tile_weight_mask(tuple(weight.shape), tile, dp, offset, scale, p, dtype=weight.dtype)
     return F.linear(x, weight * mask.to(weight.device), bias)
+
+
+def chain_groups(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                 patterns: torch.Tensor, groups: torch.Tensor, **kw) -> torch.Tensor:
+    """:func:`chain` with row groups: rows ``[start, start + groups[g])`` of ``x`` (flattened to 2-D) use
+    ``patterns[g]`` (``(G, sites, 2)``); each group is the dense reference with its own masks."""
+    x2 = x.reshape(-1, x.shape[-1])
+    pieces, start = [], 0
+    for g, count in enumerate(groups.tolist()):
+        pieces.append(chain(x2[start: start + count], weights, biases, patterns[g], **kw))
+        start += count
+    y = torch.cat(pieces) if pieces else x2.new_empty(0, weights[-1].shape[0])
+    return y.reshape(*x.shape[:-1], y.shape[-1])

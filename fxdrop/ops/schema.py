@@ -13,18 +13,25 @@ NAMESPACE = "fxdrop"
 SCHEMAS = {
     # Draws the next pattern of a PatternScheduler stream and advances its state.
     "sample_pattern": "sample_pattern(Tensor(a!) state, Tensor cdf) -> Tensor",
+    # Draws the next row plan of each site's stream (advancing each state) and merges them into
+    # contiguous row groups: (patterns (G, sites, 2), rows per group (G,)), G fixed by the cdfs' sizes.
+    "sample_rows": "sample_rows(Tensor(a!)[] states, Tensor[] cdfs, int rows) -> (Tensor, Tensor)",
     # x * unit mask along the last dim.
     "unit_dropout": "unit_dropout(Tensor x, Tensor pattern, str family, str scale, float p) -> Tensor",
     # [dropout ->] Linear -> act -> dropout -> Linear ... [-> act -> dropout]; returns y and the
     # compact tensors saved for backward. ``biases`` holds the biases that exist, ``has_bias`` says
     # which Linear has one (a ``Tensor?[]`` input gets no gradient through register_autograd).
+    # ``groups`` (int64 (G,), rows per group) splits x's rows into contiguous groups with their own
+    # patterns: ``patterns`` is then (G, sites, 2) instead of (sites, 2). An empty ``groups`` (numel 0)
+    # means one pattern set for all rows. (Not ``Tensor?``: register_autograd's backward structure check
+    # rejects a None there.)
     "chain": ("chain(Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, Tensor patterns, str family, "
-              "str[] activations, bool input_dropout, bool output_dropout, str scale, float[] rates) "
-              "-> (Tensor, Tensor[])"),
+              "str[] activations, bool input_dropout, bool output_dropout, str scale, float[] rates, "
+              "Tensor groups) -> (Tensor, Tensor[])"),
     # Gradients of chain: (grad_x, grad_weights, grad_biases of the biases that are present).
     "chain_backward": ("chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
                        "Tensor patterns, Tensor[] saved, str family, str[] activations, bool input_dropout, "
-                       "bool output_dropout, str scale, float[] rates, bool needs_input_grad) "
+                       "bool output_dropout, str scale, float[] rates, bool needs_input_grad, Tensor groups) "
                        "-> (Tensor, Tensor[], Tensor[])"),
     # x @ (W * tile mask)^T + b on the kept tiles only.
     "tile_linear": ("tile_linear(Tensor x, Tensor weight, Tensor? bias, Tensor pattern, int tile, str scale, "
