@@ -22,7 +22,7 @@ from .passes.trace import SkippedModule, clone_modules, graph_module, set_submod
 from .patterns import FAMILIES, UNIT_FAMILIES
 from .scheduler import derive_seed
 from .search import check_max_dp, check_rate
-from .site import SCALE_MODES, Site
+from .site import GRANULARITIES, SCALE_MODES, Site
 
 REPORT_ATTR = "_fxdrop_conversion"
 
@@ -47,7 +47,8 @@ class PlannedRegion:
     plan: Plan
 
 
-def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, scale: Any, tile: Any) -> None:
+def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, scale: Any, tile: Any,
+                   granularity: Any = "forward") -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxdrop.convert expects an nn.Module, got {type(model).__name__}")
     if isinstance(p, (int, float)) and not isinstance(p, bool):
@@ -78,6 +79,9 @@ def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
         raise ValueError(f"scale={scale!r} is not a scale mode; expected one of {', '.join(SCALE_MODES)}")
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
         raise ValueError(f"tile must be an int >= 1, got {tile!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITIES)} ('forward': "
+                         "one pattern per forward call; 'rows': patterns per row)")
     _check_not_sharded(model)
 
 
@@ -199,14 +203,18 @@ def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row", example
 
 def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callable[[str], float | None] = None,
             pattern: str | Mapping[str, str] | Callable[[str], str] = "row", max_dp: int | str = "auto",
-            seed: int | None = None, scale: str = "kept", tile: int = 32, example_inputs: Any = None) -> nn.Module:
+            seed: int | None = None, scale: str = "kept", tile: int = 32, example_inputs: Any = None,
+            granularity: str = "forward") -> nn.Module:
     """A converted copy of ``model`` that trains with approximate random dropout.
 
     ``p``: None keeps each site's rate; a float (or a dict / callable on the site name) overrides it.
     ``pattern``: the family (row, block, tile), globally or per site. ``seed``: per-site seeds derive
-    from it. The result shares ``model``'s Parameters; ``model`` itself is left untouched.
+    from it. ``granularity``: ``"forward"`` (one pattern per site per forward call, the paper's method)
+    or ``"rows"`` (Linear sites draw a pattern per row: stratified, so each step's work is the same;
+    for sequence models, whose rows are many tokens; LSTM sites stay one pattern per forward, as
+    locked dropout is, and tile sites too, whose mask is on the weight that every row shares). The result shares ``model``'s Parameters; ``model`` itself is left untouched.
     """
-    _check_options(model, p, pattern, max_dp, seed, scale, tile)
+    _check_options(model, p, pattern, max_dp, seed, scale, tile, granularity)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else None
     work, regions, skipped = plan_model(model, p=p, pattern=pattern, example_inputs=inputs)
     conversion = Conversion(skipped=skipped, regions=[r.name for r in regions])
@@ -223,7 +231,8 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
         site_seed = None if seed is None else derive_seed(seed, index[id(record)])
         return Site.create(record.name, record.p, record.family, max_dp=max_dp, seed=site_seed, scale=scale,
                            units=record.units, weight_shape=record.weight_shape, tile=tile,
-                           producer=record.producer, consumer=record.consumer)
+                           producer=record.producer, consumer=record.consumer,
+                           granularity=granularity if record.family != "tile" else "forward")
 
     def make_lstm(lstm_input: LSTMInputPlan, lstm: nn.LSTM) -> nn.Module:
         record = lstm_input.site

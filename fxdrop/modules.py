@@ -85,6 +85,8 @@ class StructuredChain(nn.Module):
         if not self.training:
             y = self._original(x, weights, biases)
             return (y, x) if self.share_input else y
+        if self.granularity == "rows":
+            return self._forward_rows(x, weights, biases)
         patterns = torch.stack([site.sample() for site in self.sites])
         y = ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,
                       input_dropout=self.input_dropout, output_dropout=self.output_dropout, scale=self.scale,
@@ -93,6 +95,38 @@ class StructuredChain(nn.Module):
             return y
         site = self.sites[0]
         return y, ops.unit_dropout(x, patterns[0], family=self.family, scale=self.scale, p=site.p)
+
+    @property
+    def granularity(self) -> str:
+        return self.sites[0].granularity
+
+    def _forward_rows(self, x, weights, biases):
+        """Patterns per row: rows permuted, chained in stratified contiguous groups, put back in order."""
+        width = x.shape[-1]
+        rows = x.numel() // width if width else 0
+        patterns, groups, order = ops.sample_rows([site.scheduler.state for site in self.sites],
+                                                  [site.scheduler.cdf for site in self.sites], rows)
+        if not torch.compiler.is_compiling():
+            self.last_plan = (patterns, groups, order)
+        x2 = x.reshape(rows, width)
+        order_dev = order.to(x.device)
+        permuted = ops.chain(x2.index_select(0, order_dev), weights, biases, patterns, family=self.family,
+                             activations=self.activations, input_dropout=self.input_dropout,
+                             output_dropout=self.output_dropout, scale=self.scale,
+                             rates=[site.p for site in self.sites], groups=groups)
+        y = permuted.new_empty(permuted.shape).index_copy(0, order_dev, permuted).reshape(*x.shape[:-1], -1)
+        if not self.share_input:
+            return y
+        mask = self.sites[0].row_masks(patterns, groups, order, 0, dtype=x.dtype).to(x.device)
+        return y, (x2 * mask).reshape(x.shape)
+
+    def last_row_masks(self) -> list[torch.Tensor]:
+        """Each site's multipliers in the last training forward of a ``granularity="rows"`` chain:
+        ``(rows, units)`` in the rows' original order (for dense references)."""
+        plan = getattr(self, "last_plan", None)
+        if plan is None:
+            raise RuntimeError("last_row_masks: no training forward with granularity='rows' has run")
+        return [site.row_masks(*plan, index=i) for i, site in enumerate(self.sites)]
 
     def _original(self, x, weights, biases):
         """Eval: the original ops in the original order (dropouts are the identity)."""
@@ -108,7 +142,8 @@ class StructuredChain(nn.Module):
         return (f"linears=[{', '.join(self.linears)}], activations={self.activations}, sites=[{sites}], "
                 f"family={self.family!r}, input_dropout={self.input_dropout}, "
                 f"output_dropout={self.output_dropout}, scale={self.scale!r}"
-                + (", share_input=True" if self.share_input else ""))
+                + (", share_input=True" if self.share_input else "")
+                + (", granularity='rows'" if self.granularity == "rows" else ""))
 
 
 class TileLinear(nn.Module):

@@ -16,6 +16,9 @@ from .scheduler import PatternScheduler
 from .search import check_rate, search_distribution
 
 SCALE_MODES = ("kept", "rate")
+# "forward": one pattern per forward call for every row (the paper's method); "rows": stratified
+# patterns per row (fxdrop.scheduler.draw_rows), for sites whose rows are many tokens of a sequence.
+GRANULARITIES = ("forward", "rows")
 
 
 @dataclass(eq=False)
@@ -36,6 +39,7 @@ class Site:
     tile: int = DEFAULT_TILE
     producer: str | None = None
     consumer: str | None = None
+    granularity: str = "forward"
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -44,6 +48,12 @@ class Site:
         check_family(family)
         if scale not in SCALE_MODES:
             raise ValueError(f"site {name!r}: unknown scale mode {scale!r}; expected one of {SCALE_MODES}")
+        granularity = kwargs.get("granularity", "forward")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"site {name!r}: unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+        if granularity == "rows" and family == "tile":
+            raise ValueError(f"site {name!r}: granularity='rows' needs a unit family (row or block); a tile "
+                             "pattern masks the weight, which every row shares")
         try:
             p = check_rate(p, max_dp, where=f"p of dropout site {name!r}")
         except ValueError as err:
@@ -77,6 +87,22 @@ class Site:
         """Draw this step's pattern: ``int64 (2,) = [dp, offset]`` (through the sample op)."""
         return self.scheduler.sample_tensor()
 
+    def row_masks(self, patterns: torch.Tensor, groups: torch.Tensor, order: torch.Tensor, index: int = 0,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The multipliers of a row plan, ``(rows, units)`` in the rows' original order.
+
+        ``patterns, groups, order`` are what ``fxdrop::sample_rows`` returned (``index``: this site's
+        position among the sites drawn together): permuted row ``r`` is original row ``order[r]``.
+        """
+        if self.units is None:
+            raise ValueError(f"site {self.name!r}: a unit site needs units")
+        pieces = [unit_mask(self.family, self.units, int(pat[index][0]), int(pat[index][1]), self.scale, self.p,
+                            dtype=dtype).expand(int(count), self.units)
+                  for pat, count in zip(patterns, groups.tolist())]
+        permuted = torch.cat(pieces) if pieces else torch.zeros(0, self.units, dtype=dtype)
+        return torch.empty_like(permuted).index_copy_(0, order, permuted)
+
     def __repr__(self) -> str:
-        return (f"Site({self.name!r}, p={self.p}, family={self.family!r}, scale={self.scale!r}, "
+        rows = ", granularity='rows'" if self.granularity == "rows" else ""
+        return (f"Site({self.name!r}, p={self.p}, family={self.family!r}, scale={self.scale!r}{rows}, "
                 f"last_pattern={self.last_pattern})")

@@ -231,7 +231,8 @@ def test_sample_rows_draws_each_site_and_merges():
     a, b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
     twin_a, twin_b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
     for rows in (0, 1, 37, 700):
-        patterns, groups = ops.sample_rows([a.state, b.state], [a.cdf, b.cdf], rows)
+        patterns, groups, order = ops.sample_rows([a.state, b.state], [a.cdf, b.cdf], rows)
+        assert torch.equal(order.sort().values, torch.arange(rows))
         size = row_plan_size(2) + row_plan_size(4) - 1
         assert patterns.shape == (size, 2, 2) and groups.shape == (size,) and int(groups.sum()) == rows
         # Row r uses, at each site, the pattern that site's own plan gives row r.

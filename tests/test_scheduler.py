@@ -75,3 +75,42 @@ def test_every_unit_dropped_with_probability_p(family, p, max_dp, record_propert
     corr = torch.corrcoef(dropped.T)
     off_diag = corr[~torch.eye(n, dtype=torch.bool)]
     record_property(f"codrop_corr_{family}_{p}_{max_dp}", round(off_diag.mean().item(), 4))
+
+
+@pytest.mark.parametrize("p,max_dp", [(0.3, "auto"), (0.5, "auto"), (0.7, "auto"), (0.5, 8)])
+def test_row_plans_are_stratified_and_unbiased_per_row(p, max_dp):
+    """Every row uses pattern (dp, offset) with probability P(dp)/dp; each plan's counts are fixed up to one."""
+    from fxdrop.scheduler import draw_rows, row_plan_size, support
+
+    dist = search_distribution(p, max_dp=max_dp)
+    probs = dist.probs.tolist()
+    patterns = support(len(probs))
+    index = {pattern: k for k, pattern in enumerate(patterns)}
+    q = torch.tensor([probs[pat.dp - 1] / pat.dp for pat in patterns], dtype=torch.float64)
+    rows, draws = 23, 6000
+    hits = torch.zeros(rows, len(patterns), dtype=torch.float64)
+    for counter in range(draws):
+        plan = draw_rows(17, counter, probs, rows)
+        assert len(plan) == row_plan_size(len(probs)) and sum(count for _, count in plan) == rows
+        per_pattern = torch.zeros(len(patterns))
+        row = 0
+        for pattern, count in plan:
+            hits[row: row + count, index[pattern]] += 1
+            per_pattern[index[pattern]] += count
+            row += count
+        assert ((per_pattern.double() - rows * q).abs() < 1 + 1e-9).all()  # stratified: floor or ceil
+    freq = hits / draws
+    se = (q * (1 - q) / draws).sqrt()
+    assert ((freq - q).abs() <= 4.5 * se + 1e-12).all(), f"worst {(freq - q).abs().max():.4f}"
+    assert draw_rows(17, 5, probs, rows) == draw_rows(17, 5, probs, rows)  # a pure function of (seed, counter)
+
+
+def test_merged_row_plans_keep_each_sites_rows():
+    from fxdrop.scheduler import draw_rows, merge_row_plans
+
+    a, b = draw_rows(1, 0, [0.4, 0.6], 10), draw_rows(2, 0, [0.0, 0.2, 0.8], 10)
+    merged = merge_row_plans([a, b])
+    assert len(merged) == len(a) + len(b) - 1 and sum(count for _, count in merged) == 10
+    for site, plan in enumerate((a, b)):
+        want = [pattern for pattern, count in plan for _ in range(count)]
+        assert [pats[site] for pats, count in merged for _ in range(count)] == want

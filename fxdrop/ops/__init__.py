@@ -9,7 +9,7 @@ Wrappers (what the rest of fxdrop calls)::
 
     chain(x, weights, biases, patterns, *, family, activations, input_dropout=False,
           output_dropout=False, scale="kept", rates, groups=None)   # x: (..., in_features)
-    sample_rows(states, cdfs, rows)                       # row groups and their patterns for chain
+    sample_rows(states, cdfs, rows)                       # row order, groups and patterns for chain
     unit_dropout(x, pattern, *, family, scale="kept", p=0.0)
     tile_linear(x, weight, bias, pattern, *, tile=32, scale="kept", p=0.0)
 """
@@ -51,7 +51,7 @@ def _sample_rows_fake(states, cdfs, rows):
     from ..scheduler import row_plan_size
 
     size = sum(row_plan_size(cdf.numel()) for cdf in cdfs) - len(cdfs) + 1
-    return states[0].new_empty(size, len(states), 2), states[0].new_empty(size)
+    return states[0].new_empty(size, len(states), 2), states[0].new_empty(size), states[0].new_empty(rows)
 
 
 @torch.library.register_fake("fxdrop::chain")
@@ -189,7 +189,10 @@ def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[tor
 
 
 def sample_rows(states: Sequence[torch.Tensor], cdfs: Sequence[torch.Tensor], rows: int):
-    """Each site's next row plan, merged: ``(patterns int64 (G, sites, 2), rows per group int64 (G,))``."""
+    """Each site's next row plan, merged: ``(patterns (G, sites, 2), rows per group (G,), order (rows,))``.
+
+    Chain the rows ``x2[order]`` with these ``groups``/``patterns``; permuted row ``r`` is row ``order[r]``.
+    """
     return torch.ops.fxdrop.sample_rows(list(states), list(cdfs), int(rows))
 
 

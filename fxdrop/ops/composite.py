@@ -468,13 +468,17 @@ def sample_pattern(state, cdf):
 
 
 def sample_rows(states, cdfs, rows):
-    from ..scheduler import PatternScheduler, draw_rows, merge_row_plans
+    from ..scheduler import PatternScheduler, derive_seed, draw_rows, merge_row_plans
 
     if len(states) != len(cdfs) or not states:
         raise ValueError(f"sample_rows: needs one cdf per state and at least one site, got {len(states)} states "
                          f"and {len(cdfs)} cdfs")
     if rows < 0:
         raise ValueError(f"sample_rows: rows must be >= 0, got {rows}")
+    # The row order: a permutation from the first site's stream, so each row's patterns are independent
+    # of its position (the plans give contiguous chunks of the permuted rows).
+    generator = torch.Generator().manual_seed(derive_seed(int(states[0][0]), int(states[0][1]), 0x0D0E))
+    order = torch.randperm(int(rows), generator=generator)
     plans = []
     for state, cdf in zip(states, cdfs):
         if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
@@ -487,4 +491,4 @@ def sample_rows(states, cdfs, rows):
     merged = merge_row_plans(plans)
     patterns = torch.tensor([[list(p) for p in pats] for pats, _ in merged], dtype=torch.int64)
     counts = torch.tensor([count for _, count in merged], dtype=torch.int64)
-    return patterns, counts
+    return patterns, counts, order

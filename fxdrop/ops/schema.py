@@ -14,8 +14,9 @@ SCHEMAS = {
     # Draws the next pattern of a PatternScheduler stream and advances its state.
     "sample_pattern": "sample_pattern(Tensor(a!) state, Tensor cdf) -> Tensor",
     # Draws the next row plan of each site's stream (advancing each state) and merges them into
-    # contiguous row groups: (patterns (G, sites, 2), rows per group (G,)), G fixed by the cdfs' sizes.
-    "sample_rows": "sample_rows(Tensor(a!)[] states, Tensor[] cdfs, int rows) -> (Tensor, Tensor)",
+    # contiguous row groups: (patterns (G, sites, 2), rows per group (G,), order (rows,)), G fixed by
+    # the cdfs' sizes; the groups apply to the rows taken in ``order`` (a random permutation).
+    "sample_rows": "sample_rows(Tensor(a!)[] states, Tensor[] cdfs, int rows) -> (Tensor, Tensor, Tensor)",
     # x * unit mask along the last dim.
     "unit_dropout": "unit_dropout(Tensor x, Tensor pattern, str family, str scale, float p) -> Tensor",
     # [dropout ->] Linear -> act -> dropout -> Linear ... [-> act -> dropout]; returns y and the

@@ -46,9 +46,11 @@ def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
 
 
 def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Callable[[], fx.Node],
-             reroute: Callable[[fx.Node], None] | None = None) -> None:
+             reroute: Callable[[fx.Node], None] | None = None,
+             renamed: dict[fx.Node, fx.Node] | None = None) -> None:
     """Insert the replacement after the last matched node, reroute ``output``'s users (and, through
-    ``reroute``, any other outside users of matched nodes), erase the match."""
+    ``reroute``, any other outside users of matched nodes), erase the match. ``renamed`` records
+    ``output -> replacement`` for later replacements whose planned input was ``output``."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     last = max(matched, key=order.__getitem__)
     with graph.inserting_before(last.next):
@@ -56,6 +58,8 @@ def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Ca
     if reroute is not None:
         new = reroute(new)
     output.replace_all_uses_with(new)
+    if renamed is not None:
+        renamed[output] = new
     for node in sorted(matched, key=order.__getitem__, reverse=True):
         graph.erase_node(node)
 
@@ -100,6 +104,15 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
     """
     graph = gm.graph
     changed = False
+    # A planned input may be the output of an earlier replacement (a chain that ends in a dropout
+    # feeding the next chain): read the node that replaced it.
+    renamed: dict[fx.Node, fx.Node] = {}
+
+    def current(node: fx.Node) -> fx.Node:
+        while node in renamed:
+            node = renamed[node]
+        return node
+
     for lstm_input in plan.lstm_inputs if make_lstm is not None else ():
         node = lstm_input.lstm
         set_submodule(gm, node.target, make_lstm(lstm_input, get_path(gm, node.target)))
@@ -120,7 +133,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
 
         def build(chain=chain, target=target, source=source):
             params = [p for linear in chain.linears for p in _linear_params(graph, linear)]
-            return graph.call_module(target, (source, *params))
+            return graph.call_module(target, (current(source), *params))
 
         def share(new: fx.Node, chain=chain) -> fx.Node:
             """``(y, dropped x)``: the dropout's other users read the dropped input."""
@@ -132,7 +145,7 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
             chain.dropouts[0].node.replace_all_uses_with(dropped, delete_user_cb=lambda user: user is not first)
             return y
 
-        _replace(graph, chain_nodes(chain), output, build, share if chain.input_shared else None)
+        _replace(graph, chain_nodes(chain), output, build, share if chain.input_shared else None, renamed)
         COUNTERS["chain"] += 1
         changed = True
     for index, tile in enumerate(plan.tiles):
@@ -141,9 +154,9 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
                                                            linear=tile.linear.label))
 
         def build(tile=tile, target=target):
-            return graph.call_module(target, (tile.dropout.input, *_linear_params(graph, tile.linear)))
+            return graph.call_module(target, (current(tile.dropout.input), *_linear_params(graph, tile.linear)))
 
-        _replace(graph, [tile.dropout.node, tile.linear.node], tile.linear.node, build)
+        _replace(graph, [tile.dropout.node, tile.linear.node], tile.linear.node, build, renamed=renamed)
         COUNTERS["tile_linear"] += 1
         changed = True
     for index, unit in enumerate(plan.units):
@@ -151,9 +164,9 @@ def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite]
         target = _install(gm, f"unit_{index}", UnitDropout(site))
 
         def build(unit=unit, target=target):
-            return graph.call_module(target, (unit.dropout.input,))
+            return graph.call_module(target, (current(unit.dropout.input),))
 
-        _replace(graph, [unit.dropout.node], unit.dropout.node, build)
+        _replace(graph, [unit.dropout.node], unit.dropout.node, build, renamed=renamed)
         COUNTERS["unit_dropout"] += 1
         changed = True
     if changed:
