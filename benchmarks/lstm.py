@@ -64,10 +64,11 @@ def paired_times(baseline, candidate, pairs: int, warmup: int) -> list[tuple[flo
 
 
 def make_steps(example, *, hidden: int, vocab: int, layers: int, bptt: int, batch: int, p: float, family: str,
-               seed: int = 0):
+               seed: int = 0, granularity: str = "rows"):
     torch.manual_seed(seed)
     standard = example.WordLM(vocab, hidden, layers, p)
-    structured = example.fxdrop_model(copy.deepcopy(standard), p=p, family=family, seed=seed)
+    structured = example.fxdrop_model(copy.deepcopy(standard), p=p, family=family, seed=seed,
+                                      granularity=granularity)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (bptt + 1, batch), generator=gen)
     inputs, targets = tokens[:-1], tokens[1:]
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", default=["row", "block"], choices=["row", "block"])
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice; 1 is steadier on a machine shared with other jobs)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="fxdrop.allocator.retain_freed_memory() first (both models alike)")
+    parser.add_argument("--granularity", choices=("rows", "forward"), default="rows",
+                        help="the decoder site's patterns: per token row (examples/ptb_lstm.py's default) or one per "
+                             "forward")
     parser.add_argument("--quick", action="store_true", help="hidden 200, 5 pairs (a smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS / "lstm.json")
     args = parser.parse_args(argv)
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         args.hidden, args.pairs, args.warmup = 200, 5, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory:
+        from fxdrop.allocator import retain_freed_memory
+
+        retain_freed_memory()
     example = _example()
     console = Console()
     rows = []
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for family in args.families:
             standard, structured, conversion, ideal = make_steps(
                 example, hidden=args.hidden, vocab=args.vocab, layers=args.layers, bptt=args.bptt,
-                batch=args.batch, p=p, family=family)
+                batch=args.batch, p=p, family=family, granularity=args.granularity)
             times = paired_times(standard, structured, args.pairs, args.warmup)
             ratios = [a / b for a, b in times]
             speedup = statistics.median(ratios)
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/lstm.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "config": {"hidden": args.hidden, "vocab": args.vocab, "layers": args.layers, "bptt": args.bptt,
                    "batch": args.batch, "dtype": "float32", "pairs": args.pairs, "warmup": args.warmup,
-                   "threads": torch.get_num_threads()},
+                   "threads": torch.get_num_threads(), "granularity": args.granularity},
         "machine": example.machine(),
         # Other processes on the machine: the paired ratios absorb steady load, not bursts.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},

@@ -111,6 +111,23 @@ TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int6
   return t;
 }
 
+// Fresh gradient buffers of many MiB are new pages every step (the allocator unmaps them when the
+// optimizer drops the old gradients); the kernel faults them in and zeroes them 4 KiB at a time, which
+// cost an fxdrop step at h = 4096 more than its shrunken GEMMs. Transparent huge pages (when the system
+// leaves them to madvise) take 512 times fewer faults. A hint: the memory is the same either way.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  if (!t.device().is_cpu() || bytes < (uintptr_t{8} << 20)) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t start = (begin + kPage - 1) & ~(kPage - 1), stop = (begin + bytes) & ~(kPage - 1);
+  if (stop > start) madvise(reinterpret_cast<void*>(start), stop - start, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 namespace {
 
 std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
@@ -256,23 +273,6 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   auto out = at::empty({a.size(0), b.size(1)}, a.options());
   gemm_into(out, a, b, alpha);
   return out;
-}
-
-// Fresh gradient buffers of many MiB are new pages every step (the allocator unmaps them when the
-// optimizer drops the old gradients); the kernel faults them in and zeroes them 4 KiB at a time, which
-// cost an fxdrop step at h = 4096 more than its shrunken GEMMs. Transparent huge pages (when the system
-// leaves them to madvise) take 512 times fewer faults. A hint: the memory is the same either way.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  if (!t.device().is_cpu() || bytes < (uintptr_t{8} << 20)) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t start = (begin + kPage - 1) & ~(kPage - 1), stop = (begin + bytes) & ~(kPage - 1);
-  if (stop > start) madvise(reinterpret_cast<void*>(start), stop - start, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
 }
 
 // full (2-D, rows contiguous) = alpha * a @ b at [rows, cols] and zeros elsewhere: zero only the
@@ -487,6 +487,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     return {y.reshape(shape), saved};
   }
   auto y = at::empty({x2.size(0), weights.back().size(0)}, x.options());
+  advise_huge_pages(y);
   std::vector<at::Tensor> saved;
   for (const auto& group : spec) {
     const auto plan = plan_chain(x.size(-1), weights, group.patterns, family, activations, input_dropout,
@@ -519,7 +520,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
                   grad_biases, &grad_x, at::Tensor());
   } else {
     for (int64_t l = 0; l < layers; ++l) {
-      grad_weights[l] = at::zeros_like(weights[l]);
+      grad_weights[l] = at::empty_like(weights[l], at::MemoryFormat::Contiguous);
+      advise_huge_pages(grad_weights[l]);  // as scatter_product does for the one-group gradients
+      grad_weights[l].zero_();
       if (biases[l].defined()) grad_biases[l] = at::zeros_like(biases[l]);
     }
     if (needs_input_grad) grad_x = at::empty(x2.sizes(), x2.options());
@@ -554,6 +557,25 @@ at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK_VALUE(x.dim() >= 1, "unit_dropout: x must have shape (..., units)");
   const auto [dp, offset] = single_pattern(pattern);
   return k.unit_dropout(x, unit_mask(family, x.size(-1), dp, offset, scale, p));
+}
+
+// fxdrop.ops.composite.gather_rows / check_permutation, same messages.
+at::Tensor gather_rows(const Kernels& k, const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "gather_rows: x must have at least one dimension");
+  const int64_t rows = x.size(0);
+  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == rows,
+                    "gather_rows: index must be an int64 permutation of range(", rows, "), got ",
+                    dtype_name(index.scalar_type()), " ", index.sizes());
+  const at::Tensor cpu = index.to(at::kCPU).contiguous();
+  const int64_t* data = cpu.data_ptr<int64_t>();
+  std::vector<bool> seen(rows, false);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK_VALUE(data[r] >= 0 && data[r] < rows && !seen[data[r]], "gather_rows: index must be an int64 "
+                      "permutation of range(", rows, "), got repeated or out-of-range rows");
+    seen[data[r]] = true;
+  }
+  const auto x2 = x.reshape({rows, -1}).contiguous();
+  return k.gather_rows(x2, cpu).reshape(x.sizes());
 }
 
 at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& weight,

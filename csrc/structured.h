@@ -35,6 +35,9 @@ struct TilePlan {
 TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int64_t dp, int64_t offset,
                    const std::string& scale, double p);
 
+// madvise(MADV_HUGEPAGE) on a fresh CPU buffer of 8 MiB or more (a hint; a no-op elsewhere).
+void advise_huge_pages(const at::Tensor& t);
+
 // Everything but the GEMMs, per device (cpu/kernels.cpp, cuda/kernels.cu).
 struct Kernels {
   virtual ~Kernels() = default;
@@ -57,6 +60,8 @@ struct Kernels {
                       double alpha) const = 0;
   // x * mask along the last dim (0 dropped, mask.scale kept).
   virtual at::Tensor unit_dropout(const at::Tensor& x, const Mask& mask) const = 0;
+  // x2[index] for a contiguous 2-D x2 and a validated int64 CPU permutation index.
+  virtual at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const = 0;
   virtual at::Tensor tile_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
                                   const TilePlan& plan) const = 0;
   // {grad_x2, grad_weight} (dense, zeros where nothing was used).
@@ -80,6 +85,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
 
 at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor& pattern, const std::string& family,
                         const std::string& scale, double p);
+
+at::Tensor gather_rows(const Kernels& k, const at::Tensor& x, const at::Tensor& index);
 
 at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& pattern, int64_t tile,

@@ -41,6 +41,7 @@ import fxdrop
 import fxdrop.ops
 from fxdrop.audit_cli import max_dp_arg
 from fxdrop.lstm import StructuredLSTM, structure_lstm
+from fxdrop.modules import StructuredChain
 from fxdrop.scheduler import derive_seed
 from fxdrop.site import Site
 
@@ -71,13 +72,17 @@ class WordLM(nn.Module):
 class InputStructuredDecoder(nn.Module):
     """``Dropout -> Linear`` with the dropout structured: only the kept input columns are multiplied.
 
-    Holds the original Linear's Parameters under the same names (``weight``, ``bias``).
+    Holds the original Linear's Parameters under the same names (``weight``, ``bias``); the work is
+    :class:`fxdrop.modules.StructuredChain`'s (one pattern per forward, or per row with ``rows``).
     """
 
     def __init__(self, linear: nn.Linear, site: Site):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.site = site
+        self.chain = StructuredChain([site], family=site.family, activations=[], has_bias=[linear.bias is not None],
+                                     input_dropout=True, output_dropout=False, scale=site.scale,
+                                     linears=["decoder"])
 
     def fxdrop_sites(self) -> list[Site]:
         return [self.site]
@@ -85,21 +90,21 @@ class InputStructuredDecoder(nn.Module):
     def forward(self, x):
         if not self.training:
             return F.linear(x, self.weight, self.bias)
-        return fxdrop.ops.chain(x, [self.weight], [self.bias], self.site.sample().reshape(1, 2),
-                                family=self.site.family, activations=[], input_dropout=True,
-                                scale=self.site.scale, rates=[self.site.p])
+        return self.chain(x, self.weight, *([self.bias] if self.bias is not None else []))
 
 
 class StructuredWordLM(nn.Module):
     """:class:`WordLM` with all three dropouts structured, built by hand; same Parameters, same keys."""
 
-    def __init__(self, model: WordLM, *, p: float, family: str, seed: int, max_dp: int | str = "auto", scale: str = "kept"):
+    def __init__(self, model: WordLM, *, p: float, family: str, seed: int, max_dp: int | str = "auto",
+                 scale: str = "kept", granularity: str = "rows"):
         super().__init__()
         self.encoder = model.encoder
         self.rnn = structure_lstm(model.rnn, name="rnn", p=p, input_name="drop_in", input_p=p, family=family,
                                   max_dp=max_dp, seed=seed, scale=scale)
         site = Site.create("drop_out", p, family, max_dp=max_dp, seed=derive_seed(seed, 1 << 20), scale=scale,
-                           units=model.decoder.in_features, producer="rnn", consumer="decoder")
+                           units=model.decoder.in_features, producer="rnn", consumer="decoder",
+                           granularity=granularity)
         self.decoder = InputStructuredDecoder(model.decoder, site)
 
     def forward(self, tokens, hidden=None):
@@ -111,11 +116,16 @@ EXPECTED_SITES = {"drop_in", "rnn.layer0", "drop_out"}
 
 
 def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str = "kept", max_dp: int | str = "auto",
-                 conversion: str = "auto") -> nn.Module:
-    """The fxdrop twin of ``model`` (shares its Parameters): ``fxdrop.convert`` when it converts every site."""
+                 conversion: str = "auto", granularity: str = "rows") -> nn.Module:
+    """The fxdrop twin of ``model`` (shares its Parameters): ``fxdrop.convert`` when it converts every site.
+
+    ``granularity="rows"`` (default here): the decoder's input site draws a pattern per token row;
+    the LSTM sites draw one per forward (locked dropout) either way.
+    """
     if conversion in ("auto", "convert") and hasattr(fxdrop, "convert"):
         try:
-            converted = fxdrop.convert(model, p=p, pattern=family, seed=seed, scale=scale, max_dp=max_dp)
+            converted = fxdrop.convert(model, p=p, pattern=family, seed=seed, scale=scale, max_dp=max_dp,
+                                       granularity=granularity)
             names = {site.name for site in fxdrop.sites(converted)}
         except Exception as err:  # noqa: BLE001  (auto: fall back, and say why)
             if conversion == "convert":
@@ -131,7 +141,8 @@ def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str 
         if conversion == "convert":
             raise RuntimeError(f"fxdrop.convert did not convert every dropout of the model ({reason})")
         print(f"[fxdrop.convert does not structure every dropout yet ({reason}); building the model by hand]")
-    twin = StructuredWordLM(model, p=p, family=family, seed=seed, scale=scale, max_dp=max_dp)
+    twin = StructuredWordLM(model, p=p, family=family, seed=seed, scale=scale, max_dp=max_dp,
+                            granularity=granularity)
     twin.fxdrop_conversion = "manual (StructuredLSTM + fxdrop.ops.chain decoder)"
     return twin
 
@@ -197,9 +208,12 @@ def perplexity(model, data, bptt: int, limit: int | None = None) -> float:
 
 
 def machine() -> dict:
+    from fxdrop.allocator import retained
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "fxdrop": getattr(fxdrop, "__version__", "?")}
+            "torch": torch.__version__, "fxdrop": getattr(fxdrop, "__version__", "?"),
+            "retain_freed_memory": retained()}
 
 
 def parse_args(argv=None):
@@ -213,6 +227,9 @@ def parse_args(argv=None):
                         help="kept units x n / kept (default) or x 1 / (1 - p)")
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
                         help="largest pattern period, or auto (fxdrop.convert's max_dp; default)")
+    parser.add_argument("--granularity", choices=("rows", "forward"), default="rows",
+                        help="decoder input site: a pattern per token row (default) or one per forward; the LSTM "
+                             "sites draw one per forward either way (fxdrop.convert's granularity)")
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--eval-batch", type=int, default=10)
@@ -224,6 +241,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-eval-batches", type=int, default=None, help="validation batches (smoke tests)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="fxdrop.allocator.retain_freed_memory() first (glibc keeps freed memory for reuse, so "
+                             "fresh activations do not page-fault; both models run in this process alike)")
     parser.add_argument("--conversion", choices=("auto", "convert", "manual"), default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs/ptb_lstm"))
     return parser.parse_args(argv)
@@ -237,6 +257,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_freed_memory:
+        from fxdrop.allocator import retain_freed_memory
+
+        retain_freed_memory()
     console = Console()
     splits, vocab = load_corpus()
     train = batchify(splits["train"], args.batch)
@@ -246,7 +270,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     standard = WordLM(vocab, args.hidden, args.layers, args.p)
     structured = fxdrop_model(copy.deepcopy(standard), p=args.p, family=args.family, seed=args.seed,
-                              scale=args.scale, max_dp=args.max_dp, conversion=args.conversion)
+                              scale=args.scale, max_dp=args.max_dp, conversion=args.conversion,
+                              granularity=args.granularity)
     console.print(f"fxdrop model: {structured.fxdrop_conversion}; sites: "
                   f"{[site.name for site in fxdrop.sites(structured)] if hasattr(fxdrop, 'sites') else '?'}")
     runs = {"standard": {"model": standard}, "fxdrop": {"model": structured}}

@@ -234,7 +234,9 @@ def _chain_supports(module: StructuredChain, args: Sequence[Any]) -> list[tuple[
     """
     x, params = args[0], list(args[1:])
     out: list[tuple[torch.Tensor, _Support | None]] = []
-    patterns = [site.last_pattern for site in module.sites] if module.training else None
+    # With granularity="rows" every group of rows keeps its own units: the gradient is dense.
+    patterns = ([site.last_pattern for site in module.sites]
+                if module.training and module.granularity == "forward" else None)
     site_index = 0
     cols = None
     if module.input_dropout and patterns is not None:

@@ -109,12 +109,13 @@ class StructuredChain(nn.Module):
         if not torch.compiler.is_compiling():
             self.last_plan = (patterns, groups, order)
         x2 = x.reshape(rows, width)
-        order_dev = order.to(x.device)
-        permuted = ops.chain(x2.index_select(0, order_dev), weights, biases, patterns, family=self.family,
+        permuted = ops.chain(ops.gather_rows(x2, order), weights, biases, patterns, family=self.family,
                              activations=self.activations, input_dropout=self.input_dropout,
                              output_dropout=self.output_dropout, scale=self.scale,
                              rates=[site.p for site in self.sites], groups=groups)
-        y = permuted.new_empty(permuted.shape).index_copy(0, order_dev, permuted).reshape(*x.shape[:-1], -1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(rows, dtype=order.dtype)
+        y = ops.gather_rows(permuted, inverse).reshape(*x.shape[:-1], -1)
         if not self.share_input:
             return y
         mask = self.sites[0].row_masks(patterns, groups, order, 0, dtype=x.dtype).to(x.device)

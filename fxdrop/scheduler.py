@@ -48,53 +48,58 @@ def support(max_dp: int) -> list[Pattern]:
     return [Pattern(dp, offset) for dp in range(1, max_dp + 1) for offset in range(dp)]
 
 
+ROW_GROUPS = 4  # row groups per site per forward with granularity="rows"
+
+
 def row_plan_size(max_dp: int) -> int:
-    """Pieces in every row plan of a ``max_dp`` distribution: one per pattern, plus the wrapped one."""
-    return max_dp * (max_dp + 1) // 2 + 1
+    """Pieces in every row plan (a constant, so compiled graphs know it): :data:`ROW_GROUPS`."""
+    return ROW_GROUPS
 
 
 def draw_rows(seed: int, counter: int, probs: list[float], rows: int) -> list[tuple[Pattern, int]]:
-    """Row plan number ``counter`` of stream ``seed``: which pattern each of ``rows`` rows uses.
+    """Row plan number ``counter`` of stream ``seed``: ``ROW_GROUPS`` pieces ``(pattern, count)``.
 
-    Returns ``row_plan_size(len(probs))`` pieces ``(pattern, count)`` that cover the rows in order
-    (counts may be 0). Pattern ``(dp, offset)`` has probability ``q = probs[dp - 1] / dp``; it gets
-    ``floor(q * rows)`` rows plus one more with probability ``frac(q * rows)`` (systematic sampling, so
-    the counts always sum to ``rows``), as one contiguous chunk; the chunks, laid out in
-    :func:`support` order, are rotated by a uniform shift. So every row uses pattern ``(dp, offset)``
-    with probability exactly ``q``, and every unit of every row is dropped with probability exactly
-    the distribution's rate, while each step's work is fixed: ``rows * q`` rows per pattern, up to one.
+    The rows are cut into ``K = ROW_GROUPS`` contiguous groups of ``rows // K`` or one more (which
+    groups get the extra rows is random), and group ``j`` uses the pattern at quantile ``(u + j) / K``
+    of the distribution over :func:`support` (``(dp, offset)`` has mass ``probs[dp - 1] / dp``), ``u``
+    uniform: systematic sampling, so a step's groups spread over the distribution (at p = 0.5 with
+    ``max_dp="auto"``, half the rows keep the even units and half the odd ones). Consecutive groups
+    with the same pattern are merged (the plan is padded with empty pieces). Group ``j``'s pattern
+    depends on ``j``, so the plan is for rows in a random order (:func:`row_order`; ``fxdrop::sample_rows``
+    permutes them): a row then lands in each group with probability 1/K (in expectation over the
+    group sizes) and uses ``(dp, offset)`` with probability exactly its mass, so it drops every unit
+    with probability exactly the distribution's rate.
     """
     patterns = support(len(probs))
     total = sum(probs)
-    expected = [rows * probs[pat.dp - 1] / (total * pat.dp) for pat in patterns]
-    counts = [int(e) for e in expected]
-    frac = [e - c for e, c in zip(expected, counts)]
-    extra = rows - sum(counts)
-    u_count, u_shift = _uniforms(seed, counter)
-    if extra > 0:
-        weight = extra / sum(frac)  # 1 up to rounding: the fractions sum to the rows left
-        acc, given = 0.0, 0
-        for k, f in enumerate(frac):
-            acc += f * weight
-            while given < extra and u_count + given < acc:
-                counts[k] += 1
-                given += 1
-        for k in range(len(counts) - 1, -1, -1):  # rounding left a row over: the last chunk that may take it
-            if given == extra:
+    mass = [probs[pat.dp - 1] / (total * pat.dp) for pat in patterns]
+    u, u_extra = _uniforms(seed, counter)
+    k = ROW_GROUPS
+    base, extra = divmod(rows, k)
+    first_extra = min(int(u_extra * k), k - 1)
+    plan: list[tuple[Pattern, int]] = []
+    for j in range(k):
+        target = (u + j) / k
+        acc, chosen = 0.0, None
+        for pattern, m in zip(patterns, mass):
+            acc += m
+            if m > 0 and target < acc:
+                chosen = pattern
                 break
-            if frac[k] > 0:
-                counts[k] += 1
-                given += 1
-    shift = min(int(u_shift * rows), rows - 1) if rows > 0 else 0
-    start, first = 0, 0
-    for k, count in enumerate(counts):  # the chunk the shift falls in
-        if start + count > shift:
-            first = k
-            break
-        start += count
-    order = list(range(first + 1, len(counts))) + list(range(first))
-    return ([(patterns[first], start + counts[first] - shift)] + [(patterns[k], counts[k]) for k in order]
-            + [(patterns[first], shift - start)])
+        if chosen is None:  # rounding at the top end: the last pattern with mass
+            chosen = next(pat for pat, m in zip(reversed(patterns), reversed(mass)) if m > 0)
+        count = base + int((j - first_extra) % k < extra)
+        if plan and plan[-1][0] == chosen:
+            plan[-1] = (chosen, plan[-1][1] + count)
+        else:
+            plan.append((chosen, count))
+    return plan + [(Pattern(1, 0), 0)] * (k - len(plan))
+
+
+def row_order(seed: int, counter: int, rows: int) -> torch.Tensor:
+    """The random row order that goes with row plan ``counter`` of stream ``seed`` (int64 permutation)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, counter, 0x0D0E))
+    return torch.randperm(rows, generator=generator)
 
 
 def merge_row_plans(plans: list[list[tuple[Pattern, int]]]) -> list[tuple[tuple[Pattern, ...], int]]:

@@ -63,11 +63,18 @@ class Site:
 
     @property
     def last_pattern(self) -> Pattern | None:
+        """The pattern of the last training forward (None before the first, and for a ``"rows"`` site,
+        whose rows have patterns of their own: see ``StructuredChain.last_row_masks``)."""
+        if self.granularity == "rows":
+            return None
         return self.scheduler.last_pattern
 
     @property
     def last_mask(self) -> torch.Tensor | None:
         """The multiplier of the last training forward: ``(units,)`` or the weight's shape; 0 where dropped."""
+        if self.granularity == "rows":
+            raise ValueError(f"site {self.name!r} draws a pattern per row (granularity='rows'): its last masks "
+                             "are StructuredChain.last_row_masks(), one row per input row")
         pattern = self.last_pattern
         if pattern is None:
             return None

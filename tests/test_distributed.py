@@ -435,3 +435,18 @@ def test_dtensor_weights_are_named_not_failed_inside_the_op(monkeypatch):
     chain(torch.randn(3, 20), *weights)  # plain tensors still run
     with pytest.raises(ValueError, match="DTensor shards.*fxdrop.distributed.fully_shard"):
         chain(torch.randn(3, 20), weights[0].as_subclass(FakeDTensor), *weights[1:])
+
+
+def test_rows_granularity_chains_report_dense_gradients():
+    """The kept-block comm hook must not trim a granularity="rows" chain: every row group keeps its own
+    units, so the weight gradient is dense (a forward-granularity chain reports its kept block)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4))
+    x = torch.randn(6, 8)
+    for granularity, dense in (("forward", False), ("rows", True)):
+        converted = fxdrop.convert(model, seed=0, granularity=granularity)
+        converted(x)
+        (chain,) = [m for m in converted.modules() if isinstance(m, fxdrop.modules.StructuredChain)]
+        params = [model[0].weight, model[0].bias, model[3].weight, model[3].bias]
+        supports = fd._chain_supports(chain, [x, *params])
+        assert all(support is None for _, support in supports) == dense

@@ -78,9 +78,10 @@ def test_every_unit_dropped_with_probability_p(family, p, max_dp, record_propert
 
 
 @pytest.mark.parametrize("p,max_dp", [(0.3, "auto"), (0.5, "auto"), (0.7, "auto"), (0.5, 8)])
-def test_row_plans_are_stratified_and_unbiased_per_row(p, max_dp):
-    """Every row uses pattern (dp, offset) with probability P(dp)/dp; each plan's counts are fixed up to one."""
-    from fxdrop.scheduler import draw_rows, row_plan_size, support
+def test_row_plans_give_every_position_each_pattern_with_its_mass(p, max_dp):
+    """Every row, in the plan's random row order, uses (dp, offset) with probability P(dp)/dp; plans
+    have ROW_GROUPS pieces and cover the rows."""
+    from fxdrop.scheduler import ROW_GROUPS, draw_rows, row_order, support
 
     dist = search_distribution(p, max_dp=max_dp)
     probs = dist.probs.tolist()
@@ -91,18 +92,25 @@ def test_row_plans_are_stratified_and_unbiased_per_row(p, max_dp):
     hits = torch.zeros(rows, len(patterns), dtype=torch.float64)
     for counter in range(draws):
         plan = draw_rows(17, counter, probs, rows)
-        assert len(plan) == row_plan_size(len(probs)) and sum(count for _, count in plan) == rows
-        per_pattern = torch.zeros(len(patterns))
-        row = 0
+        assert len(plan) == ROW_GROUPS and sum(count for _, count in plan) == rows
+        order = row_order(17, counter, rows)
+        position = 0
         for pattern, count in plan:
-            hits[row: row + count, index[pattern]] += 1
-            per_pattern[index[pattern]] += count
-            row += count
-        assert ((per_pattern.double() - rows * q).abs() < 1 + 1e-9).all()  # stratified: floor or ceil
+            hits[order[position: position + count], index[pattern]] += 1
+            position += count
     freq = hits / draws
     se = (q * (1 - q) / draws).sqrt()
     assert ((freq - q).abs() <= 4.5 * se + 1e-12).all(), f"worst {(freq - q).abs().max():.4f}"
     assert draw_rows(17, 5, probs, rows) == draw_rows(17, 5, probs, rows)  # a pure function of (seed, counter)
+
+
+def test_row_plan_at_half_keeps_even_units_in_half_the_rows():
+    """p = 0.5, max_dp auto: the quantiles u/4 .. (u+3)/4 give (2, 0) to two groups and (2, 1) to two."""
+    from fxdrop.scheduler import Pattern, draw_rows
+
+    for counter in range(50):
+        plan = [(pattern, count) for pattern, count in draw_rows(3, counter, [0.0, 1.0], 700) if count]
+        assert plan == [(Pattern(2, 0), 350), (Pattern(2, 1), 350)]
 
 
 def test_merged_row_plans_keep_each_sites_rows():

@@ -246,6 +246,20 @@ struct CpuKernels final : Kernels {
     });
   }
 
+  at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const override {
+    const int64_t rows = x2.size(0), width = x2.size(1);
+    auto out = at::empty_like(x2);
+    advise_huge_pages(out);  // a fresh buffer of a whole activation: fault it in as huge pages
+    const int64_t bytes = width * x2.element_size();
+    const char* src = static_cast<const char*>(x2.const_data_ptr());
+    char* dst = static_cast<char*>(out.data_ptr());
+    const int64_t* idx = index.const_data_ptr<int64_t>();
+    at::parallel_for(0, rows, grain(width), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * bytes, src + idx[r] * bytes, bytes);
+    });
+    return out;
+  }
+
   at::Tensor unit_dropout(const at::Tensor& x_in, const Mask& m) const override {
     const auto x = x_in.contiguous();
     auto y = at::empty_like(x);
@@ -451,6 +465,8 @@ at::Tensor unit_dropout_cpu(const at::Tensor& x, const at::Tensor& pattern, std:
   return unit_dropout(cpu(), x, pattern, family, scale, p);
 }
 
+at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) { return gather_rows(cpu(), x, index); }
+
 at::Tensor tile_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& pattern, int64_t tile, std::string scale, double p) {
   return tile_linear(cpu(), x, weight, bias, pattern, tile, scale, p);
@@ -471,6 +487,7 @@ TORCH_LIBRARY_IMPL(fxdrop, CPU, m) {
   m.impl("chain", TORCH_FN(fxdrop::chain_cpu));
   m.impl("chain_backward", TORCH_FN(fxdrop::chain_backward_cpu));
   m.impl("unit_dropout", TORCH_FN(fxdrop::unit_dropout_cpu));
+  m.impl("gather_rows", TORCH_FN(fxdrop::gather_rows_cpu));
   m.impl("tile_linear", TORCH_FN(fxdrop::tile_linear_cpu));
   m.impl("tile_linear_backward", TORCH_FN(fxdrop::tile_linear_backward_cpu));
 }

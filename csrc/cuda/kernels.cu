@@ -224,6 +224,10 @@ struct CudaKernels final : Kernels {
     });
   }
 
+  at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const override {
+    return at::index_select(x2, 0, index.to(x2.device(), /*non_blocking=*/true));
+  }
+
   at::Tensor unit_dropout(const at::Tensor& x_in, const Mask& m) const override {
     const auto x = x_in.contiguous();
     auto y = at::empty_like(x);
@@ -362,6 +366,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
                         activations, input_dropout, output_dropout, scale, rates, needs_input_grad, groups);
 }
 
+at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gather_rows(kernels(), x, index);
+}
+
 at::Tensor unit_dropout_cuda(const at::Tensor& x, const at::Tensor& pattern, std::string family, std::string scale,
                              double p) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -391,6 +400,7 @@ TORCH_LIBRARY_IMPL(fxdrop, CUDA, m) {
   m.impl("chain", TORCH_FN(fxdrop::cuda::chain_cuda));
   m.impl("chain_backward", TORCH_FN(fxdrop::cuda::chain_backward_cuda));
   m.impl("unit_dropout", TORCH_FN(fxdrop::cuda::unit_dropout_cuda));
+  m.impl("gather_rows", TORCH_FN(fxdrop::cuda::gather_rows_cuda));
   m.impl("tile_linear", TORCH_FN(fxdrop::cuda::tile_linear_cuda));
   m.impl("tile_linear_backward", TORCH_FN(fxdrop::cuda::tile_linear_backward_cuda));
 }

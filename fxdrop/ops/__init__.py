@@ -10,6 +10,7 @@ Wrappers (what the rest of fxdrop calls)::
     chain(x, weights, biases, patterns, *, family, activations, input_dropout=False,
           output_dropout=False, scale="kept", rates, groups=None)   # x: (..., in_features)
     sample_rows(states, cdfs, rows)                       # row order, groups and patterns for chain
+    gather_rows(x, index)                                 # x[index] for a permutation index
     unit_dropout(x, pattern, *, family, scale="kept", p=0.0)
     tile_linear(x, weight, bias, pattern, *, tile=32, scale="kept", p=0.0)
 """
@@ -84,6 +85,11 @@ def _chain_backward_fake(grad_y, x, weights, biases, has_bias, patterns, saved, 
     return grad_x, [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
 
 
+@torch.library.register_fake("fxdrop::gather_rows")
+def _gather_rows_fake(x, index):
+    return x.new_empty(index.shape[0], *x.shape[1:])
+
+
 @torch.library.register_fake("fxdrop::tile_linear")
 def _tile_linear_fake(x, weight, bias, pattern, tile, scale, p):
     composite.check_chain(x, [weight], [bias])
@@ -141,6 +147,20 @@ def _unit_dropout_backward(ctx, grad):
 torch.library.register_autograd("fxdrop::unit_dropout", _unit_dropout_backward, setup_context=_unit_dropout_setup)
 
 
+def _gather_rows_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _gather_rows_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), dtype=index.dtype)
+    return torch.ops.fxdrop.gather_rows(grad, inverse), None
+
+
+torch.library.register_autograd("fxdrop::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
+
+
 def _tile_setup(ctx, inputs, output):
     x, weight, bias, pattern, tile, scale, p = inputs
     ctx.config = (tile, scale, p, bias is not None)
@@ -166,9 +186,6 @@ def _kernels_ready() -> None:
         extension.ensure_loaded()
 
 
-_NO_GROUPS = torch.empty(0, dtype=torch.int64)  # chain's "one pattern set for all rows"
-
-
 def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
           patterns: torch.Tensor, *, family: str, activations: Sequence[str], input_dropout: bool = False,
           output_dropout: bool = False, scale: str = "kept", rates: Sequence[float],
@@ -184,8 +201,17 @@ def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[tor
     y, _ = torch.ops.fxdrop.chain(x, list(weights), [b for b in biases if b is not None],
                                   [b is not None for b in biases], patterns, family, list(activations),
                                   bool(input_dropout), bool(output_dropout), scale, [float(r) for r in rates],
-                                  _NO_GROUPS if groups is None else groups)
+                                  # empty: one pattern set for all rows (made per call: a module-level
+                                  # tensor would be a real tensor inside a fake-tensor trace)
+                                  torch.empty(0, dtype=torch.int64) if groups is None else groups)
     return y
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` along dim 0, ``index`` an int64 CPU permutation of ``range(x.shape[0])``; its gradient
+    is the inverse gather. (The compiled CPU kernel writes fresh pages advised as huge pages.)"""
+    _kernels_ready()
+    return torch.ops.fxdrop.gather_rows(x, index)
 
 
 def sample_rows(states: Sequence[torch.Tensor], cdfs: Sequence[torch.Tensor], rows: int):

@@ -468,7 +468,7 @@ def sample_pattern(state, cdf):
 
 
 def sample_rows(states, cdfs, rows):
-    from ..scheduler import PatternScheduler, derive_seed, draw_rows, merge_row_plans
+    from ..scheduler import PatternScheduler, draw_rows, merge_row_plans, row_order
 
     if len(states) != len(cdfs) or not states:
         raise ValueError(f"sample_rows: needs one cdf per state and at least one site, got {len(states)} states "
@@ -476,9 +476,8 @@ def sample_rows(states, cdfs, rows):
     if rows < 0:
         raise ValueError(f"sample_rows: rows must be >= 0, got {rows}")
     # The row order: a permutation from the first site's stream, so each row's patterns are independent
-    # of its position (the plans give contiguous chunks of the permuted rows).
-    generator = torch.Generator().manual_seed(derive_seed(int(states[0][0]), int(states[0][1]), 0x0D0E))
-    order = torch.randperm(int(rows), generator=generator)
+    # of its position (the plans give contiguous groups of the permuted rows).
+    order = row_order(int(states[0][0]), int(states[0][1]), int(rows))
     plans = []
     for state, cdf in zip(states, cdfs):
         if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
@@ -492,3 +491,22 @@ def sample_rows(states, cdfs, rows):
     patterns = torch.tensor([[list(p) for p in pats] for pats, _ in merged], dtype=torch.int64)
     counts = torch.tensor([count for _, count in merged], dtype=torch.int64)
     return patterns, counts, order
+
+
+def check_permutation(index: torch.Tensor, rows: int) -> None:
+    """``index`` must be an int64 1-D permutation of ``range(rows)`` (same message as the C++ kernel)."""
+    if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != rows:
+        raise ValueError(f"gather_rows: index must be an int64 permutation of range({rows}), got {index.dtype} "
+                         f"{tuple(index.shape)}")
+    seen = torch.zeros(rows, dtype=torch.bool)
+    cpu = index.cpu()
+    if rows and (int(cpu.min()) < 0 or int(cpu.max()) >= rows or seen.index_fill_(0, cpu, True).sum() != rows):
+        raise ValueError(f"gather_rows: index must be an int64 permutation of range({rows}), got repeated or "
+                         "out-of-range rows")
+
+
+def gather_rows(x, index):
+    if x.dim() < 1:
+        raise ValueError("gather_rows: x must have at least one dimension")
+    check_permutation(index, x.shape[0])
+    return x.index_select(0, index.to(x.device))

@@ -34,6 +34,8 @@ SCHEMAS = {
                        "Tensor patterns, Tensor[] saved, str family, str[] activations, bool input_dropout, "
                        "bool output_dropout, str scale, float[] rates, bool needs_input_grad, Tensor groups) "
                        "-> (Tensor, Tensor[], Tensor[])"),
+    # x[index] along dim 0 for a permutation ``index`` (int64 CPU): row groups are chained on permuted rows.
+    "gather_rows": "gather_rows(Tensor x, Tensor index) -> Tensor",
     # x @ (W * tile mask)^T + b on the kept tiles only.
     "tile_linear": ("tile_linear(Tensor x, Tensor weight, Tensor? bias, Tensor pattern, int tile, str scale, "
                     "float p) -> Tensor"),
