@@ -406,7 +406,7 @@ std::pair<at::Tensor, std::vector<at::Tensor>> forward_rows(const Kernels& k, co
 // input gradient of these rows is written into grad_x_rows.
 void backward_rows(const Kernels& k, at::Tensor g, const at::Tensor& x2, at::TensorList weights,
                    const std::vector<at::Tensor>& biases, const std::vector<Layer>& plan, const std::vector<Act>& acts,
-                   at::TensorList saved, bool needs_input_grad, bool accumulate,
+                   at::TensorList saved, bool needs_input_grad, bool accumulate, bool first,
                    std::vector<at::Tensor>& grad_weights, std::vector<at::Tensor>& grad_biases, at::Tensor* grad_x,
                    at::Tensor grad_x_rows) {
   const int64_t layers = static_cast<int64_t>(weights.size());
@@ -425,7 +425,9 @@ void backward_rows(const Kernels& k, at::Tensor g, const at::Tensor& x2, at::Ten
     const auto& weight = weights[l];
     const at::Tensor inp = l > 0 ? saved[2 * site + 1] : kept_columns(x2, step.inputs());
     const double alpha = step.has_in ? step.in.scale : 1.0;
-    if (accumulate) {
+    if (accumulate && first) {  // the first group writes its region and zeroes the rest: no separate zero pass
+      scatter_product_into(k, grad_weights[l], step.outputs(), step.inputs(), g.t(), inp, alpha);
+    } else if (accumulate) {
       accumulate_product(grad_weights[l], step.outputs(), step.inputs(), g.t(), inp, alpha);
     } else {
       grad_weights[l] = scatter_product(k, weight.sizes(), weight.options(), step.outputs(), step.inputs(), g.t(),
@@ -516,15 +518,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
   if (spec.empty()) {
     const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
                                  scale, rates, &acts);
-    backward_rows(k, g, x2, weights, biases, plan, acts, saved, needs_input_grad, /*accumulate=*/false, grad_weights,
-                  grad_biases, &grad_x, at::Tensor());
+    backward_rows(k, g, x2, weights, biases, plan, acts, saved, needs_input_grad, /*accumulate=*/false,
+                  /*first=*/true, grad_weights, grad_biases, &grad_x, at::Tensor());
   } else {
     for (int64_t l = 0; l < layers; ++l) {
+      // Written whole by the first non-empty group (its region, zeros elsewhere); the others add.
       grad_weights[l] = at::empty_like(weights[l], at::MemoryFormat::Contiguous);
       advise_huge_pages(grad_weights[l]);  // as scatter_product does for the one-group gradients
-      grad_weights[l].zero_();
       if (biases[l].defined()) grad_biases[l] = at::zeros_like(biases[l]);
     }
+    bool first = true;
     if (needs_input_grad) grad_x = at::empty(x2.sizes(), x2.options());
     const int64_t per_group = 2 * static_cast<int64_t>(activations.size());
     TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == per_group * static_cast<int64_t>(spec.size()),
@@ -537,8 +540,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
                                    output_dropout, scale, rates, &acts);
       backward_rows(k, g.narrow(0, group.start, group.count), x2.narrow(0, group.start, group.count), weights,
                     biases, plan, acts, saved.slice(i * per_group, per_group), needs_input_grad,
-                    /*accumulate=*/true, grad_weights, grad_biases, nullptr,
+                    /*accumulate=*/true, first, grad_weights, grad_biases, nullptr,
                     needs_input_grad ? grad_x.narrow(0, group.start, group.count) : at::Tensor());
+      first = false;
+    }
+    if (first) {  // no rows at all: the gradients are zero
+      for (auto& gw : grad_weights) gw.zero_();
     }
   }
   std::vector<at::Tensor> present;

@@ -338,3 +338,14 @@ def test_gather_rows_is_a_permutation_with_its_inverse_as_gradient(dtype):
     for bad in (torch.tensor([0, 1, 1]), torch.tensor([0, 1, 3]), torch.tensor([0, 1]), torch.tensor([0., 1., 2.])):
         with pytest.raises(ValueError, match=r"gather_rows: index must be an int64 permutation of range\(3\)"):
             ops.gather_rows(torch.randn(3, 2), bad)
+
+
+def test_chain_row_groups_with_no_rows_give_zero_gradients():
+    x = torch.randn(0, 5, requires_grad=True)
+    w = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    y = ops.chain(x, [w], [b], torch.tensor([[[2, 0]], [[2, 1]]]), family="row", activations=[], input_dropout=True,
+                  rates=[0.5], groups=torch.tensor([0, 0]))
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
