@@ -25,6 +25,8 @@ MLP = RESULTS / "mlp.json"
 MLP_RETAINED = RESULTS / "mlp_retained.json"
 PARITY = ROOT / "examples" / "results" / "mnist_mlp_w512_e20.json"
 LSTM = RESULTS / "lstm.json"
+LSTM_RETAINED = RESULTS / "lstm_retained.json"
+LSTM_FORWARD = RESULTS / "lstm_forward.json"
 OPS = RESULTS / "ops.json"
 OPS_RETAINED = RESULTS / "ops_retained.json"
 COMPILE = RESULTS / "compile.json"
@@ -142,13 +144,17 @@ def codrop_section(result: dict) -> list[str]:
     return lines
 
 
-def lstm_section(speed: dict | None, quality: list[tuple[Path, dict]]) -> list[str]:
+def lstm_section(speeds: list[tuple[Path, dict]], quality: list[tuple[Path, dict]]) -> list[str]:
     lines = ["### LSTM language model, Penn Treebank", ""]
-    if speed is not None:
+    for path, speed in speeds:
         config = speed["config"]
-        lines += [f"Training-step speed ({_rel(LSTM)}): {config['layers']} × {config['hidden']} LSTM, vocabulary "
+        granularity = config.get("granularity", "forward")
+        retained = speed["machine"].get("retain_freed_memory", False)
+        lines += [f"Training-step speed ({_rel(path)}): {config['layers']} × {config['hidden']} LSTM, vocabulary "
                   f"{config['vocab']}, BPTT {config['bptt']}, batch {config['batch']}, fp32 (forward, loss, backward, "
-                  "clipping, SGD); the recurrent GEMMs do not shrink, so the FLOP ideal is low.", "",
+                  f"clipping, SGD); decoder patterns **{granularity}**; "
+                  + ("`retain_freed_memory()` (both sides)" if retained else "glibc's default allocator settings")
+                  + ". The recurrent GEMMs do not shrink, so the FLOP ideal is low.", "",
                   "| p | family | standard ms | fxdrop ms | speedup (median) | speedup (total) | ideal | efficiency |",
                   "|---:|:---|---:|---:|---:|---:|---:|---:|"]
         for row in speed["rows"]:
@@ -159,7 +165,7 @@ def lstm_section(speed: dict | None, quality: list[tuple[Path, dict]]) -> list[s
         lines += ["", f"{_machine(speed['machine'])}. Paper: 1.24–1.85× at p 0.3–0.7. "
                   f"Reproduce: `{speed.get('command', 'python benchmarks/lstm.py')}`.", ""]
     if quality:
-        lines += ["Quality (same seed and schedule for both; a full epoch is 1,327 batches, some runs use fewer). "
+        lines += ["Quality (same seed and schedule for both; a full epoch is 1,328 batches, some runs use fewer). "
                   "*decoder patterns*: `forward` = one pattern per forward for all 700 tokens of a batch (the "
                   "paper's method), `rows` = a pattern per token (`granularity=\"rows\"`); the LSTM sites draw "
                   "one pattern per forward in every run:", "",
@@ -297,10 +303,10 @@ def render() -> str:
         lines += max_dp_section(studies)
     if (result := _load(CODROP)) is not None:
         lines += codrop_section(result)
-    speed = _load(LSTM)
+    speeds = [(path, result) for path in (LSTM, LSTM_RETAINED, LSTM_FORWARD) if (result := _load(path)) is not None]
     quality = [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob("ptb_lstm_*.json"))]
-    if speed is not None or quality:
-        lines += lstm_section(speed, quality)
+    if speeds or quality:
+        lines += lstm_section(speeds, quality)
     studies = [(path, json.loads(path.read_text())) for path in sorted(MASK_STUDY.glob("*.json"))]
     if studies:
         lines += mask_study_section(studies)

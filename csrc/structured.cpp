@@ -489,7 +489,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     return {y.reshape(shape), saved};
   }
   auto y = at::empty({x2.size(0), weights.back().size(0)}, x.options());
-  advise_huge_pages(y);
   std::vector<at::Tensor> saved;
   for (const auto& group : spec) {
     const auto plan = plan_chain(x.size(-1), weights, group.patterns, family, activations, input_dropout,

@@ -248,8 +248,9 @@ struct CpuKernels final : Kernels {
 
   at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const override {
     const int64_t rows = x2.size(0), width = x2.size(1);
+    // No huge-page advice here: on this machine (THP defrag=madvise) an advised fresh 28 MB activation
+    // took ~60 ms to fault in (direct compaction) against ~10 ms plain.
     auto out = at::empty_like(x2);
-    advise_huge_pages(out);  // a fresh buffer of a whole activation: fault it in as huge pages
     const int64_t bytes = width * x2.element_size();
     const char* src = static_cast<const char*>(x2.const_data_ptr());
     char* dst = static_cast<char*>(out.data_ptr());
