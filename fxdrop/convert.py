@@ -210,9 +210,10 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
     ``p``: None keeps each site's rate; a float (or a dict / callable on the site name) overrides it.
     ``pattern``: the family (row, block, tile), globally or per site. ``seed``: per-site seeds derive
     from it. ``granularity``: ``"forward"`` (one pattern per site per forward call, the paper's method)
-    or ``"rows"`` (Linear sites draw a pattern per row: stratified, so each step's work is the same;
-    for sequence models, whose rows are many tokens; LSTM sites stay one pattern per forward, as
-    locked dropout is, and tile sites too, whose mask is on the weight that every row shares). The result shares ``model``'s Parameters; ``model`` itself is left untouched.
+    or ``"rows"`` (Linear sites draw patterns per row: 4 groups of rows per step, spread over the
+    distribution; for sequence models, whose rows are many tokens; LSTM sites stay one pattern per
+    forward, as locked dropout is, and tile sites too, whose mask is on the weight every row shares).
+    The result shares ``model``'s Parameters; ``model`` itself is left untouched.
     """
     _check_options(model, p, pattern, max_dp, seed, scale, tile, granularity)
     inputs = as_input_tuple(example_inputs) if example_inputs is not None else None

@@ -101,7 +101,8 @@ class StructuredChain(nn.Module):
         return self.sites[0].granularity
 
     def _forward_rows(self, x, weights, biases):
-        """Patterns per row: rows permuted, chained in stratified contiguous groups, put back in order."""
+        """Patterns per row: rows permuted, chained in contiguous groups (one row plan per site,
+        ``fxdrop::sample_rows``), put back in order."""
         width = x.shape[-1]
         rows = x.numel() // width if width else 0
         patterns, groups, order = ops.sample_rows([site.scheduler.state for site in self.sites],
@@ -113,9 +114,7 @@ class StructuredChain(nn.Module):
                              activations=self.activations, input_dropout=self.input_dropout,
                              output_dropout=self.output_dropout, scale=self.scale,
                              rates=[site.p for site in self.sites], groups=groups)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(rows, dtype=order.dtype)
-        y = ops.gather_rows(permuted, inverse).reshape(*x.shape[:-1], -1)
+        y = ops.gather_rows(permuted, ops.inverse_permutation(order)).reshape(*x.shape[:-1], -1)
         if not self.share_input:
             return y
         mask = self.sites[0].row_masks(patterns, groups, order, 0, dtype=x.dtype).to(x.device)

@@ -16,8 +16,8 @@ from .scheduler import PatternScheduler
 from .search import check_rate, search_distribution
 
 SCALE_MODES = ("kept", "rate")
-# "forward": one pattern per forward call for every row (the paper's method); "rows": stratified
-# patterns per row (fxdrop.scheduler.draw_rows), for sites whose rows are many tokens of a sequence.
+# "forward": one pattern per forward call for every row (the paper's method); "rows": patterns per
+# row (fxdrop.scheduler.draw_rows), for sites whose rows are many tokens of a sequence.
 GRANULARITIES = ("forward", "rows")
 
 

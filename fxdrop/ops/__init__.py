@@ -11,6 +11,7 @@ Wrappers (what the rest of fxdrop calls)::
           output_dropout=False, scale="kept", rates, groups=None)   # x: (..., in_features)
     sample_rows(states, cdfs, rows)                       # row order, groups and patterns for chain
     gather_rows(x, index)                                 # x[index] for a permutation index
+    inverse_permutation(index)
     unit_dropout(x, pattern, *, family, scale="kept", p=0.0)
     tile_linear(x, weight, bias, pattern, *, tile=32, scale="kept", p=0.0)
 """
@@ -153,9 +154,7 @@ def _gather_rows_setup(ctx, inputs, output):
 
 def _gather_rows_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(index.numel(), dtype=index.dtype)
-    return torch.ops.fxdrop.gather_rows(grad, inverse), None
+    return torch.ops.fxdrop.gather_rows(grad, inverse_permutation(index)), None
 
 
 torch.library.register_autograd("fxdrop::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
@@ -209,9 +208,16 @@ def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[tor
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]`` along dim 0, ``index`` an int64 CPU permutation of ``range(x.shape[0])``; its gradient
-    is the inverse gather. (The compiled CPU kernel writes fresh pages advised as huge pages.)"""
+    is the inverse gather."""
     _kernels_ready()
     return torch.ops.fxdrop.gather_rows(x, index)
+
+
+def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
+    """``inverse`` with ``inverse[index[r]] = r``: ``gather_rows(gather_rows(x, index), inverse)`` is ``x``."""
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), dtype=index.dtype, device=index.device)
+    return inverse
 
 
 def sample_rows(states: Sequence[torch.Tensor], cdfs: Sequence[torch.Tensor], rows: int):

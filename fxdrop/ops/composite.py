@@ -200,7 +200,7 @@ def expand_biases(biases: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> l
     return [next(present) if has else None for has in has_bias]
 
 
-def row_groups(groups: torch.Tensor | None, patterns: torch.Tensor, sites: int, rows: int):
+def row_groups(groups: torch.Tensor, patterns: torch.Tensor, sites: int, rows: int):
     """``[(start, count, patterns (sites, 2)), ...]`` of a grouped call, or ``None`` for one pattern set
     (``groups`` empty).
 
