@@ -51,9 +51,9 @@ def support(max_dp: int) -> list[Pattern]:
 ROW_GROUPS = 4  # row groups per site per forward with granularity="rows"
 
 
-def row_plan_size(max_dp: int) -> int:
-    """Pieces in every row plan (a constant, so compiled graphs know it): :data:`ROW_GROUPS`."""
-    return ROW_GROUPS
+def merged_row_plan_size(sites: int) -> int:
+    """Pieces of ``sites`` merged row plans (:func:`merge_row_plans`): fixed, so compiled graphs know it."""
+    return sites * ROW_GROUPS - sites + 1
 
 
 def draw_rows(seed: int, counter: int, probs: list[float], rows: int) -> list[tuple[Pattern, int]]:
@@ -199,12 +199,6 @@ class PatternScheduler:
         state[1] += 1
         for pattern, count in plan:
             state[2 + pattern.dp - 1] += count
-
-    def last_row_plan(self, rows: int) -> list[tuple[Pattern, int]] | None:
-        """The row plan of the last draw, had it been a row plan for ``rows`` rows."""
-        if self.draws == 0:
-            return None
-        return draw_rows(self.seed, self.draws - 1, self._probs_list, rows)
 
     def sample_tensor(self) -> torch.Tensor:
         """Draw through the ``fxdrop::sample_pattern`` op: ``int64 (2,) = [dp, offset]`` on the CPU."""

@@ -228,14 +228,14 @@ def test_chain_row_groups_bad_inputs():
 
 
 def test_sample_rows_draws_each_site_and_merges():
-    from fxdrop.scheduler import PatternScheduler, row_plan_size
+    from fxdrop.scheduler import PatternScheduler, merged_row_plan_size
 
     a, b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
     twin_a, twin_b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
     for rows in (0, 1, 37, 700):
         patterns, groups, order = ops.sample_rows([a.state, b.state], [a.cdf, b.cdf], rows)
         assert torch.equal(order.sort().values, torch.arange(rows))
-        size = row_plan_size(2) + row_plan_size(4) - 1
+        size = merged_row_plan_size(2)
         assert patterns.shape == (size, 2, 2) and groups.shape == (size,) and int(groups.sum()) == rows
         # Row r uses, at each site, the pattern that site's own plan gives row r.
         for site, twin in ((0, twin_a), (1, twin_b)):

@@ -50,9 +50,9 @@ def _unit_dropout_fake(x, pattern, family, scale, p):
 
 @torch.library.register_fake("fxdrop::sample_rows")
 def _sample_rows_fake(states, cdfs, rows):
-    from ..scheduler import row_plan_size
+    from ..scheduler import merged_row_plan_size
 
-    size = sum(row_plan_size(cdf.numel()) for cdf in cdfs) - len(cdfs) + 1
+    size = merged_row_plan_size(len(cdfs))
     return states[0].new_empty(size, len(states), 2), states[0].new_empty(size), states[0].new_empty(rows)
 
 
