@@ -8,6 +8,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <sstream>
@@ -301,7 +302,7 @@ at::Tensor scatter_product(const Kernels& k, at::IntArrayRef shape, const at::Te
   return full;
 }
 
-// full[rows, cols] += alpha * a @ b (row groups of one chain call add into the same gradient).
+// full[rows, cols] += alpha * a @ b (the row classes of one chain call add into the same gradient).
 void accumulate_product(at::Tensor& full, const Mask* rows, const Mask* cols, const at::Tensor& a, const at::Tensor& b,
                         double alpha) {
   if (rows != nullptr && rows->full()) rows = nullptr;
@@ -314,36 +315,44 @@ void accumulate_product(at::Tensor& full, const Mask* rows, const Mask* cols, co
   }
 }
 
-// One row group of a grouped call: rows [start, start + count) with their own patterns (sites, 2).
-struct RowGroup {
-  int64_t start = 0, count = 0;
+// One row class of a call with patterns (M, sites, 2): rows start, start + step, ... (start < step)
+// with their own patterns (sites, 2). A strided set of rows is a BLAS-compatible view (row stride
+// step * width), so no class is ever gathered or scattered.
+struct RowClass {
+  int64_t start = 0, step = 1;
   at::Tensor patterns;
+  at::Tensor of(const at::Tensor& t2) const { return t2.slice(0, start, t2.size(0), step); }
 };
 
-// fxdrop.ops.composite.row_groups, same messages. An empty `g`: one pattern set for all rows (returns
-// no groups).
-std::vector<RowGroup> row_groups(const at::Tensor& g, const at::Tensor& patterns, int64_t sites, int64_t rows) {
-  std::vector<RowGroup> out;
-  TORCH_CHECK_VALUE(g.scalar_type() == at::kLong && g.dim() == 1,
-                    "groups must be an int64 tensor of shape (G,) = rows per group, got ",
-                    dtype_name(g.scalar_type()), " ", g.sizes());
-  const int64_t count = g.size(0);
-  if (count == 0) return out;
-  TORCH_CHECK_VALUE(patterns.dim() == 3 && patterns.size(0) == count && patterns.size(1) == sites &&
+// fxdrop.ops.composite.row_classes, same messages. Patterns (sites, 2): one pattern set for all rows
+// (returns no classes; plan_chain checks that shape). Patterns (M, sites, 2): row r uses
+// patterns[r mod M]. The classes run at the shortest period d (a divisor of M) with
+// patterns[c] == patterns[c mod d] for every c, so repeated classes merge into one strided set of rows
+// (all equal: d = 1, every row at once); returns those d classes.
+std::vector<RowClass> row_classes(const at::Tensor& patterns, int64_t sites) {
+  std::vector<RowClass> out;
+  if (patterns.dim() != 3) return out;
+  TORCH_CHECK_VALUE(patterns.scalar_type() == at::kLong && patterns.size(0) >= 1 && patterns.size(1) == sites &&
                         patterns.size(2) == 2,
-                    "with ", count, " row groups, patterns must have shape (", count, ", ", sites, ", 2), got ",
-                    patterns.sizes());
-  const at::Tensor cpu = g.to(at::kCPU).contiguous();
+                    "patterns must be an int64 tensor of shape (", sites, ", 2) = [dp, offset] per site, or (",
+                    "classes, ", sites, ", 2) with row r using class r mod classes, got ",
+                    dtype_name(patterns.scalar_type()), " ", patterns.sizes());
+  const at::Tensor cpu = patterns.to(at::kCPU).contiguous();
+  const int64_t classes = cpu.size(0), per = 2 * sites;
   const int64_t* data = cpu.data_ptr<int64_t>();
-  int64_t start = 0;
-  bool valid = true;
-  for (int64_t i = 0; i < count; ++i) {
-    valid = valid && data[i] >= 0;
-    out.push_back({start, data[i], patterns[i]});
-    start += data[i];
+  int64_t period = classes;
+  for (int64_t d = 1; d < classes; ++d) {
+    if (classes % d != 0) continue;
+    bool periodic = true;
+    for (int64_t c = d; c < classes && periodic; ++c) {
+      periodic = std::equal(data + c * per, data + (c + 1) * per, data + (c % d) * per);
+    }
+    if (periodic) {
+      period = d;
+      break;
+    }
   }
-  TORCH_CHECK_VALUE(valid && start == rows, "groups must be non-negative row counts summing to the ", rows,
-                    " rows of x, got ", cpu.sizes(), " summing to ", start);
+  for (int64_t c = 0; c < period; ++c) out.push_back({c, period, cpu[c]});
   return out;
 }
 
@@ -402,7 +411,7 @@ std::pair<at::Tensor, std::vector<at::Tensor>> forward_rows(const Kernels& k, co
 
 // Gradients of the chain on 2-D rows for one pattern set. Fresh (accumulate == false): grad_weights
 // and grad_biases (one per Linear, undefined where there is no bias) are set, and *grad_x too when
-// needed. Accumulating (row groups): they already hold dense tensors that this adds into, and the
+// needed. Accumulating (row classes): they already hold dense tensors that this adds into, and the
 // input gradient of these rows is written into grad_x_rows.
 void backward_rows(const Kernels& k, at::Tensor g, const at::Tensor& x2, at::TensorList weights,
                    const std::vector<at::Tensor>& biases, const std::vector<Layer>& plan, const std::vector<Act>& acts,
@@ -474,15 +483,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     const Kernels& k, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
     c10::List<bool> has_bias, const at::Tensor& patterns, const std::string& family,
     const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates, const at::Tensor& groups) {
+    const std::string& scale, const std::vector<double>& rates) {
   const auto biases = expand_biases(biases_in, has_bias, weights.size());
   check_chain(x, weights, biases);
   const auto x2 = x.reshape({-1, x.size(-1)});
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(weights.back().size(0));
   std::vector<Act> acts;
-  const auto spec = row_groups(groups, patterns, num_sites(weights, input_dropout, output_dropout), x2.size(0));
-  if (spec.empty()) {
+  const auto classes = row_classes(patterns, num_sites(weights, input_dropout, output_dropout));
+  if (classes.empty()) {
     const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
                                  scale, rates, &acts);
     auto [y, saved] = forward_rows(k, x2, weights, biases, plan, acts, at::Tensor());
@@ -490,13 +499,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
   }
   auto y = at::empty({x2.size(0), weights.back().size(0)}, x.options());
   std::vector<at::Tensor> saved;
-  for (const auto& group : spec) {
-    const auto plan = plan_chain(x.size(-1), weights, group.patterns, family, activations, input_dropout,
+  for (const auto& cls : classes) {
+    const auto plan = plan_chain(x.size(-1), weights, cls.patterns, family, activations, input_dropout,
                                  output_dropout, scale, rates, &acts);
-    // An empty group runs too (GEMMs of 0 rows): its saved tensors then have the shapes the fake kernel gives.
-    auto piece = forward_rows(k, x2.narrow(0, group.start, group.count), weights, biases, plan, acts,
-                              y.narrow(0, group.start, group.count));
+    // A class without rows runs too (GEMMs of 0 rows): its saved tensors then have the fake kernel's shapes.
+    auto piece = forward_rows(k, cls.of(x2), weights, biases, plan, acts, cls.of(y));
     saved.insert(saved.end(), piece.second.begin(), piece.second.end());
+  }
+  // Merged classes save nothing: pad to one set per class of `patterns` (a count fixed for compiled graphs).
+  for (int64_t c = static_cast<int64_t>(classes.size()); c < patterns.size(0); ++c) {
+    for (const auto& act : acts) {
+      saved.push_back(act.needs_input() ? x2.new_empty({0, 0}) : x2.new_empty({0}));
+      saved.push_back(x2.new_empty({0, 0}));
+    }
   }
   return {y.reshape(shape), saved};
 }
@@ -505,7 +520,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
     const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases_in,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, const std::string& family,
     const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad, const at::Tensor& groups) {
+    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad) {
   const auto biases = expand_biases(biases_in, has_bias, weights.size());
   const int64_t layers = static_cast<int64_t>(weights.size());
   const auto x2 = x.reshape({-1, x.size(-1)});
@@ -513,34 +528,34 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
   std::vector<Act> acts;
   std::vector<at::Tensor> grad_weights(layers), grad_biases(layers);
   at::Tensor grad_x;
-  const auto spec = row_groups(groups, patterns, num_sites(weights, input_dropout, output_dropout), x2.size(0));
-  if (spec.empty()) {
+  const auto classes = row_classes(patterns, num_sites(weights, input_dropout, output_dropout));
+  if (classes.empty()) {
     const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
                                  scale, rates, &acts);
     backward_rows(k, g, x2, weights, biases, plan, acts, saved, needs_input_grad, /*accumulate=*/false,
                   /*first=*/true, grad_weights, grad_biases, &grad_x, at::Tensor());
   } else {
     for (int64_t l = 0; l < layers; ++l) {
-      // Written whole by the first non-empty group (its region, zeros elsewhere); the others add.
+      // Written whole by the first class with rows (its region, zeros elsewhere); the others add.
       grad_weights[l] = at::empty_like(weights[l], at::MemoryFormat::Contiguous);
-      advise_huge_pages(grad_weights[l]);  // as scatter_product does for the one-group gradients
+      advise_huge_pages(grad_weights[l]);  // as scatter_product does for the one-pattern gradients
       if (biases[l].defined()) grad_biases[l] = at::zeros_like(biases[l]);
     }
     bool first = true;
     if (needs_input_grad) grad_x = at::empty(x2.sizes(), x2.options());
-    const int64_t per_group = 2 * static_cast<int64_t>(activations.size());
-    TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == per_group * static_cast<int64_t>(spec.size()),
-                      "chain_backward: expected ", per_group * spec.size(), " saved tensors for ", spec.size(),
-                      " row groups, got ", saved.size());
-    for (size_t i = 0; i < spec.size(); ++i) {
-      const auto& group = spec[i];
-      if (group.count == 0) continue;
-      const auto plan = plan_chain(x.size(-1), weights, group.patterns, family, activations, input_dropout,
+    const int64_t per_class = 2 * static_cast<int64_t>(activations.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == per_class * patterns.size(0),
+                      "chain_backward: expected ", per_class * patterns.size(0), " saved tensors for ",
+                      patterns.size(0), " row classes, got ", saved.size());
+    for (size_t i = 0; i < classes.size(); ++i) {
+      const auto& cls = classes[i];
+      const auto g_rows = cls.of(g);
+      if (g_rows.size(0) == 0) continue;
+      const auto plan = plan_chain(x.size(-1), weights, cls.patterns, family, activations, input_dropout,
                                    output_dropout, scale, rates, &acts);
-      backward_rows(k, g.narrow(0, group.start, group.count), x2.narrow(0, group.start, group.count), weights,
-                    biases, plan, acts, saved.slice(i * per_group, per_group), needs_input_grad,
-                    /*accumulate=*/true, first, grad_weights, grad_biases, nullptr,
-                    needs_input_grad ? grad_x.narrow(0, group.start, group.count) : at::Tensor());
+      backward_rows(k, g_rows, cls.of(x2), weights, biases, plan, acts, saved.slice(i * per_class, per_class),
+                    needs_input_grad, /*accumulate=*/true, first, grad_weights, grad_biases, nullptr,
+                    needs_input_grad ? cls.of(grad_x) : at::Tensor());
       first = false;
     }
     if (first) {  // no rows at all: the gradients are zero
@@ -563,25 +578,6 @@ at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK_VALUE(x.dim() >= 1, "unit_dropout: x must have shape (..., units)");
   const auto [dp, offset] = single_pattern(pattern);
   return k.unit_dropout(x, unit_mask(family, x.size(-1), dp, offset, scale, p));
-}
-
-// fxdrop.ops.composite.gather_rows / check_permutation, same messages.
-at::Tensor gather_rows(const Kernels& k, const at::Tensor& x, const at::Tensor& index) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, "gather_rows: x must have at least one dimension");
-  const int64_t rows = x.size(0);
-  TORCH_CHECK_VALUE(index.scalar_type() == at::kLong && index.dim() == 1 && index.size(0) == rows,
-                    "gather_rows: index must be an int64 permutation of range(", rows, "), got ",
-                    dtype_name(index.scalar_type()), " ", index.sizes());
-  const at::Tensor cpu = index.to(at::kCPU).contiguous();
-  const int64_t* data = cpu.data_ptr<int64_t>();
-  std::vector<bool> seen(rows, false);
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK_VALUE(data[r] >= 0 && data[r] < rows && !seen[data[r]], "gather_rows: index must be an int64 "
-                      "permutation of range(", rows, "), got repeated or out-of-range rows");
-    seen[data[r]] = true;
-  }
-  const auto x2 = x.reshape({rows, -1}).contiguous();
-  return k.gather_rows(x2, cpu).reshape(x.sizes());
 }
 
 at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& weight,

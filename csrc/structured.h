@@ -53,15 +53,15 @@ struct Kernels {
   virtual std::pair<at::Tensor, at::Tensor> act_grad(const at::Tensor& g_in, const at::Tensor& z,
                                                      const at::Tensor& h, const Act& act, double scale,
                                                      bool col_sum) const = 0;
-  // Zero every element of full (2-D) outside rows x cols (nullptr: all rows / all columns).
+  // Zero every element of full (2-D, unit column stride, any row stride) outside rows x cols (nullptr:
+  // all rows / all columns).
   virtual void zero_outside(at::Tensor& full, const Mask* rows, const Mask* cols) const = 0;
-  // full = zeros with alpha * compact at rows x cols (nullptr: all); compact is (|rows|, |cols|).
+  // full (as for zero_outside) = zeros with alpha * compact at rows x cols (nullptr: all); compact is
+  // (|rows|, |cols|).
   virtual void expand(at::Tensor& full, const at::Tensor& compact, const Mask* rows, const Mask* cols,
                       double alpha) const = 0;
   // x * mask along the last dim (0 dropped, mask.scale kept).
   virtual at::Tensor unit_dropout(const at::Tensor& x, const Mask& mask) const = 0;
-  // x2[index] for a contiguous 2-D x2 and a validated int64 CPU permutation index.
-  virtual at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const = 0;
   virtual at::Tensor tile_forward(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
                                   const TilePlan& plan) const = 0;
   // {grad_x2, grad_weight} (dense, zeros where nothing was used).
@@ -74,19 +74,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     const Kernels& k, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, const std::string& family,
     const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates, const at::Tensor& groups);
+    const std::string& scale, const std::vector<double>& rates);
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward(
     const Kernels& k, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, const std::string& family,
     const std::vector<std::string>& activations, bool input_dropout, bool output_dropout,
-    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad,
-    const at::Tensor& groups);
+    const std::string& scale, const std::vector<double>& rates, bool needs_input_grad);
 
 at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor& pattern, const std::string& family,
                         const std::string& scale, double p);
-
-at::Tensor gather_rows(const Kernels& k, const at::Tensor& x, const at::Tensor& index);
 
 at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& pattern, int64_t tile,

@@ -7,7 +7,7 @@ are exactly the original's and the same modules serve Dynamo graphs, where weigh
 
 In eval mode each computes exactly the original ops (dropout is the identity), so eval output is
 bit-identical; in training it draws each site's pattern and calls :mod:`fxdrop.ops`.
-Imports torch, fxdrop.ops and fxdrop.site.
+Imports torch, fxdrop.ops, fxdrop.scheduler and fxdrop.site.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 
 from . import ops
 from .ops import activations as act
+from .scheduler import row_classes
 from .site import Site
 
 
@@ -101,28 +102,25 @@ class StructuredChain(nn.Module):
         return self.sites[0].granularity
 
     def _forward_rows(self, x, weights, biases):
-        """Patterns per row: rows permuted, chained in contiguous groups (one row plan per site,
-        ``fxdrop::sample_rows``), put back in order."""
+        """Patterns per row class: row r of x (flattened to 2-D) uses class r mod M (M from
+        :func:`fxdrop.scheduler.row_classes`); each site draws a pattern per class (``fxdrop::sample_rows``)."""
         width = x.shape[-1]
         rows = x.numel() // width if width else 0
-        patterns, groups, order = ops.sample_rows([site.scheduler.state for site in self.sites],
-                                                  [site.scheduler.cdf for site in self.sites], rows)
+        patterns = ops.sample_rows([site.scheduler.state for site in self.sites],
+                                   [site.scheduler.cdf for site in self.sites], rows, row_classes(x.shape))
         if not torch.compiler.is_compiling():
-            self.last_plan = (patterns, groups, order)
-        x2 = x.reshape(rows, width)
-        permuted = ops.chain(ops.gather_rows(x2, order), weights, biases, patterns, family=self.family,
-                             activations=self.activations, input_dropout=self.input_dropout,
-                             output_dropout=self.output_dropout, scale=self.scale,
-                             rates=[site.p for site in self.sites], groups=groups)
-        y = ops.gather_rows(permuted, ops.inverse_permutation(order)).reshape(*x.shape[:-1], -1)
+            self.last_plan = (patterns, rows)
+        y = ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,
+                      input_dropout=self.input_dropout, output_dropout=self.output_dropout, scale=self.scale,
+                      rates=[site.p for site in self.sites])
         if not self.share_input:
             return y
-        mask = self.sites[0].row_masks(patterns, groups, order, 0, dtype=x.dtype).to(x.device)
-        return y, (x2 * mask).reshape(x.shape)
+        mask = self.sites[0].row_masks(patterns, rows, 0, dtype=x.dtype).to(x.device)
+        return y, (x.reshape(rows, width) * mask).reshape(x.shape)
 
     def last_row_masks(self) -> list[torch.Tensor]:
         """Each site's multipliers in the last training forward of a ``granularity="rows"`` chain:
-        ``(rows, units)`` in the rows' original order (for dense references)."""
+        ``(rows, units)``, row r of the input flattened to 2-D (for dense references)."""
         plan = getattr(self, "last_plan", None)
         if plan is None:
             raise RuntimeError("last_row_masks: no training forward with granularity='rows' has run")

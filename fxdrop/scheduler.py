@@ -11,7 +11,9 @@ specialises on the drawn values. Imports torch, patterns and search.
 from __future__ import annotations
 
 import bisect
-from typing import Any
+import itertools
+import math
+from typing import Any, Sequence
 
 import torch
 
@@ -48,38 +50,49 @@ def support(max_dp: int) -> list[Pattern]:
     return [Pattern(dp, offset) for dp in range(1, max_dp + 1) for offset in range(dp)]
 
 
-ROW_GROUPS = 4  # row groups per site per forward with granularity="rows"
+def row_classes(shape: Sequence[int]) -> int:
+    """How many row classes a ``granularity="rows"`` site uses for an input of ``shape`` ``(..., units)``.
+
+    Row ``r`` of the input flattened to 2-D is in class ``r mod M``. ``M`` is 4, or else the smallest
+    ``M >= 3`` coprime to the product of the leading dimensions after the first (e.g. the batch of a
+    ``(time, batch, units)`` input): then every leading index moves a row through every class, so the
+    classes never coincide with whole sequences or whole time steps.
+    """
+    inner = math.prod(shape[1:-1])
+    if math.gcd(4, inner) == 1:
+        return 4
+    return next(m for m in itertools.count(3) if math.gcd(m, inner) == 1)
 
 
-def merged_row_plan_size(sites: int) -> int:
-    """Pieces of ``sites`` merged row plans (:func:`merge_row_plans`): fixed, so compiled graphs know it."""
-    return sites * ROW_GROUPS - sites + 1
+def _class_order(classes: int) -> list[int]:
+    """Quantile ``j``'s class before the random rotation: bit-reversed for a power of two, so the two
+    halves of the quantiles interleave (at M = 4, quantiles 0 and 1 go to classes 0 and 2): equal
+    neighbouring patterns then repeat with a shorter period, and the chain op runs them as one."""
+    if classes & (classes - 1):
+        return list(range(classes))
+    bits = classes.bit_length() - 1
+    return [int(format(j, f"0{bits}b")[::-1], 2) if bits else 0 for j in range(classes)]
 
 
-def draw_rows(seed: int, counter: int, probs: list[float], rows: int) -> list[tuple[Pattern, int]]:
-    """Row plan number ``counter`` of stream ``seed``: ``ROW_GROUPS`` pieces ``(pattern, count)``.
+def draw_classes(seed: int, counter: int, probs: list[float], classes: int) -> list[Pattern]:
+    """Row-class plan number ``counter`` of stream ``seed``: one pattern per class ``0 .. classes-1``.
 
-    The rows are cut into ``K = ROW_GROUPS`` contiguous groups of ``rows // K`` or one more (which
-    groups get the extra rows is random), and group ``j`` uses the pattern at quantile ``(u + j) / K``
-    of the distribution over :func:`support` (``(dp, offset)`` has mass ``probs[dp - 1] / dp``), ``u``
-    uniform: systematic sampling, so a step's groups spread over the distribution (at p = 0.5 with
-    ``max_dp="auto"``, half the rows keep the even units and half the odd ones). Consecutive groups
-    with the same pattern are merged (the plan is padded with empty pieces). Group ``j``'s pattern
-    depends on ``j``, so the plan is for rows in a random order (:func:`row_order`; ``fxdrop::sample_rows``
-    permutes them): a row then lands in each group with probability 1/K (in expectation over the
-    group sizes) and uses ``(dp, offset)`` with probability exactly its mass, so it drops every unit
-    with probability exactly the distribution's rate.
+    The ``M = classes`` patterns are the distribution's quantiles ``(u + j) / M`` over :func:`support`
+    (``(dp, offset)`` has mass ``probs[dp - 1] / dp``), ``u`` uniform: systematic sampling, so a step's
+    classes spread over the distribution (with ``probs = [0, 1]``, dp = 2 only, half the rows keep the
+    even units and half the odd ones). Quantile ``j`` goes to class ``(order[j] + s) mod M``
+    (:func:`_class_order`, ``s`` a uniform rotation), so every class, and with it every row, takes
+    quantile ``j`` with probability 1/M and uses ``(dp, offset)`` with probability exactly its mass:
+    it drops every unit with probability exactly the distribution's rate.
     """
     patterns = support(len(probs))
     total = sum(probs)
     mass = [probs[pat.dp - 1] / (total * pat.dp) for pat in patterns]
-    u, u_extra = _uniforms(seed, counter)
-    k = ROW_GROUPS
-    base, extra = divmod(rows, k)
-    first_extra = min(int(u_extra * k), k - 1)
-    plan: list[tuple[Pattern, int]] = []
-    for j in range(k):
-        target = (u + j) / k
+    u, u_shift = _uniforms(seed, counter)
+    shift = min(int(u_shift * classes), classes - 1)
+    plan: list[Pattern | None] = [None] * classes
+    for j, c in enumerate(_class_order(classes)):
+        target = (u + j) / classes
         acc, chosen = 0.0, None
         for pattern, m in zip(patterns, mass):
             acc += m
@@ -88,42 +101,8 @@ def draw_rows(seed: int, counter: int, probs: list[float], rows: int) -> list[tu
                 break
         if chosen is None:  # rounding at the top end: the last pattern with mass
             chosen = next(pat for pat, m in zip(reversed(patterns), reversed(mass)) if m > 0)
-        count = base + int((j - first_extra) % k < extra)
-        if plan and plan[-1][0] == chosen:
-            plan[-1] = (chosen, plan[-1][1] + count)
-        else:
-            plan.append((chosen, count))
-    return plan + [(Pattern(1, 0), 0)] * (k - len(plan))
-
-
-def row_order(seed: int, counter: int, rows: int) -> torch.Tensor:
-    """The random row order that goes with row plan ``counter`` of stream ``seed`` (int64 permutation)."""
-    generator = torch.Generator().manual_seed(derive_seed(seed, counter, 0x0D0E))
-    return torch.randperm(rows, generator=generator)
-
-
-def merge_row_plans(plans: list[list[tuple[Pattern, int]]]) -> list[tuple[tuple[Pattern, ...], int]]:
-    """Several sites' row plans over the same rows as one: pieces ``(pattern per site, count)``.
-
-    Every boundary of every plan is a boundary of the merge; the result is padded with empty pieces
-    to ``sum(len(plan)) - len(plans) + 1`` pieces, a number that does not depend on the draws.
-    """
-    size = sum(len(plan) for plan in plans) - len(plans) + 1
-    cursors = [[0, plan[0][1]] for plan in plans]  # [piece index, rows left in it]
-    merged: list[tuple[tuple[Pattern, ...], int]] = []
-    while True:
-        for cursor, plan in zip(cursors, plans):
-            while cursor[1] == 0 and cursor[0] + 1 < len(plan):
-                cursor[0] += 1
-                cursor[1] = plan[cursor[0]][1]
-        step = min(cursor[1] for cursor in cursors)
-        if step == 0:
-            break
-        merged.append((tuple(plan[cursor[0]][0] for cursor, plan in zip(cursors, plans)), step))
-        for cursor in cursors:
-            cursor[1] -= step
-    filler = tuple(Pattern(1, 0) for _ in plans)
-    return merged + [(filler, 0)] * (size - len(merged))
+        plan[(c + shift) % classes] = chosen
+    return plan
 
 
 def derive_seed(base: int, *salt: int) -> int:
@@ -188,17 +167,17 @@ class PatternScheduler:
         self.state[2 + pattern.dp - 1] += 1
         return pattern
 
-    def sample_rows(self, rows: int) -> list[tuple[Pattern, int]]:
-        """Draw a row plan for ``rows`` rows (see :func:`draw_rows`); advances the stream by one draw."""
-        plan = draw_rows(self.seed, self.draws, self._probs_list, rows)
-        self._count_rows(self.state, plan)
+    def sample_classes(self, rows: int, classes: int) -> list[Pattern]:
+        """Draw a row-class plan (:func:`draw_classes`) for ``rows`` rows; advances the stream by one draw."""
+        plan = draw_classes(self.seed, self.draws, self._probs_list, classes)
+        self._count_classes(self.state, plan, rows)
         return plan
 
     @staticmethod
-    def _count_rows(state: torch.Tensor, plan: list[tuple[Pattern, int]]) -> None:
+    def _count_classes(state: torch.Tensor, plan: list[Pattern], rows: int) -> None:
         state[1] += 1
-        for pattern, count in plan:
-            state[2 + pattern.dp - 1] += count
+        for c, pattern in enumerate(plan):
+            state[2 + pattern.dp - 1] += len(range(c, rows, len(plan)))
 
     def sample_tensor(self) -> torch.Tensor:
         """Draw through the ``fxdrop::sample_pattern`` op: ``int64 (2,) = [dp, offset]`` on the CPU."""

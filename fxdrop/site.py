@@ -17,7 +17,7 @@ from .search import check_rate, search_distribution
 
 SCALE_MODES = ("kept", "rate")
 # "forward": one pattern per forward call for every row (the paper's method); "rows": patterns per
-# row (fxdrop.scheduler.draw_rows), for sites whose rows are many tokens of a sequence.
+# row class (fxdrop.scheduler.draw_classes), for sites whose rows are many tokens of a sequence.
 GRANULARITIES = ("forward", "rows")
 
 
@@ -94,20 +94,18 @@ class Site:
         """Draw this step's pattern: ``int64 (2,) = [dp, offset]`` (through the sample op)."""
         return self.scheduler.sample_tensor()
 
-    def row_masks(self, patterns: torch.Tensor, groups: torch.Tensor, order: torch.Tensor, index: int = 0,
+    def row_masks(self, patterns: torch.Tensor, rows: int, index: int = 0,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The multipliers of a row plan, ``(rows, units)`` in the rows' original order.
+        """The multipliers of a row-class plan, ``(rows, units)``: row ``r`` uses class ``r mod M``.
 
-        ``patterns, groups, order`` are what ``fxdrop::sample_rows`` returned (``index``: this site's
-        position among the sites drawn together): permuted row ``r`` is original row ``order[r]``.
+        ``patterns`` is what ``fxdrop::sample_rows`` returned, ``(M, sites, 2)`` (``index``: this site's
+        position among the sites drawn together).
         """
         if self.units is None:
             raise ValueError(f"site {self.name!r}: a unit site needs units")
-        pieces = [unit_mask(self.family, self.units, int(pat[index][0]), int(pat[index][1]), self.scale, self.p,
-                            dtype=dtype).expand(int(count), self.units)
-                  for pat, count in zip(patterns, groups.tolist())]
-        permuted = torch.cat(pieces) if pieces else torch.zeros(0, self.units, dtype=dtype)
-        return torch.empty_like(permuted).index_copy_(0, order, permuted)
+        per_class = torch.stack([unit_mask(self.family, self.units, int(pat[index][0]), int(pat[index][1]),
+                                           self.scale, self.p, dtype=dtype) for pat in patterns])
+        return per_class[torch.arange(rows) % per_class.shape[0]]
 
     def __repr__(self) -> str:
         rows = ", granularity='rows'" if self.granularity == "rows" else ""

@@ -79,25 +79,25 @@ def check_chain(gen, family, dtype, dp_pair, bias, lead):
     return max(rel(g, e) for g, e in zip(got, exact)), max(rel(g, e) for g, e in zip(same_precision, exact))
 
 
-def check_chain_groups(gen, family, dtype, bias):
-    """Row groups (granularity="rows"): 4 groups of rows, each with its own patterns, one empty."""
+def check_chain_classes(gen, family, dtype, bias, classes):
+    """Row classes (granularity="rows"): row r uses class r mod M's patterns; M = 4 with a period-2
+    pattern (the op merges classes c and c + 2 into one strided half), or M = 3 (rows 0 mod 3 ... each strided)."""
     widths = [int(torch.randint(3, 300, (1,), generator=gen)) for _ in range(3)]
     rows = 57
     base = [torch.randn(rows, widths[0], generator=gen, dtype=torch.float64)]
     base += [torch.randn(o, i, generator=gen, dtype=torch.float64) / i ** 0.5 for i, o in zip(widths, widths[1:])]
     base += [torch.randn(o, generator=gen, dtype=torch.float64) if bias else None for o in widths[1:]]
-    patterns = torch.stack([torch.tensor([[dp, int(torch.randint(dp, (1,), generator=gen))] for dp in
-                                          (int(torch.randint(1, 9, (1,), generator=gen)) for _ in range(2))])
-                            for _ in range(4)])
-    groups = torch.tensor([20, 0, 30, rows - 50])
-    order = torch.randperm(rows, generator=gen)
+    distinct = 2 if classes == 4 else classes
+    sets = [torch.tensor([[dp, int(torch.randint(dp, (1,), generator=gen))] for dp in
+                          (int(torch.randint(1, 9, (1,), generator=gen)) for _ in range(2))])
+            for _ in range(distinct)]
+    patterns = torch.stack([sets[c % distinct] for c in range(classes)])
     kw = dict(family=family, activations=["relu"], input_dropout=True, rates=[0.5] * 2, scale="kept")
 
     def fn(module):
         if module is ref:
-            return lambda x, w0, w1, b0, b1: ref.chain_groups(x[order], [w0, w1], [b0, b1], patterns, groups, **kw)
-        return lambda x, w0, w1, b0, b1: module.chain(module.gather_rows(x, order), [w0, w1], [b0, b1], patterns,
-                                                      groups=groups, **kw)
+            return lambda x, w0, w1, b0, b1: ref.chain_classes(x, [w0, w1], [b0, b1], patterns, **kw)
+        return lambda x, w0, w1, b0, b1: module.chain(x, [w0, w1], [b0, b1], patterns, **kw)
 
     grad_out = torch.randn(rows, widths[-1], generator=gen, dtype=torch.float64)
     exact = grads(fn(ref), [t.clone().requires_grad_() if t is not None else None for t in base], grad_out)
@@ -155,8 +155,8 @@ def correctness(backend: str) -> dict:
                 for bias, lead in ((True, (33,)), (False, (4, 9))):
                     record(f"chain/{family}", dtype, check_chain(gen, family, dtype, dps, bias, lead))
                 record(f"unit_dropout/{family}", dtype, check_unit_dropout(gen, dtype, family, dp))
-            for bias in (True, False):
-                record(f"chain_groups/{family}", dtype, check_chain_groups(gen, family, dtype, bias))
+            for bias, classes in ((True, 4), (False, 3)):
+                record(f"chain_classes/{family}", dtype, check_chain_classes(gen, family, dtype, bias, classes))
         for kernel in ("groups", "tile_gemm"):  # cuBLAS per residue group (default) / tile-skipping GEMM
             os.environ["FXDROP_TILE_GEMM"] = "1" if kernel == "tile_gemm" else "0"
             for dp in range(1, 9):

@@ -411,6 +411,7 @@ def test_rows_granularity_matches_per_row_masks(family, share):
             for site, mask in zip(chain.sites, chain.last_row_masks()):
                 masks[site.name] = mask.reshape(3, 7, -1)
         assert set(masks) == {"d0", "d1"}
+        assert all(chain.last_plan[0].shape[0] == 4 for chain in chains)  # (3, 7, 16): 7 is coprime to 4
         for mask in masks.values():  # patterns differ between rows
             assert len({tuple(row.tolist()) for row in mask.reshape(-1, mask.shape[-1])}) > 1
         with masked(model, masks):
@@ -422,6 +423,19 @@ def test_rows_granularity_matches_per_row_masks(family, share):
         torch.testing.assert_close(y, expect, atol=1e-5, rtol=1e-5)
     converted.eval(), model.eval()
     assert torch.equal(converted(x), model(x))
+
+
+def test_rows_granularity_classes_follow_the_layout():
+    """A (time, batch) input with batch 4 gets 3 row classes: row r (= t * 4 + b) has class r mod 3's
+    masks, so no class is a whole sequence (b fixed) or a whole time step (t fixed)."""
+    torch.manual_seed(0)
+    converted = convert(_Seq(), seed=2, granularity="rows")
+    converted(torch.randn(5, 4, 16))
+    (chain,) = [m for m in converted.modules() if hasattr(m, "last_row_masks")]
+    assert chain.last_plan[0].shape == (3, 2, 2)
+    for mask in chain.last_row_masks():
+        assert mask.shape == (20, mask.shape[1])
+        assert all(torch.equal(mask[r], mask[r % 3]) for r in range(20))
 
 
 def test_rows_granularity_errors_and_tile_sites():

@@ -207,11 +207,12 @@ def test_opcheck_compiled(compiled):
     for family in ("row", "block"):
         torch.library.opcheck(torch.ops.fxdrop.chain.default,
                               (x, weights, biases, [True, True], patterns, family, ["silu", "relu"], True, True,
-                               "kept", [0.5, 0.5, 0.5], torch.empty(0, dtype=torch.int64)))
-        grouped = torch.tensor([[[3, 1], [2, 0], [4, 1]], [[1, 0], [2, 1], [3, 0]], [[2, 0], [1, 0], [1, 0]]])
-        torch.library.opcheck(torch.ops.fxdrop.chain.default,
-                              (x, weights, biases, [True, True], grouped, family, ["silu", "relu"], True, True,
-                               "kept", [0.5, 0.5, 0.5], torch.tensor([2, 0, 4])))
+                               "kept", [0.5, 0.5, 0.5]))
+        a, b = [[3, 1], [2, 0], [4, 1]], [[1, 0], [2, 1], [3, 0]]
+        for classes in ([a, b, [[2, 0], [1, 0], [1, 0]]], [a, b, a, b]):  # 3 row classes; 4 merged to 2
+            torch.library.opcheck(torch.ops.fxdrop.chain.default,
+                                  (x, weights, biases, [True, True], torch.tensor(classes), family, ["silu", "relu"],
+                                   True, True, "kept", [0.5, 0.5, 0.5]))
         torch.library.opcheck(torch.ops.fxdrop.unit_dropout.default, (x, patterns[0], family, "rate", 0.5))
     torch.library.opcheck(torch.ops.fxdrop.tile_linear.default, (x, weights[0], biases[0], patterns[0], 4,
                                                                   "kept", 0.5))

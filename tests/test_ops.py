@@ -161,90 +161,89 @@ def test_tile_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: ops.tile_linear(*a, pattern, tile=4, p=0.5), (x, w, b))
 
 
-def _groups(rows, count, rng):
-    """``count`` random row counts (some 0) summing to ``rows``."""
-    cuts = sorted(rng.randrange(rows + 1) for _ in range(count - 1))
-    return torch.tensor([b - a for a, b in zip([0, *cuts], [*cuts, rows])], dtype=torch.int64)
+def _class_patterns(sites, count, rng):
+    """``(count, sites, 2)`` random class patterns; half the time periodic (a shorter period the op merges)."""
+    periods = [d for d in range(1, count + 1) if count % d == 0]
+    period = rng.choice(periods) if rng.random() < 0.5 else count
+    base = [_patterns(sites, rng) for _ in range(period)]
+    return torch.stack([base[c % period] for c in range(count)])
 
 
 @pytest.mark.parametrize("family", ["row", "block"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("lead", [(9,), (3, 5)])
+@pytest.mark.parametrize("lead", [(9,), (3, 5), (2,)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_chain_row_groups_match_reference(family, case, lead, dtype):
-    """Row groups: each contiguous group of rows with its own patterns, against the dense reference per group."""
+def test_chain_row_classes_match_reference(family, case, lead, dtype):
+    """Row classes: row r with class r mod M's patterns, against the dense reference class by class
+    (M up to 6, so some classes have no rows; periodic patterns exercise the op's merging)."""
     widths, inp, outp = CASES[case]
-    rng = random.Random(zlib.crc32(repr(("groups", family, case, lead, dtype)).encode()))
+    rng = random.Random(zlib.crc32(repr(("classes", family, case, lead, dtype)).encode()))
     bias = rng.random() < 0.5
     x, weights, biases = _chain_case(widths, lead, dtype, bias, rng.randrange(2**31))
     sites = len(weights) - 1 + inp + outp
-    count = rng.choice([1, 3, 6])
-    patterns = torch.stack([_patterns(sites, rng) for _ in range(count)])
-    groups = _groups(x.numel() // x.shape[-1], count, rng)
+    patterns = _class_patterns(sites, rng.choice([1, 2, 3, 4, 6]), rng)
     kw = dict(family=family, activations=[rng.choice(ACTS) for _ in range(len(weights) - 1 + outp)],
               input_dropout=inp, output_dropout=outp, rates=[rng.choice([0.3, 0.5]) for _ in range(sites)],
               scale=rng.choice(["kept", "rate"]))
-    out = ops.chain(x, weights, biases, patterns, groups=groups, **kw)
-    expect = ref.chain_groups(x, weights, biases, patterns, groups, **kw)
+    out = ops.chain(x, weights, biases, patterns, **kw)
+    expect = ref.chain_classes(x, weights, biases, patterns, **kw)
     layers = len(weights)
 
     def reference(x, *params):
-        return ref.chain_groups(x, params[:layers], params[layers:], patterns, groups, **kw)
+        return ref.chain_classes(x, params[:layers], params[layers:], patterns, **kw)
 
-    # Weight gradients add up the groups' products in another order than the reference's autograd sum:
+    # Weight gradients add up the classes' products in another order than the reference's autograd sum:
     # float32 rounding then differs by up to ~2e-5 at the dropout scales used (an index error is O(1)).
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else None
     _compare(out, expect, [x, *weights, *biases], dtype, reference, tol)
 
 
-def test_chain_row_groups_gradcheck_and_one_group_equals_ungrouped():
-    x, weights, biases = _chain_case([7, 9, 5, 3], (2, 3), torch.float64, True, 0)
-    patterns = torch.tensor([[[3, 1], [2, 0], [4, 3], [2, 1]], [[1, 0], [2, 1], [3, 0], [2, 0]],
-                             [[2, 0], [1, 0], [1, 0], [3, 2]]])
-    groups = torch.tensor([2, 0, 4])
+def test_chain_row_classes_gradcheck_merging_and_one_class_equals_one_pattern():
+    x, weights, biases = _chain_case([7, 9, 5, 3], (2, 5), torch.float64, True, 0)
+    a, b = [[3, 1], [2, 0], [4, 3], [2, 1]], [[1, 0], [2, 1], [3, 0], [2, 0]]
     kw = dict(family="row", activations=["gelu", "tanh", "silu"], input_dropout=True, output_dropout=True,
               rates=[0.5] * 4)
-    assert torch.autograd.gradcheck(lambda x, *p: ops.chain(x, p[:3], p[3:], patterns, groups=groups, **kw),
-                                    (x, *weights, *biases))
-    one = ops.chain(x, weights, biases, patterns[0], **kw)
-    grouped = ops.chain(x, weights, biases, patterns[:1], groups=torch.tensor([6]), **kw)
-    torch.testing.assert_close(grouped, one, atol=1e-12, rtol=1e-12)
+    for patterns in (torch.tensor([a, b, [[2, 0], [1, 0], [1, 0], [3, 2]]]), torch.tensor([a, b, a, b])):
+        assert torch.autograd.gradcheck(lambda x, *p: ops.chain(x, p[:3], p[3:], patterns, **kw),
+                                        (x, *weights, *biases))
+        # One set of saved tensors per class, whether or not classes merged (compiled graphs fix the count).
+        _, saved = torch.ops.fxdrop.chain(x, weights, biases, [True] * 3, patterns, "row", kw["activations"], True,
+                                          True, "kept", kw["rates"])
+        assert len(saved) == 2 * 3 * patterns.shape[0]
+    one = ops.chain(x, weights, biases, torch.tensor(a), **kw)
+    for classes in (1, 3):
+        same = ops.chain(x, weights, biases, torch.tensor([a] * classes), **kw)
+        torch.testing.assert_close(same, one, atol=1e-12, rtol=1e-12)
 
 
-def test_chain_row_groups_bad_inputs():
-    x, weights, biases = _chain_case([17, 13], (6,), torch.float32, True, 3)
+def test_chain_row_classes_bad_inputs():
+    x, weights, biases = _chain_case([17, 13], (2,), torch.float32, True, 3)
     kw = dict(family="block", activations=[], input_dropout=True, rates=[0.5])
-    patterns = torch.tensor([[[2, 0]], [[2, 1]]])
-    with pytest.raises(ValueError, match=r"summing to the 6 rows of x"):
-        ops.chain(x, weights, biases, patterns, groups=torch.tensor([2, 3]), **kw)
-    with pytest.raises(ValueError, match=r"summing to the 6 rows of x"):
-        ops.chain(x, weights, biases, patterns, groups=torch.tensor([7, -1]), **kw)
-    with pytest.raises(ValueError, match=r"with 3 row groups, patterns must have shape \(3, 1, 2\)"):
-        ops.chain(x, weights, biases, patterns, groups=torch.tensor([2, 2, 2]), **kw)
-    with pytest.raises(ValueError, match=r"groups must be an int64 tensor"):
-        ops.chain(x, weights, biases, patterns, groups=torch.tensor([3.0, 3.0]), **kw)
-    with pytest.raises(ValueError, match="offset"):  # an empty group's patterns are checked too
-        ops.chain(x, weights, biases, torch.tensor([[[2, 0]], [[2, 5]]]), groups=torch.tensor([6, 0]), **kw)
+    with pytest.raises(ValueError, match=r"or \(classes, 1, 2\) with row r using class r mod classes, got"):
+        ops.chain(x, weights, biases, torch.tensor([[[2, 0], [2, 1]]]), **kw)
+    with pytest.raises(ValueError, match=r"or \(classes, 1, 2\)"):
+        ops.chain(x, weights, biases, torch.zeros(0, 1, 2, dtype=torch.int64), **kw)
+    with pytest.raises(ValueError, match=r"or \(classes, 1, 2\)"):
+        ops.chain(x, weights, biases, torch.tensor([[[2.0, 0.0]]]), **kw)
+    with pytest.raises(ValueError, match="offset"):  # a class without rows (2 rows, 4 classes) is checked too
+        ops.chain(x, weights, biases, torch.tensor([[[2, 0]], [[2, 1]], [[2, 0]], [[2, 5]]]), **kw)
 
 
-def test_sample_rows_draws_each_site_and_merges():
-    from fxdrop.scheduler import PatternScheduler, merged_row_plan_size
+def test_sample_rows_draws_each_sites_class_plan():
+    from fxdrop.scheduler import PatternScheduler
 
     a, b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
     twin_a, twin_b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
-    for rows in (0, 1, 37, 700):
-        patterns, groups, order = ops.sample_rows([a.state, b.state], [a.cdf, b.cdf], rows)
-        assert torch.equal(order.sort().values, torch.arange(rows))
-        size = merged_row_plan_size(2)
-        assert patterns.shape == (size, 2, 2) and groups.shape == (size,) and int(groups.sum()) == rows
-        # Row r uses, at each site, the pattern that site's own plan gives row r.
+    for rows, classes in ((0, 4), (1, 3), (37, 4), (700, 5)):
+        patterns = ops.sample_rows([a.state, b.state], [a.cdf, b.cdf], rows, classes)
+        assert patterns.shape == (classes, 2, 2) and patterns.dtype == torch.int64
         for site, twin in ((0, twin_a), (1, twin_b)):
-            plan = twin.sample_rows(rows)
-            want = [tuple(pattern) for pattern, count in plan for _ in range(count)]
-            got = [tuple(pat[site].tolist()) for pat, count in zip(patterns, groups.tolist()) for _ in range(count)]
-            assert got == want
+            assert [tuple(pat[site].tolist()) for pat in patterns] == twin.sample_classes(rows, classes)
     assert a.draws == 4 and torch.equal(a.state, twin_a.state) and torch.equal(b.state, twin_b.state)
-
+    # The per-dp counts count rows: class c has len(range(c, rows, classes)) of them.
+    assert int(a.counts.sum()) == 0 + 1 + 37 + 700
+    with pytest.raises(ValueError, match="classes must be >= 1"):
+        ops.sample_rows([a.state], [a.cdf], 5, 0)
 
 
 def test_opcheck_every_op():
@@ -253,20 +252,20 @@ def test_opcheck_every_op():
     for family in ("row", "block"):
         torch.library.opcheck(torch.ops.fxdrop.chain.default,
                               (x, weights, biases, [True, True], patterns, family, ["gelu", "relu"], True, True,
-                               "kept", [0.5, 0.5, 0.5], torch.empty(0, dtype=torch.int64)))
+                               "kept", [0.5, 0.5, 0.5]))
         torch.library.opcheck(torch.ops.fxdrop.unit_dropout.default, (x, patterns[0], family, "kept", 0.5))
     torch.library.opcheck(torch.ops.fxdrop.tile_linear.default, (x, weights[0], biases[0], patterns[0], 4,
                                                                   "kept", 0.5))
     state = torch.tensor([5, 0, 0, 0, 0], dtype=torch.int64)
     cdf = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
     torch.library.opcheck(torch.ops.fxdrop.sample_pattern.default, (state, cdf))
-    torch.library.opcheck(torch.ops.fxdrop.sample_rows.default, ([state, state.clone()], [cdf, cdf], 6))
-    groups = torch.tensor([2, 0, 4])
-    grouped = torch.tensor([[[3, 1], [2, 0], [4, 1]], [[1, 0], [2, 1], [3, 0]], [[2, 0], [1, 0], [1, 0]]])
-    for family in ("row", "block"):
-        torch.library.opcheck(torch.ops.fxdrop.chain.default,
-                              (x, weights, biases, [True, True], grouped, family, ["gelu", "relu"], True, True,
-                               "kept", [0.5, 0.5, 0.5], groups))
+    torch.library.opcheck(torch.ops.fxdrop.sample_rows.default, ([state, state.clone()], [cdf, cdf], 6, 4))
+    a, b = [[3, 1], [2, 0], [4, 1]], [[1, 0], [2, 1], [3, 0]]
+    for classes in ([a, b, [[2, 0], [1, 0], [1, 0]]], [a, b, a, b], [a, a]):  # 3 classes; merged to 2; to 1
+        for family in ("row", "block"):
+            torch.library.opcheck(torch.ops.fxdrop.chain.default,
+                                  (x, weights, biases, [True, True], torch.tensor(classes), family, ["gelu", "relu"],
+                                   True, True, "kept", [0.5, 0.5, 0.5]))
 
 
 def test_weight_grads_are_dense_parameter_shaped():
@@ -302,8 +301,9 @@ def test_bad_inputs_name_the_culprit():
         ops.unit_dropout(x, p[0], family="row", scale="auto")
 
 
-def test_sample_rows_gives_every_row_each_pattern_with_its_probability():
-    """Through the op (plan + row order): original row r uses (dp, offset) with probability P(dp)/dp."""
+@pytest.mark.parametrize("classes", [3, 4])
+def test_sample_rows_gives_every_row_each_pattern_with_its_probability(classes):
+    """Through the op: row r (class r mod M) uses (dp, offset) with probability P(dp)/dp."""
     from fxdrop.scheduler import PatternScheduler, support
 
     sched = PatternScheduler(0.7, seed=4)
@@ -314,38 +314,20 @@ def test_sample_rows_gives_every_row_each_pattern_with_its_probability():
     rows, draws = 11, 4000
     hits = torch.zeros(rows, len(patterns), dtype=torch.float64)
     for _ in range(draws):
-        plan, groups, order = ops.sample_rows([sched.state], [sched.cdf], rows)
-        permuted = [index[tuple(pat[0].tolist())] for pat, count in zip(plan, groups.tolist()) for _ in range(count)]
-        for position, row in enumerate(order.tolist()):
-            hits[row, permuted[position]] += 1
+        plan = ops.sample_rows([sched.state], [sched.cdf], rows, classes)
+        for row in range(rows):
+            hits[row, index[tuple(plan[row % classes][0].tolist())]] += 1
     freq = hits / draws
     se = (q * (1 - q) / draws).sqrt()
     assert ((freq - q).abs() <= 4.5 * se + 1e-12).all(), f"worst {(freq - q).abs().max():.4f}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_gather_rows_is_a_permutation_with_its_inverse_as_gradient(dtype):
-    x = torch.randn(13, 3, 7, dtype=torch.float64).to(dtype).requires_grad_()
-    index = torch.randperm(13, generator=torch.Generator().manual_seed(1))
-    y = ops.gather_rows(x, index)
-    assert torch.equal(y, x.detach()[index])
-    grad = torch.randn_like(y)
-    (got,) = torch.autograd.grad(y, x, grad)
-    assert torch.equal(got, torch.zeros_like(x).index_copy_(0, index, grad))
-    x64 = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: ops.gather_rows(t, torch.tensor([3, 0, 4, 1, 2])), (x64,))
-    torch.library.opcheck(torch.ops.fxdrop.gather_rows.default, (x.detach().float(), index))
-    for bad in (torch.tensor([0, 1, 1]), torch.tensor([0, 1, 3]), torch.tensor([0, 1]), torch.tensor([0., 1., 2.])):
-        with pytest.raises(ValueError, match=r"gather_rows: index must be an int64 permutation of range\(3\)"):
-            ops.gather_rows(torch.randn(3, 2), bad)
-
-
-def test_chain_row_groups_with_no_rows_give_zero_gradients():
+def test_chain_row_classes_with_no_rows_give_zero_gradients():
     x = torch.randn(0, 5, requires_grad=True)
     w = torch.randn(3, 5, requires_grad=True)
     b = torch.randn(3, requires_grad=True)
     y = ops.chain(x, [w], [b], torch.tensor([[[2, 0]], [[2, 1]]]), family="row", activations=[], input_dropout=True,
-                  rates=[0.5], groups=torch.tensor([0, 0]))
+                  rates=[0.5])
     assert y.shape == (0, 3)
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))

@@ -1,5 +1,7 @@
 """fxdrop.PatternScheduler: reproducibility, resume, independence from the global RNG, statistics."""
 
+import math
+
 import pytest
 import torch
 
@@ -78,47 +80,53 @@ def test_every_unit_dropped_with_probability_p(family, p, max_dp, record_propert
 
 
 @pytest.mark.parametrize("p,max_dp", [(0.3, "auto"), (0.5, "auto"), (0.7, "auto"), (0.5, 8)])
-def test_row_plans_give_every_position_each_pattern_with_its_mass(p, max_dp):
-    """Every row, in the plan's random row order, uses (dp, offset) with probability P(dp)/dp; plans
-    have ROW_GROUPS pieces and cover the rows."""
-    from fxdrop.scheduler import ROW_GROUPS, draw_rows, row_order, support
+@pytest.mark.parametrize("classes", [3, 4, 5])
+def test_class_plans_give_every_class_each_pattern_with_its_mass(p, max_dp, classes):
+    """Every class (and so every row) uses (dp, offset) with probability P(dp)/dp."""
+    from fxdrop.scheduler import draw_classes, support
 
     dist = search_distribution(p, max_dp=max_dp)
     probs = dist.probs.tolist()
     patterns = support(len(probs))
     index = {pattern: k for k, pattern in enumerate(patterns)}
     q = torch.tensor([probs[pat.dp - 1] / pat.dp for pat in patterns], dtype=torch.float64)
-    rows, draws = 23, 6000
-    hits = torch.zeros(rows, len(patterns), dtype=torch.float64)
+    draws = 6000
+    hits = torch.zeros(classes, len(patterns), dtype=torch.float64)
     for counter in range(draws):
-        plan = draw_rows(17, counter, probs, rows)
-        assert len(plan) == ROW_GROUPS and sum(count for _, count in plan) == rows
-        order = row_order(17, counter, rows)
-        position = 0
-        for pattern, count in plan:
-            hits[order[position: position + count], index[pattern]] += 1
-            position += count
+        plan = draw_classes(17, counter, probs, classes)
+        assert len(plan) == classes
+        for c, pattern in enumerate(plan):
+            hits[c, index[pattern]] += 1
     freq = hits / draws
     se = (q * (1 - q) / draws).sqrt()
     assert ((freq - q).abs() <= 4.5 * se + 1e-12).all(), f"worst {(freq - q).abs().max():.4f}"
-    assert draw_rows(17, 5, probs, rows) == draw_rows(17, 5, probs, rows)  # a pure function of (seed, counter)
+    assert draw_classes(17, 5, probs, classes) == draw_classes(17, 5, probs, classes)  # pure in (seed, counter)
 
 
-def test_row_plan_at_half_keeps_even_units_in_half_the_rows():
-    """p = 0.5, max_dp auto: the quantiles u/4 .. (u+3)/4 give (2, 0) to two groups and (2, 1) to two."""
-    from fxdrop.scheduler import Pattern, draw_rows
+def test_class_plan_at_half_keeps_even_units_in_alternate_rows():
+    """p = 0.5, dp = 2 only: the quantiles u/4 .. (u+3)/4 give (2, 0) to two classes and (2, 1) to two,
+    interleaved (classes c and c + 2 agree), so the op runs them as two strided halves."""
+    from fxdrop.scheduler import Pattern, draw_classes
 
+    seen = set()
     for counter in range(50):
-        plan = [(pattern, count) for pattern, count in draw_rows(3, counter, [0.0, 1.0], 700) if count]
-        assert plan == [(Pattern(2, 0), 350), (Pattern(2, 1), 350)]
+        plan = draw_classes(3, counter, [0.0, 1.0], 4)
+        assert plan[0] == plan[2] and plan[1] == plan[3] and {plan[0], plan[1]} == {Pattern(2, 0), Pattern(2, 1)}
+        seen.add(plan[0])
+    assert len(seen) == 2  # the rotation moves which half keeps the even units
 
 
-def test_merged_row_plans_keep_each_sites_rows():
-    from fxdrop.scheduler import draw_rows, merge_row_plans
+def test_row_classes_avoid_the_inner_dimensions():
+    """M is 4, or the smallest M >= 3 coprime to the leading dimensions after the first."""
+    from fxdrop.scheduler import row_classes
 
-    a, b = draw_rows(1, 0, [0.4, 0.6], 10), draw_rows(2, 0, [0.0, 0.2, 0.8], 10)
-    merged = merge_row_plans([a, b])
-    assert len(merged) == len(a) + len(b) - 1 and sum(count for _, count in merged) == 10
-    for site, plan in enumerate((a, b)):
-        want = [pattern for pattern, count in plan for _ in range(count)]
-        assert [pats[site] for pats, count in merged for _ in range(count)] == want
+    assert row_classes((700, 650)) == 4 and row_classes((35, 21, 650)) == 4 and row_classes((7, 650)) == 4
+    assert row_classes((35, 20, 650)) == 3 and row_classes((20, 35, 650)) == 4  # (time, batch) / (batch, time)
+    assert row_classes((8, 24, 16)) == 5 and row_classes((8, 30, 16)) == 7 and row_classes((2, 210, 3)) == 11
+    assert row_classes((4, 5, 6, 16)) == 7  # inner 30
+    for shape in ((35, 20, 650), (9, 24, 4), (3, 2, 5, 8)):  # every leading index moves rows through all classes
+        m = row_classes(shape)
+        cls = (torch.arange(math.prod(shape[:-1])) % m).reshape(shape[:-1])
+        for dim in range(len(shape) - 1):
+            moved = cls.movedim(dim, 0).reshape(shape[dim], -1)
+            assert all(len(set(moved[:, k].tolist())) == min(m, shape[dim]) for k in range(moved.shape[1]))

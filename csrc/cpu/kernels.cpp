@@ -203,12 +203,12 @@ struct CpuKernels final : Kernels {
   }
 
   void zero_outside(at::Tensor& full, const Mask* rows, const Mask* cols) const override {
-    const int64_t n_rows = full.size(0), n_cols = full.size(1);
+    const int64_t n_rows = full.size(0), n_cols = full.size(1), ld = full.stride(0);
     const int64_t item = full.element_size();
     char* base = static_cast<char*>(full.data_ptr());
     at::parallel_for(0, n_rows, grain(n_cols), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        char* row = base + r * n_cols * item;
+        char* row = base + r * ld * item;
         const bool kept = rows == nullptr ||
                           (r >= rows->start && r < rows->stop && (r - rows->start) % rows->step == 0);
         if (!kept) {
@@ -224,7 +224,7 @@ struct CpuKernels final : Kernels {
   void expand(at::Tensor& full, const at::Tensor& compact_in, const Mask* rows, const Mask* cols,
               double alpha) const override {
     const auto compact = compact_in.contiguous();
-    const int64_t n_rows = full.size(0), n_cols = full.size(1), width = compact.size(1);
+    const int64_t n_rows = full.size(0), n_cols = full.size(1), width = compact.size(1), ld = full.stride(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, full.scalar_type(), "fxdrop_expand", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* cp = compact.const_data_ptr<scalar_t>();
@@ -233,7 +233,7 @@ struct CpuKernels final : Kernels {
       const int64_t c_start = cols ? cols->start : 0, c_step = cols ? cols->step : 1;
       at::parallel_for(0, n_rows, grain(n_cols), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          scalar_t* fr = fp + r * n_cols;
+          scalar_t* fr = fp + r * ld;
           std::memset(fr, 0, n_cols * sizeof(scalar_t));
           if (rows != nullptr && !(r >= rows->start && r < rows->stop && (r - rows->start) % rows->step == 0)) {
             continue;
@@ -244,21 +244,6 @@ struct CpuKernels final : Kernels {
         }
       });
     });
-  }
-
-  at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const override {
-    const int64_t rows = x2.size(0), width = x2.size(1);
-    // No huge-page advice here: on this machine (THP defrag=madvise) an advised fresh 28 MB activation
-    // took ~60 ms to fault in (direct compaction) against ~10 ms plain.
-    auto out = at::empty_like(x2);
-    const int64_t bytes = width * x2.element_size();
-    const char* src = static_cast<const char*>(x2.const_data_ptr());
-    char* dst = static_cast<char*>(out.data_ptr());
-    const int64_t* idx = index.const_data_ptr<int64_t>();
-    at::parallel_for(0, rows, grain(width), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * bytes, src + idx[r] * bytes, bytes);
-    });
-    return out;
   }
 
   at::Tensor unit_dropout(const at::Tensor& x_in, const Mask& m) const override {
@@ -447,26 +432,24 @@ const CpuKernels& cpu() {
 std::tuple<at::Tensor, std::vector<at::Tensor>> chain_cpu(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
     const at::Tensor& patterns, std::string family, std::vector<std::string> activations, bool input_dropout,
-    bool output_dropout, std::string scale, std::vector<double> rates, const at::Tensor& groups) {
+    bool output_dropout, std::string scale, std::vector<double> rates) {
   return chain(cpu(), x, weights, biases, std::move(has_bias), patterns, family, activations, input_dropout,
-               output_dropout, scale, rates, groups);
+               output_dropout, scale, rates);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, std::string family,
     std::vector<std::string> activations, bool input_dropout, bool output_dropout, std::string scale,
-    std::vector<double> rates, bool needs_input_grad, const at::Tensor& groups) {
+    std::vector<double> rates, bool needs_input_grad) {
   return chain_backward(cpu(), grad_y, x, weights, biases, std::move(has_bias), patterns, saved, family,
-                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad, groups);
+                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad);
 }
 
 at::Tensor unit_dropout_cpu(const at::Tensor& x, const at::Tensor& pattern, std::string family, std::string scale,
                             double p) {
   return unit_dropout(cpu(), x, pattern, family, scale, p);
 }
-
-at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& index) { return gather_rows(cpu(), x, index); }
 
 at::Tensor tile_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            const at::Tensor& pattern, int64_t tile, std::string scale, double p) {
@@ -488,7 +471,6 @@ TORCH_LIBRARY_IMPL(fxdrop, CPU, m) {
   m.impl("chain", TORCH_FN(fxdrop::chain_cpu));
   m.impl("chain_backward", TORCH_FN(fxdrop::chain_backward_cpu));
   m.impl("unit_dropout", TORCH_FN(fxdrop::unit_dropout_cpu));
-  m.impl("gather_rows", TORCH_FN(fxdrop::gather_rows_cpu));
   m.impl("tile_linear", TORCH_FN(fxdrop::tile_linear_cpu));
   m.impl("tile_linear_backward", TORCH_FN(fxdrop::tile_linear_backward_cpu));
 }

@@ -102,19 +102,19 @@ __device__ __forceinline__ bool in_mask(int64_t i, int64_t start, int64_t stop, 
 }
 
 template <typename scalar_t>
-__global__ void zero_outside_kernel(scalar_t* full, int64_t rows, int64_t cols, bool has_r, Mask rm, bool has_c,
-                                    Mask cm) {
+__global__ void zero_outside_kernel(scalar_t* full, int64_t rows, int64_t cols, int64_t ld, bool has_r, Mask rm,
+                                    bool has_c, Mask cm) {
   FXDROP_GRID_STRIDE(i, rows * cols) {
     const int64_t r = i / cols, c = i % cols;
     const bool inside = (!has_r || in_mask(r, rm.start, rm.stop, rm.step)) &&
                         (!has_c || in_mask(c, cm.start, cm.stop, cm.step));
-    if (!inside) full[i] = scalar_t(0);
+    if (!inside) full[r * ld + c] = scalar_t(0);
   }
 }
 
 template <typename scalar_t>
-__global__ void expand_kernel(scalar_t* full, const scalar_t* compact, int64_t rows, int64_t cols, int64_t width,
-                              bool has_r, Mask rm, bool has_c, Mask cm, float alpha) {
+__global__ void expand_kernel(scalar_t* full, const scalar_t* compact, int64_t rows, int64_t cols, int64_t ld,
+                              int64_t width, bool has_r, Mask rm, bool has_c, Mask cm, float alpha) {
   using acc_t = at::opmath_type<scalar_t>;
   FXDROP_GRID_STRIDE(i, rows * cols) {
     const int64_t r = i / cols, c = i % cols;
@@ -124,7 +124,7 @@ __global__ void expand_kernel(scalar_t* full, const scalar_t* compact, int64_t r
       const int64_t ci = has_c ? (c - cm.start) / cm.step : c;
       v = static_cast<acc_t>(alpha) * static_cast<acc_t>(compact[ri * width + ci]);
     }
-    full[i] = static_cast<scalar_t>(v);
+    full[r * ld + c] = static_cast<scalar_t>(v);
   }
 }
 
@@ -205,8 +205,8 @@ struct CudaKernels final : Kernels {
     if (full.numel() == 0 || (rows == nullptr && cols == nullptr)) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, full.scalar_type(), "fxdrop_zero_outside", [&] {
       zero_outside_kernel<scalar_t><<<blocks_for(full.numel()), kBlock, 0, stream()>>>(
-          full.mutable_data_ptr<scalar_t>(), full.size(0), full.size(1), rows != nullptr, rows ? *rows : Mask{},
-          cols != nullptr, cols ? *cols : Mask{});
+          full.mutable_data_ptr<scalar_t>(), full.size(0), full.size(1), full.stride(0), rows != nullptr,
+          rows ? *rows : Mask{}, cols != nullptr, cols ? *cols : Mask{});
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -218,14 +218,10 @@ struct CudaKernels final : Kernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, full.scalar_type(), "fxdrop_expand", [&] {
       expand_kernel<scalar_t><<<blocks_for(full.numel()), kBlock, 0, stream()>>>(
           full.mutable_data_ptr<scalar_t>(), compact.const_data_ptr<scalar_t>(), full.size(0), full.size(1),
-          compact.size(1), rows != nullptr, rows ? *rows : Mask{}, cols != nullptr, cols ? *cols : Mask{},
-          static_cast<float>(alpha));
+          full.stride(0), compact.size(1), rows != nullptr, rows ? *rows : Mask{}, cols != nullptr,
+          cols ? *cols : Mask{}, static_cast<float>(alpha));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  }
-
-  at::Tensor gather_rows(const at::Tensor& x2, const at::Tensor& index) const override {
-    return at::index_select(x2, 0, index.to(x2.device(), /*non_blocking=*/true));
   }
 
   at::Tensor unit_dropout(const at::Tensor& x_in, const Mask& m) const override {
@@ -350,25 +346,20 @@ const CudaKernels& kernels() {
 std::tuple<at::Tensor, std::vector<at::Tensor>> chain_cuda(
     const at::Tensor& x, at::TensorList weights, at::TensorList biases, c10::List<bool> has_bias,
     const at::Tensor& patterns, std::string family, std::vector<std::string> activations, bool input_dropout,
-    bool output_dropout, std::string scale, std::vector<double> rates, const at::Tensor& groups) {
+    bool output_dropout, std::string scale, std::vector<double> rates) {
   const c10::cuda::CUDAGuard guard(x.device());
   return chain(kernels(), x, weights, biases, std::move(has_bias), patterns, family, activations, input_dropout,
-               output_dropout, scale, rates, groups);
+               output_dropout, scale, rates);
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
     c10::List<bool> has_bias, const at::Tensor& patterns, at::TensorList saved, std::string family,
     std::vector<std::string> activations, bool input_dropout, bool output_dropout, std::string scale,
-    std::vector<double> rates, bool needs_input_grad, const at::Tensor& groups) {
+    std::vector<double> rates, bool needs_input_grad) {
   const c10::cuda::CUDAGuard guard(x.device());
   return chain_backward(kernels(), grad_y, x, weights, biases, std::move(has_bias), patterns, saved, family,
-                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad, groups);
-}
-
-at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& index) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return gather_rows(kernels(), x, index);
+                        activations, input_dropout, output_dropout, scale, rates, needs_input_grad);
 }
 
 at::Tensor unit_dropout_cuda(const at::Tensor& x, const at::Tensor& pattern, std::string family, std::string scale,
@@ -400,7 +391,6 @@ TORCH_LIBRARY_IMPL(fxdrop, CUDA, m) {
   m.impl("chain", TORCH_FN(fxdrop::cuda::chain_cuda));
   m.impl("chain_backward", TORCH_FN(fxdrop::cuda::chain_backward_cuda));
   m.impl("unit_dropout", TORCH_FN(fxdrop::cuda::unit_dropout_cuda));
-  m.impl("gather_rows", TORCH_FN(fxdrop::cuda::gather_rows_cuda));
   m.impl("tile_linear", TORCH_FN(fxdrop::cuda::tile_linear_cuda));
   m.impl("tile_linear_backward", TORCH_FN(fxdrop::cuda::tile_linear_backward_cuda));
 }

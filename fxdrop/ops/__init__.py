@@ -8,10 +8,8 @@ references for tests are in :mod:`fxdrop.ops.reference`.
 Wrappers (what the rest of fxdrop calls)::
 
     chain(x, weights, biases, patterns, *, family, activations, input_dropout=False,
-          output_dropout=False, scale="kept", rates, groups=None)   # x: (..., in_features)
-    sample_rows(states, cdfs, rows)                       # row order, groups and patterns for chain
-    gather_rows(x, index)                                 # x[index] for a permutation index
-    inverse_permutation(index)
+          output_dropout=False, scale="kept", rates)   # x: (..., in_features)
+    sample_rows(states, cdfs, rows, classes)          # (classes, sites, 2) patterns of row classes, for chain
     unit_dropout(x, pattern, *, family, scale="kept", p=0.0)
     tile_linear(x, weight, bias, pattern, *, tile=32, scale="kept", p=0.0)
 """
@@ -49,23 +47,20 @@ def _unit_dropout_fake(x, pattern, family, scale, p):
 
 
 @torch.library.register_fake("fxdrop::sample_rows")
-def _sample_rows_fake(states, cdfs, rows):
-    from ..scheduler import merged_row_plan_size
-
-    size = merged_row_plan_size(len(cdfs))
-    return states[0].new_empty(size, len(states), 2), states[0].new_empty(size), states[0].new_empty(rows)
+def _sample_rows_fake(states, cdfs, rows, classes):
+    return states[0].new_empty(classes, len(states), 2)
 
 
 @torch.library.register_fake("fxdrop::chain")
 def _chain_fake(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale,
-                rates, groups):
+                rates):
     composite.check_chain(x, weights, composite.expand_biases(biases, has_bias))
     layers = len(weights)
     sites = layers - 1 + int(input_dropout) + int(output_dropout)
-    count = groups.numel()
-    want = (sites, 2) if count == 0 else (count, sites, 2)
-    if tuple(patterns.shape) != want:
-        raise ValueError(f"patterns must have shape {want}, got {tuple(patterns.shape)}")
+    count = patterns.shape[0] if patterns.dim() == 3 else 0
+    if tuple(patterns.shape) not in ((sites, 2), (count, sites, 2)) or patterns.dim() == 3 and count < 1:
+        raise ValueError(f"patterns must have shape ({sites}, 2) or (classes, {sites}, 2), got "
+                         f"{tuple(patterns.shape)}")
     ctx = torch.library.get_ctx()
     saved = []
     from . import activations as act
@@ -81,14 +76,9 @@ def _chain_fake(x, weights, biases, has_bias, patterns, family, activations, inp
 
 @torch.library.register_fake("fxdrop::chain_backward")
 def _chain_backward_fake(grad_y, x, weights, biases, has_bias, patterns, saved, family, activations,
-                         input_dropout, output_dropout, scale, rates, needs_input_grad, groups):
+                         input_dropout, output_dropout, scale, rates, needs_input_grad):
     grad_x = torch.empty_like(x) if needs_input_grad else x.new_empty(0)
     return grad_x, [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
-
-
-@torch.library.register_fake("fxdrop::gather_rows")
-def _gather_rows_fake(x, index):
-    return x.new_empty(index.shape[0], *x.shape[1:])
 
 
 @torch.library.register_fake("fxdrop::tile_linear")
@@ -106,29 +96,28 @@ def _tile_linear_backward_fake(grad_y, x, weight, pattern, tile, scale, p, has_b
 # ---------------------------------------------------------------- autograd
 
 def _chain_setup(ctx, inputs, output):
-    (x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates,
-     groups) = inputs
+    x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates = inputs
     _, saved = output
     ctx.config = (list(has_bias), family, list(activations), input_dropout, output_dropout, scale, list(rates))
     ctx.counts = (len(weights), len(biases))
-    ctx.save_for_backward(x, patterns, groups, *weights, *biases, *saved)
+    ctx.save_for_backward(x, patterns, *weights, *biases, *saved)
 
 
 def _chain_backward(ctx, grad_y, grad_saved):
-    x, patterns, groups, *rest = ctx.saved_tensors
+    x, patterns, *rest = ctx.saved_tensors
     layers, present = ctx.counts
     weights, biases, saved = rest[:layers], rest[layers: layers + present], rest[layers + present:]
     has_bias, family, activations, input_dropout, output_dropout, scale, rates = ctx.config
     needs_x = ctx.needs_input_grad[0]
     grad_x, grad_w, grad_b = torch.ops.fxdrop.chain_backward(
         grad_y.contiguous(), x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
-        output_dropout, scale, rates, needs_x, groups)
+        output_dropout, scale, rates, needs_x)
     # register_autograd compares structures, and flattens an empty list of anything as a tensor list.
     def no_grad(value):
         return [] if isinstance(value, list) and not value else None
 
     return (grad_x if needs_x else None, list(grad_w), list(grad_b), no_grad(has_bias), None, None,
-            no_grad(activations), None, None, None, no_grad(rates), None)
+            no_grad(activations), None, None, None, no_grad(rates))
 
 
 torch.library.register_autograd("fxdrop::chain", _chain_backward, setup_context=_chain_setup)
@@ -146,18 +135,6 @@ def _unit_dropout_backward(ctx, grad):
 
 
 torch.library.register_autograd("fxdrop::unit_dropout", _unit_dropout_backward, setup_context=_unit_dropout_setup)
-
-
-def _gather_rows_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _gather_rows_backward(ctx, grad):
-    (index,) = ctx.saved_tensors
-    return torch.ops.fxdrop.gather_rows(grad, inverse_permutation(index)), None
-
-
-torch.library.register_autograd("fxdrop::gather_rows", _gather_rows_backward, setup_context=_gather_rows_setup)
 
 
 def _tile_setup(ctx, inputs, output):
@@ -187,45 +164,25 @@ def _kernels_ready() -> None:
 
 def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
           patterns: torch.Tensor, *, family: str, activations: Sequence[str], input_dropout: bool = False,
-          output_dropout: bool = False, scale: str = "kept", rates: Sequence[float],
-          groups: torch.Tensor | None = None) -> torch.Tensor:
+          output_dropout: bool = False, scale: str = "kept", rates: Sequence[float]) -> torch.Tensor:
     """``[dropout ->] Linear -> act -> dropout -> ... -> Linear [-> act -> dropout]`` on kept units only.
 
     ``x: (..., in_features)``; ``patterns: int64 (sites, 2)``; returns ``(..., out_features)``.
-    With ``groups`` (int64 ``(G,)``, rows per group, summing to ``x.numel() // in_features``) the rows
-    of ``x`` (flattened to 2-D) form contiguous groups and ``patterns: (G, sites, 2)`` holds each
-    group's patterns (what :func:`sample_rows` returns).
+    With ``patterns: (classes, sites, 2)`` (what :func:`sample_rows` returns) row ``r`` of ``x``
+    flattened to 2-D uses ``patterns[r % classes]``; classes that repeat with a shorter period run as one.
     """
     _kernels_ready()
     y, _ = torch.ops.fxdrop.chain(x, list(weights), [b for b in biases if b is not None],
                                   [b is not None for b in biases], patterns, family, list(activations),
-                                  bool(input_dropout), bool(output_dropout), scale, [float(r) for r in rates],
-                                  # empty: one pattern set for all rows (made per call: a module-level
-                                  # tensor would be a real tensor inside a fake-tensor trace)
-                                  torch.empty(0, dtype=torch.int64) if groups is None else groups)
+                                  bool(input_dropout), bool(output_dropout), scale, [float(r) for r in rates])
     return y
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[index]`` along dim 0, ``index`` an int64 CPU permutation of ``range(x.shape[0])``; its gradient
-    is the inverse gather."""
-    _kernels_ready()
-    return torch.ops.fxdrop.gather_rows(x, index)
-
-
-def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
-    """``inverse`` with ``inverse[index[r]] = r``: ``gather_rows(gather_rows(x, index), inverse)`` is ``x``."""
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(index.numel(), dtype=index.dtype, device=index.device)
-    return inverse
-
-
-def sample_rows(states: Sequence[torch.Tensor], cdfs: Sequence[torch.Tensor], rows: int):
-    """Each site's next row plan, merged: ``(patterns (G, sites, 2), rows per group (G,), order (rows,))``.
-
-    Chain the rows ``x2[order]`` with these ``groups``/``patterns``; permuted row ``r`` is row ``order[r]``.
-    """
-    return torch.ops.fxdrop.sample_rows(list(states), list(cdfs), int(rows))
+def sample_rows(states: Sequence[torch.Tensor], cdfs: Sequence[torch.Tensor], rows: int,
+                classes: int) -> torch.Tensor:
+    """Each site's next row-class plan (:func:`fxdrop.scheduler.draw_classes`): int64 ``(classes, sites, 2)``,
+    for :func:`chain` on ``rows`` rows (the count only updates each stream's per-dp row counts)."""
+    return torch.ops.fxdrop.sample_rows(list(states), list(cdfs), int(rows), int(classes))
 
 
 def unit_dropout(x: torch.Tensor, pattern: torch.Tensor, *, family: str, scale: str = "kept",

@@ -200,31 +200,24 @@ def expand_biases(biases: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> l
     return [next(present) if has else None for has in has_bias]
 
 
-def row_groups(groups: torch.Tensor, patterns: torch.Tensor, sites: int, rows: int):
-    """``[(start, count, patterns (sites, 2)), ...]`` of a grouped call, or ``None`` for one pattern set
-    (``groups`` empty).
+def row_classes(patterns: torch.Tensor, sites: int) -> list[tuple[slice, torch.Tensor]] | None:
+    """``[(rows, patterns (sites, 2)), ...]`` of a call with row classes, or ``None`` for one pattern set.
 
-    Grouped: ``groups`` is int64 ``(G,)`` of row counts summing to ``rows`` (the rows of ``x`` flattened
-    to 2-D, in order) and ``patterns`` is ``(G, sites, 2)``: group ``g`` is rows ``[start, start + count)``
-    and uses ``patterns[g]``. Empty groups are allowed (and skipped).
+    ``patterns: (M, sites, 2)``: row ``r`` uses ``patterns[r % M]``. The classes run at the shortest
+    period ``d`` (a divisor of ``M``) with ``patterns[c] == patterns[c % d]`` for every ``c``: class
+    ``c < d`` is the rows ``slice(c, None, d)`` (a strided view; ``d = 1``: every row at once).
     """
-    if groups.dtype != torch.int64 or groups.dim() != 1:
-        raise ValueError(f"groups must be an int64 tensor of shape (G,) = rows per group, got {groups.dtype} "
-                         f"{tuple(groups.shape)}")
-    count = groups.numel()
-    if count == 0:
+    if patterns.dim() != 3:
         return None
-    if patterns.shape != (count, sites, 2):
-        raise ValueError(f"with {count} row groups, patterns must have shape ({count}, {sites}, 2), got "
+    if patterns.dtype != torch.int64 or patterns.shape[0] < 1 or patterns.shape[1:] != (sites, 2):
+        raise ValueError(f"patterns must be an int64 tensor of shape ({sites}, 2) = [dp, offset] per site, or "
+                         f"(classes, {sites}, 2) with row r using class r mod classes, got {patterns.dtype} "
                          f"{tuple(patterns.shape)}")
-    counts = groups.tolist()
-    if min(counts, default=0) < 0 or sum(counts) != rows:
-        raise ValueError(f"groups must be non-negative row counts summing to the {rows} rows of x, got {counts}")
-    spec, start = [], 0
-    for g, n in enumerate(counts):
-        spec.append((start, n, patterns[g]))
-        start += n
-    return spec
+    classes = patterns.shape[0]
+    table = patterns.tolist()
+    period = next(d for d in range(1, classes + 1)
+                  if classes % d == 0 and all(table[c] == table[c % d] for c in range(classes)))
+    return [(slice(c, None, period), patterns[c]) for c in range(period)]
 
 
 def _num_sites(weights, input_dropout: bool, output_dropout: bool) -> int:
@@ -270,27 +263,29 @@ def _forward(x2, weights, biases, plan, activations, out=None):
     return y, saved
 
 
-def chain(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates,
-          groups):
+def chain(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates):
     biases = expand_biases(biases, has_bias)
     check_chain(x, weights, biases)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    spec = row_groups(groups, patterns, _num_sites(weights, input_dropout, output_dropout), x2.shape[0])
-    if spec is None:
+    classes = row_classes(patterns, _num_sites(weights, input_dropout, output_dropout))
+    if classes is None:
         plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale,
                      rates)
         y, saved = _forward(x2, weights, biases, plan, activations)
         return y.reshape(*lead, y.shape[-1]), saved
     y = x2.new_empty(x2.shape[0], weights[-1].shape[0])
     saved = []
-    for start, count, group_patterns in spec:
-        plan = _plan(x.shape[-1], weights, group_patterns, family, activations, input_dropout, output_dropout,
+    for rows, class_patterns in classes:
+        plan = _plan(x.shape[-1], weights, class_patterns, family, activations, input_dropout, output_dropout,
                      scale, rates)
-        # An empty group runs too (GEMMs of 0 rows): its saved tensors then have the shapes the fake kernel gives.
-        _, piece = _forward(x2[start: start + count], weights, biases, plan, activations,
-                            out=y[start: start + count])
+        # A class without rows runs too (GEMMs of 0 rows): its saved tensors then have the fake kernel's shapes.
+        _, piece = _forward(x2[rows], weights, biases, plan, activations, out=y[rows])
         saved += piece
+    # Merged classes save nothing: pad to one set per class of `patterns` (a count fixed for compiled graphs).
+    for _ in range(patterns.shape[0] - len(classes)):
+        for name in activations:
+            saved += [x2.new_empty(0, 0) if act.needs_input(name) else x2.new_empty(0), x2.new_empty(0, 0)]
     return y.reshape(*lead, y.shape[-1]), saved
 
 
@@ -372,33 +367,35 @@ def _backward(g, x2, weights, biases, plan, hidden, activations, needs_input_gra
 
 
 def chain_backward(grad_y, x, weights, biases, has_bias, patterns, saved, family, activations, input_dropout,
-                   output_dropout, scale, rates, needs_input_grad, groups):
+                   output_dropout, scale, rates, needs_input_grad):
     biases = expand_biases(biases, has_bias)
     g = grad_y.reshape(-1, grad_y.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     activations = list(activations)
-    spec = row_groups(groups, patterns, _num_sites(weights, input_dropout, output_dropout), x2.shape[0])
-    per_group = 2 * len(activations)
-    if spec is None:
+    classes = row_classes(patterns, _num_sites(weights, input_dropout, output_dropout))
+    per_class = 2 * len(activations)
+    if classes is None:
         plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale,
                      rates)
         hidden = [(saved[2 * i], saved[2 * i + 1]) for i in range(len(saved) // 2)]
         grad_x, grad_weights, grad_biases = _backward(g, x2, weights, biases, plan, hidden, activations,
                                                       needs_input_grad)
     else:
+        if len(saved) != per_class * patterns.shape[0]:
+            raise ValueError(f"chain_backward: expected {per_class * patterns.shape[0]} saved tensors for "
+                             f"{patterns.shape[0]} row classes, got {len(saved)}")
         grad_weights = [torch.zeros_like(w) for w in weights]
         grad_bias_full = [torch.zeros_like(b) if b is not None else None for b in biases]
         grad_x = x2.new_empty(x2.shape) if needs_input_grad else None
-        for index, (start, count, group_patterns) in enumerate(spec):
-            if count == 0:
+        for index, (rows, class_patterns) in enumerate(classes):
+            if g[rows].shape[0] == 0:
                 continue
-            plan = _plan(x.shape[-1], weights, group_patterns, family, activations, input_dropout,
+            plan = _plan(x.shape[-1], weights, class_patterns, family, activations, input_dropout,
                          output_dropout, scale, rates)
-            group_saved = saved[index * per_group: (index + 1) * per_group]
-            hidden = [(group_saved[2 * i], group_saved[2 * i + 1]) for i in range(len(activations))]
-            _backward(g[start: start + count], x2[start: start + count], weights, biases, plan, hidden,
-                      activations, needs_input_grad, grads=(grad_weights, grad_bias_full),
-                      grad_x_out=None if grad_x is None else grad_x[start: start + count])
+            class_saved = saved[index * per_class: (index + 1) * per_class]
+            hidden = [(class_saved[2 * i], class_saved[2 * i + 1]) for i in range(len(activations))]
+            _backward(g[rows], x2[rows], weights, biases, plan, hidden, activations, needs_input_grad,
+                      grads=(grad_weights, grad_bias_full), grad_x_out=None if grad_x is None else grad_x[rows])
         grad_biases = [b for b in grad_bias_full if b is not None]
     grad_x = x.new_empty(0) if grad_x is None else grad_x.reshape(x.shape)
     return grad_x, grad_weights, grad_biases
@@ -467,46 +464,23 @@ def sample_pattern(state, cdf):
     return torch.tensor([pattern.dp, pattern.offset], dtype=torch.int64)
 
 
-def sample_rows(states, cdfs, rows):
-    from ..scheduler import PatternScheduler, draw_rows, merge_row_plans, row_order
+def sample_rows(states, cdfs, rows, classes):
+    from ..scheduler import PatternScheduler, draw_classes
 
     if len(states) != len(cdfs) or not states:
         raise ValueError(f"sample_rows: needs one cdf per state and at least one site, got {len(states)} states "
                          f"and {len(cdfs)} cdfs")
     if rows < 0:
         raise ValueError(f"sample_rows: rows must be >= 0, got {rows}")
-    # The row order: a permutation from the first site's stream, so each row's patterns are independent
-    # of its position (the plans give contiguous groups of the permuted rows).
-    order = row_order(int(states[0][0]), int(states[0][1]), int(rows))
+    if classes < 1:
+        raise ValueError(f"sample_rows: classes must be >= 1, got {classes}")
     plans = []
     for state, cdf in zip(states, cdfs):
         if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
             raise ValueError(f"sample_rows: state must be int64 of shape ({2 + cdf.numel()},) = [seed, draws, "
                              f"counts per dp], got {state.dtype} {tuple(state.shape)}")
         probs = torch.diff(cdf.to(torch.float64), prepend=cdf.new_zeros(1, dtype=torch.float64)).tolist()
-        plan = draw_rows(int(state[0]), int(state[1]), probs, int(rows))
-        PatternScheduler._count_rows(state, plan)
+        plan = draw_classes(int(state[0]), int(state[1]), probs, int(classes))
+        PatternScheduler._count_classes(state, plan, int(rows))
         plans.append(plan)
-    merged = merge_row_plans(plans)
-    patterns = torch.tensor([[list(p) for p in pats] for pats, _ in merged], dtype=torch.int64)
-    counts = torch.tensor([count for _, count in merged], dtype=torch.int64)
-    return patterns, counts, order
-
-
-def check_permutation(index: torch.Tensor, rows: int) -> None:
-    """``index`` must be an int64 1-D permutation of ``range(rows)`` (same message as the C++ kernel)."""
-    if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != rows:
-        raise ValueError(f"gather_rows: index must be an int64 permutation of range({rows}), got {index.dtype} "
-                         f"{tuple(index.shape)}")
-    seen = torch.zeros(rows, dtype=torch.bool)
-    cpu = index.cpu()
-    if rows and (int(cpu.min()) < 0 or int(cpu.max()) >= rows or seen.index_fill_(0, cpu, True).sum() != rows):
-        raise ValueError(f"gather_rows: index must be an int64 permutation of range({rows}), got repeated or "
-                         "out-of-range rows")
-
-
-def gather_rows(x, index):
-    if x.dim() < 1:
-        raise ValueError("gather_rows: x must have at least one dimension")
-    check_permutation(index, x.shape[0])
-    return x.index_select(0, index.to(x.device))
+    return torch.tensor([[list(plan[c]) for plan in plans] for c in range(classes)], dtype=torch.int64)

@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 # Ops csrc registers kernels for, per dispatch key (keep in step with the TORCH_LIBRARY_IMPL blocks).
-COMPILED_OPS = ("chain", "chain_backward", "unit_dropout", "gather_rows", "tile_linear", "tile_linear_backward")
+COMPILED_OPS = ("chain", "chain_backward", "unit_dropout", "tile_linear", "tile_linear_backward")
 _CPU_SOURCES = ("structured.cpp", "cpu/kernels.cpp")
 _CUDA_SOURCES = _CPU_SOURCES + ("cuda/kernels.cu",)
 _HEADERS = ("structured.h", "activation.h", "cuda/tile_gemm.cuh")

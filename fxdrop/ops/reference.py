@@ -50,14 +50,12 @@ def tile_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.linear(x, weight * mask.to(weight.device), bias)
 
 
-def chain_groups(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
-                 patterns: torch.Tensor, groups: torch.Tensor, **kw) -> torch.Tensor:
-    """:func:`chain` with row groups: rows ``[start, start + groups[g])`` of ``x`` (flattened to 2-D) use
-    ``patterns[g]`` (``(G, sites, 2)``); each group is the dense reference with its own masks."""
+def chain_classes(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
+                  patterns: torch.Tensor, **kw) -> torch.Tensor:
+    """:func:`chain` with row classes: row ``r`` of ``x`` (flattened to 2-D) uses ``patterns[r % M]``
+    (``(M, sites, 2)``); each class is the dense reference with its own masks (no merging)."""
     x2 = x.reshape(-1, x.shape[-1])
-    pieces, start = [], 0
-    for g, count in enumerate(groups.tolist()):
-        pieces.append(chain(x2[start: start + count], weights, biases, patterns[g], **kw))
-        start += count
-    y = torch.cat(pieces) if pieces else x2.new_empty(0, weights[-1].shape[0])
+    y = x2.new_zeros(x2.shape[0], weights[-1].shape[0])
+    for c in range(patterns.shape[0]):
+        y[c::patterns.shape[0]] = chain(x2[c::patterns.shape[0]], weights, biases, patterns[c], **kw)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -13,29 +13,24 @@ NAMESPACE = "fxdrop"
 SCHEMAS = {
     # Draws the next pattern of a PatternScheduler stream and advances its state.
     "sample_pattern": "sample_pattern(Tensor(a!) state, Tensor cdf) -> Tensor",
-    # Draws the next row plan of each site's stream (advancing each state) and merges them into
-    # contiguous row groups: (patterns (G, sites, 2), rows per group (G,), order (rows,)), G fixed by
-    # the cdfs' sizes; the groups apply to the rows taken in ``order`` (a random permutation).
-    "sample_rows": "sample_rows(Tensor(a!)[] states, Tensor[] cdfs, int rows) -> (Tensor, Tensor, Tensor)",
+    # Draws the next row-class plan of each site's stream (advancing each state): patterns
+    # (classes, sites, 2), row r of the ``rows`` rows using class r mod classes.
+    "sample_rows": "sample_rows(Tensor(a!)[] states, Tensor[] cdfs, int rows, int classes) -> Tensor",
     # x * unit mask along the last dim.
     "unit_dropout": "unit_dropout(Tensor x, Tensor pattern, str family, str scale, float p) -> Tensor",
     # [dropout ->] Linear -> act -> dropout -> Linear ... [-> act -> dropout]; returns y and the
     # compact tensors saved for backward. ``biases`` holds the biases that exist, ``has_bias`` says
     # which Linear has one (a ``Tensor?[]`` input gets no gradient through register_autograd).
-    # ``groups`` (int64 (G,), rows per group) splits x's rows into contiguous groups with their own
-    # patterns: ``patterns`` is then (G, sites, 2) instead of (sites, 2). An empty ``groups`` (numel 0)
-    # means one pattern set for all rows. (Not ``Tensor?``: register_autograd's backward structure check
-    # rejects a None there.)
+    # ``patterns`` is (sites, 2), one pattern set for every row, or (classes, sites, 2): row r of x
+    # (flattened to 2-D) uses class r mod classes (strided row sets, so nothing is gathered).
     "chain": ("chain(Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, Tensor patterns, str family, "
-              "str[] activations, bool input_dropout, bool output_dropout, str scale, float[] rates, "
-              "Tensor groups) -> (Tensor, Tensor[])"),
+              "str[] activations, bool input_dropout, bool output_dropout, str scale, float[] rates) "
+              "-> (Tensor, Tensor[])"),
     # Gradients of chain: (grad_x, grad_weights, grad_biases of the biases that are present).
     "chain_backward": ("chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, bool[] has_bias, "
                        "Tensor patterns, Tensor[] saved, str family, str[] activations, bool input_dropout, "
-                       "bool output_dropout, str scale, float[] rates, bool needs_input_grad, Tensor groups) "
+                       "bool output_dropout, str scale, float[] rates, bool needs_input_grad) "
                        "-> (Tensor, Tensor[], Tensor[])"),
-    # x[index] along dim 0 for a permutation ``index`` (int64 CPU): row groups are chained on permuted rows.
-    "gather_rows": "gather_rows(Tensor x, Tensor index) -> Tensor",
     # x @ (W * tile mask)^T + b on the kept tiles only.
     "tile_linear": ("tile_linear(Tensor x, Tensor weight, Tensor? bias, Tensor pattern, int tile, str scale, "
                     "float p) -> Tensor"),
