@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fxdrop.audit import ideal_speedup
+from fxdrop.scheduler import ROW_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/lstm.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "config": {"hidden": args.hidden, "vocab": args.vocab, "layers": args.layers, "bptt": args.bptt,
                    "batch": args.batch, "dtype": "float32", "pairs": args.pairs, "warmup": args.warmup,
-                   "threads": torch.get_num_threads(), "granularity": args.granularity},
+                   "threads": torch.get_num_threads(), "granularity": args.granularity,
+                   **({"row_classes": ROW_CLASSES} if args.granularity == "rows" else {})},
         "machine": example.machine(),
         # Other processes on the machine: the paired ratios absorb steady load, not bursts.
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},

@@ -144,15 +144,20 @@ def codrop_section(result: dict) -> list[str]:
     return lines
 
 
+def _decoder_patterns(config: dict) -> str:
+    granularity = config.get("granularity", "forward")
+    classes = config.get("row_classes")
+    return f"{granularity}, {classes} classes" if granularity == "rows" and classes else granularity
+
+
 def lstm_section(speeds: list[tuple[Path, dict]], quality: list[tuple[Path, dict]]) -> list[str]:
     lines = ["### LSTM language model, Penn Treebank", ""]
     for path, speed in speeds:
         config = speed["config"]
-        granularity = config.get("granularity", "forward")
         retained = speed["machine"].get("retain_freed_memory", False)
         lines += [f"Training-step speed ({_rel(path)}): {config['layers']} × {config['hidden']} LSTM, vocabulary "
                   f"{config['vocab']}, BPTT {config['bptt']}, batch {config['batch']}, fp32 (forward, loss, backward, "
-                  f"clipping, SGD); decoder patterns **{granularity}**; "
+                  f"clipping, SGD); decoder patterns **{_decoder_patterns(config)}**; "
                   + ("`retain_freed_memory()` (both sides)" if retained else "glibc's default allocator settings")
                   + ". The recurrent GEMMs do not shrink, so the FLOP ideal is low.", "",
                   "| p | family | standard ms | fxdrop ms | speedup (median) | speedup (total) | ideal | efficiency |",
@@ -167,8 +172,11 @@ def lstm_section(speeds: list[tuple[Path, dict]], quality: list[tuple[Path, dict
     if quality:
         lines += ["Quality (same seed and schedule for both; a full epoch is 1,328 batches, some runs use fewer). "
                   "*decoder patterns*: `forward` = one pattern per forward for all 700 tokens of a batch (the "
-                  "paper's method), `rows` = a pattern per token (`granularity=\"rows\"`); the LSTM sites draw "
-                  "one pattern per forward in every run:", "",
+                  "paper's method), `rows, M classes` = `granularity=\"rows\"`: token r of the flattened "
+                  "(35, 20) batch uses row class r mod M of M patterns drawn per forward (M = "
+                  "`fxdrop.scheduler.ROW_CLASSES` = 2; the 3-class runs are from commit bbea7e6, which used 3 "
+                  "for this layout); the LSTM sites draw one pattern per "
+                  "forward in every run:", "",
                   "| file | LSTM, dropout, family | decoder patterns | epochs × batches | scale | max_dp | "
                   "val ppl standard | val ppl fxdrop | Δ | test ppl standard | test ppl fxdrop | training speedup | "
                   "time to standard's final val ppl |",
@@ -177,7 +185,7 @@ def lstm_section(speeds: list[tuple[Path, dict]], quality: list[tuple[Path, dict
             config, summary = run["config"], run["summary"]
             reached = summary.get("fxdrop_seconds_to_standard_final_val_ppl")
             lines.append(f"| {path.name} | {config['layers']} × {config['hidden']}, {config['p']:g}, {config['family']} | "
-                         f"{config.get('granularity', 'forward')} | "
+                         f"{_decoder_patterns(config)} | "
                          f"{summary['epochs']} × {config['batches_per_epoch']} | {config['scale']} | "
                          f"{config.get('max_dp', 8)} | {summary['val_ppl_standard']:.1f} | "
                          f"{summary['val_ppl_fxdrop']:.1f} | {100 * summary['val_ppl_relative_difference']:+.1f}% | "
@@ -214,7 +222,8 @@ def mask_study_section(studies: list[tuple[Path, dict]]) -> list[str]:
         lines.append(f"| {MODE_NAMES[inputs]} | {MODE_NAMES[decoder]} | {val:.1f} | {delta} | {run['test_ppl']:.1f} |")
     lines += ["", "One pattern per forward at every site costs ~20% perplexity here; a pattern per token at the "
               "decoder alone brings it to Bernoulli's, with the LSTM sites still locked (one pattern per forward, "
-              "as the issue asks). That is `granularity=\"rows\"`. Reproduce: `python examples/ptb_mask_study.py "
+              "as the issue asks). `granularity=\"rows\"` approximates a pattern per token with a few row classes "
+              "per forward (the quality table above). Reproduce: `python examples/ptb_mask_study.py "
               "--modes bernoulli shared row shared/row --threads 1 --out examples/results/ptb_mask_study` (each mode "
               f"about {studies[0][1]['epochs'][-1]['train_seconds'] / 60:.0f} min here; its command is in its file).", ""]
     return lines

@@ -42,7 +42,7 @@ import fxdrop.ops
 from fxdrop.audit_cli import max_dp_arg
 from fxdrop.lstm import StructuredLSTM, structure_lstm
 from fxdrop.modules import StructuredChain
-from fxdrop.scheduler import derive_seed
+from fxdrop.scheduler import ROW_CLASSES, derive_seed
 from fxdrop.site import Site
 
 
@@ -338,6 +338,8 @@ def summarize(args, runs, vocab: int, per_epoch: int) -> dict:
     target = std["epochs"][-1]["val_ppl"]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(vocab=vocab, batches_per_epoch=per_epoch, conversion=fx["model"].fxdrop_conversion)
+    if args.granularity == "rows":
+        config["row_classes"] = ROW_CLASSES
     return {
         "command": "python examples/ptb_lstm.py " + " ".join(sys.argv[1:]),
         "config": config,

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import ops
 from .ops import activations as act
-from .scheduler import row_classes
+from .scheduler import ROW_CLASSES
 from .site import Site
 
 
@@ -102,12 +102,12 @@ class StructuredChain(nn.Module):
         return self.sites[0].granularity
 
     def _forward_rows(self, x, weights, biases):
-        """Patterns per row class: row r of x (flattened to 2-D) uses class r mod M (M from
-        :func:`fxdrop.scheduler.row_classes`); each site draws a pattern per class (``fxdrop::sample_rows``)."""
+        """Patterns per row class: row r of x (flattened to 2-D) uses class r mod M
+        (:data:`fxdrop.scheduler.ROW_CLASSES`); each site draws a pattern per class (``fxdrop::sample_rows``)."""
         width = x.shape[-1]
         rows = x.numel() // width if width else 0
         patterns = ops.sample_rows([site.scheduler.state for site in self.sites],
-                                   [site.scheduler.cdf for site in self.sites], rows, row_classes(x.shape))
+                                   [site.scheduler.cdf for site in self.sites], rows, ROW_CLASSES)
         if not torch.compiler.is_compiling():
             self.last_plan = (patterns, rows)
         y = ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,

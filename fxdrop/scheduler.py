@@ -11,9 +11,7 @@ specialises on the drawn values. Imports torch, patterns and search.
 from __future__ import annotations
 
 import bisect
-import itertools
-import math
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -50,28 +48,12 @@ def support(max_dp: int) -> list[Pattern]:
     return [Pattern(dp, offset) for dp in range(1, max_dp + 1) for offset in range(dp)]
 
 
-def row_classes(shape: Sequence[int]) -> int:
-    """How many row classes a ``granularity="rows"`` site uses for an input of ``shape`` ``(..., units)``.
-
-    Row ``r`` of the input flattened to 2-D is in class ``r mod M``. ``M`` is 4, or else the smallest
-    ``M >= 3`` coprime to the product of the leading dimensions after the first (e.g. the batch of a
-    ``(time, batch, units)`` input): then every leading index moves a row through every class, so the
-    classes never coincide with whole sequences or whole time steps.
-    """
-    inner = math.prod(shape[1:-1])
-    if math.gcd(4, inner) == 1:
-        return 4
-    return next(m for m in itertools.count(3) if math.gcd(m, inner) == 1)
-
-
-def _class_order(classes: int) -> list[int]:
-    """Quantile ``j``'s class before the random rotation: bit-reversed for a power of two, so the two
-    halves of the quantiles interleave (at M = 4, quantiles 0 and 1 go to classes 0 and 2): equal
-    neighbouring patterns then repeat with a shorter period, and the chain op runs them as one."""
-    if classes & (classes - 1):
-        return list(range(classes))
-    bits = classes.bit_length() - 1
-    return [int(format(j, f"0{bits}b")[::-1], 2) if bits else 0 for j in range(classes)]
+# Row classes per site per forward with granularity="rows": row r of the input flattened to 2-D
+# uses class r mod ROW_CLASSES. Each class is one more pass of shrunken GEMMs over the weight, so
+# this is the cost knob: on the PTB step (2 x 650, p = 0.5, block, retain_freed_memory) 2 classes
+# gave 1.54x against 1.43x for 3 (benchmarks/lstm.py, 30 pairs). For a (time, batch) input with an
+# even batch a class is every other sequence of the batch; that was enough for PTB quality (README).
+ROW_CLASSES = 2
 
 
 def draw_classes(seed: int, counter: int, probs: list[float], classes: int) -> list[Pattern]:
@@ -80,10 +62,12 @@ def draw_classes(seed: int, counter: int, probs: list[float], classes: int) -> l
     The ``M = classes`` patterns are the distribution's quantiles ``(u + j) / M`` over :func:`support`
     (``(dp, offset)`` has mass ``probs[dp - 1] / dp``), ``u`` uniform: systematic sampling, so a step's
     classes spread over the distribution (with ``probs = [0, 1]``, dp = 2 only, half the rows keep the
-    even units and half the odd ones). Quantile ``j`` goes to class ``(order[j] + s) mod M``
-    (:func:`_class_order`, ``s`` a uniform rotation), so every class, and with it every row, takes
-    quantile ``j`` with probability 1/M and uses ``(dp, offset)`` with probability exactly its mass:
-    it drops every unit with probability exactly the distribution's rate.
+    even units and half the odd ones). Quantile ``j`` goes to class ``(j + s) mod M``, ``s`` a uniform
+    rotation, so every class, and with it every row, takes quantile ``j`` with probability 1/M and uses
+    ``(dp, offset)`` with probability exactly its mass: it drops every unit with probability exactly
+    the distribution's rate. When every class draws the same pattern (likely where one pattern has a
+    large mass: dp = 1 at p = 0.3 fills both quantiles of a two-class plan 14% of the time), the chain
+    op runs all rows as one.
     """
     patterns = support(len(probs))
     total = sum(probs)
@@ -91,7 +75,7 @@ def draw_classes(seed: int, counter: int, probs: list[float], classes: int) -> l
     u, u_shift = _uniforms(seed, counter)
     shift = min(int(u_shift * classes), classes - 1)
     plan: list[Pattern | None] = [None] * classes
-    for j, c in enumerate(_class_order(classes)):
+    for j in range(classes):
         target = (u + j) / classes
         acc, chosen = 0.0, None
         for pattern, m in zip(patterns, mass):
@@ -101,7 +85,7 @@ def draw_classes(seed: int, counter: int, probs: list[float], classes: int) -> l
                 break
         if chosen is None:  # rounding at the top end: the last pattern with mass
             chosen = next(pat for pat, m in zip(reversed(patterns), reversed(mass)) if m > 0)
-        plan[(c + shift) % classes] = chosen
+        plan[(j + shift) % classes] = chosen
     return plan
 
 

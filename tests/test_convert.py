@@ -20,6 +20,7 @@ from torch import nn
 import fxdrop
 from fxdrop.convert import conversion, convert, load_state_dict, sites, state_dict
 from fxdrop.passes.rewrite import COUNTERS
+from fxdrop.scheduler import ROW_CLASSES
 
 import zoo
 
@@ -411,7 +412,7 @@ def test_rows_granularity_matches_per_row_masks(family, share):
             for site, mask in zip(chain.sites, chain.last_row_masks()):
                 masks[site.name] = mask.reshape(3, 7, -1)
         assert set(masks) == {"d0", "d1"}
-        assert all(chain.last_plan[0].shape[0] == 4 for chain in chains)  # (3, 7, 16): 7 is coprime to 4
+        assert all(chain.last_plan[0].shape[0] == ROW_CLASSES for chain in chains)
         for mask in masks.values():  # patterns differ between rows
             assert len({tuple(row.tolist()) for row in mask.reshape(-1, mask.shape[-1])}) > 1
         with masked(model, masks):
@@ -425,17 +426,16 @@ def test_rows_granularity_matches_per_row_masks(family, share):
     assert torch.equal(converted(x), model(x))
 
 
-def test_rows_granularity_classes_follow_the_layout():
-    """A (time, batch) input with batch 4 gets 3 row classes: row r (= t * 4 + b) has class r mod 3's
-    masks, so no class is a whole sequence (b fixed) or a whole time step (t fixed)."""
+def test_rows_granularity_rows_alternate_between_classes():
+    """Row r of the flattened input (here (time, batch) = (5, 4), r = t * 4 + b) has class r mod 2's masks."""
     torch.manual_seed(0)
     converted = convert(_Seq(), seed=2, granularity="rows")
     converted(torch.randn(5, 4, 16))
     (chain,) = [m for m in converted.modules() if hasattr(m, "last_row_masks")]
-    assert chain.last_plan[0].shape == (3, 2, 2)
+    assert chain.last_plan[0].shape == (ROW_CLASSES, 2, 2)
     for mask in chain.last_row_masks():
         assert mask.shape == (20, mask.shape[1])
-        assert all(torch.equal(mask[r], mask[r % 3]) for r in range(20))
+        assert all(torch.equal(mask[r], mask[r % ROW_CLASSES]) for r in range(20))
 
 
 def test_rows_granularity_errors_and_tile_sites():
