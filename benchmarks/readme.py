@@ -175,8 +175,7 @@ def lstm_section(speeds: list[tuple[Path, dict]], quality: list[tuple[Path, dict
                   "paper's method), `rows, M classes` = `granularity=\"rows\"`: token r of the flattened "
                   "(35, 20) batch uses row class r mod M of M patterns drawn per forward (M = "
                   "`fxdrop.scheduler.ROW_CLASSES` = 2; the 3-class runs are from commit bbea7e6, which used 3 "
-                  "for this layout); the LSTM sites draw one pattern per "
-                  "forward in every run:", "",
+                  "for this layout); the LSTM sites draw one pattern per forward in every run:", "",
                   "| file | LSTM, dropout, family | decoder patterns | epochs × batches | scale | max_dp | "
                   "val ppl standard | val ppl fxdrop | Δ | test ppl standard | test ppl fxdrop | training speedup | "
                   "time to standard's final val ppl |",
@@ -222,7 +221,7 @@ def mask_study_section(studies: list[tuple[Path, dict]]) -> list[str]:
         lines.append(f"| {MODE_NAMES[inputs]} | {MODE_NAMES[decoder]} | {val:.1f} | {delta} | {run['test_ppl']:.1f} |")
     lines += ["", "One pattern per forward at every site costs ~20% perplexity here; a pattern per token at the "
               "decoder alone brings it to Bernoulli's, with the LSTM sites still locked (one pattern per forward, "
-              "as the issue asks). `granularity=\"rows\"` approximates a pattern per token with a few row classes "
+              "as the issue asks). `granularity=\"rows\"` approximates a pattern per token with 2 row classes "
               "per forward (the quality table above). Reproduce: `python examples/ptb_mask_study.py "
               "--modes bernoulli shared row shared/row --threads 1 --out examples/results/ptb_mask_study` (each mode "
               f"about {studies[0][1]['epochs'][-1]['train_seconds'] / 60:.0f} min here; its command is in its file).", ""]
