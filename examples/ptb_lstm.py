@@ -73,7 +73,7 @@ class InputStructuredDecoder(nn.Module):
     """``Dropout -> Linear`` with the dropout structured: only the kept input columns are multiplied.
 
     Holds the original Linear's Parameters under the same names (``weight``, ``bias``); the work is
-    :class:`fxdrop.modules.StructuredChain`'s (one pattern per forward, or per row with ``rows``).
+    :class:`fxdrop.modules.StructuredChain`'s (one pattern per forward, or per row class with ``rows``).
     """
 
     def __init__(self, linear: nn.Linear, site: Site):

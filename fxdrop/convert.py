@@ -81,7 +81,7 @@ def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, sca
         raise ValueError(f"tile must be an int >= 1, got {tile!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITIES)} ('forward': "
-                         "one pattern per forward call; 'rows': patterns per row)")
+                         "one pattern per forward call; 'rows': patterns per row class)")
     _check_not_sharded(model)
 
 
@@ -210,9 +210,10 @@ def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callabl
     ``p``: None keeps each site's rate; a float (or a dict / callable on the site name) overrides it.
     ``pattern``: the family (row, block, tile), globally or per site. ``seed``: per-site seeds derive
     from it. ``granularity``: ``"forward"`` (one pattern per site per forward call, the paper's method)
-    or ``"rows"`` (Linear sites draw patterns per row: 4 groups of rows per step, spread over the
-    distribution; for sequence models, whose rows are many tokens; LSTM sites stay one pattern per
-    forward, as locked dropout is, and tile sites too, whose mask is on the weight every row shares).
+    or ``"rows"`` (Linear sites draw patterns per row class: row r uses class r mod 2, the classes
+    spread over the distribution; for sequence models, whose rows are many tokens; LSTM sites stay
+    one pattern per forward, as locked dropout is, and tile sites too, whose mask is on the weight
+    every row shares).
     The result shares ``model``'s Parameters; ``model`` itself is left untouched.
     """
     _check_options(model, p, pattern, max_dp, seed, scale, tile, granularity)

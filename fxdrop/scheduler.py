@@ -132,7 +132,7 @@ class PatternScheduler:
 
     @property
     def counts(self) -> torch.Tensor:
-        """``counts[k]``: how many draws had ``dp = k + 1`` (for row plans: how many rows)."""
+        """``counts[k]``: how many draws had ``dp = k + 1`` (for row-class plans: how many rows)."""
         return self.state[2:].clone()
 
     @property

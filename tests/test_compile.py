@@ -405,7 +405,7 @@ class WordModel(nn.Module):
 def test_lstm_convert_before_compiling(granularity):
     """What works for LSTMs: convert first (StructuredLSTM), then compile; Dynamo breaks the graph
     at the LSTM's pattern (a data-dependent slice), the rest compiles. With granularity="rows" the
-    decoder's row plans come through fxdrop::sample_rows, so the compiled model draws what eager does."""
+    decoder's row-class plans come through fxdrop::sample_rows, so the compiled model draws what eager does."""
     torch.manual_seed(0)
     model = WordModel()
     converted = fxdrop.convert(model, seed=0, granularity=granularity)

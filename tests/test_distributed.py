@@ -438,7 +438,7 @@ def test_dtensor_weights_are_named_not_failed_inside_the_op(monkeypatch):
 
 
 def test_rows_granularity_chains_report_dense_gradients():
-    """The kept-block comm hook must not trim a granularity="rows" chain: every row group keeps its own
+    """The kept-block comm hook must not trim a granularity="rows" chain: every row class keeps its own
     units, so the weight gradient is dense (a forward-granularity chain reports its kept block)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4))
