@@ -53,7 +53,8 @@ static void check_pattern(int64_t dp, int64_t offset) {
                     offset);
 }
 
-// patterns.kept_slice / unit_scale.
+// patterns.kept_slice / scale_value: every unit is kept by exactly one offset (no fold-back), so a
+// pattern may keep nothing; "kept" scales by dp, which is unbiased per unit for every width.
 Mask unit_mask(const std::string& family, int64_t n, int64_t dp, int64_t offset, const std::string& scale,
                double p) {
   TORCH_CHECK_VALUE(family == "row" || family == "block", "unknown pattern family '", family,
@@ -64,26 +65,20 @@ Mask unit_mask(const std::string& family, int64_t n, int64_t dp, int64_t offset,
   Mask m;
   m.n = n;
   if (family == "row") {
-    m.start = offset < n ? offset : offset % n;  // dp > n: fold back so one unit is kept
+    m.start = std::min(offset, n);
     m.stop = n;
     m.step = dp;
   } else {
-    const int64_t block = n / dp;
-    if (block == 0) {
-      m.start = offset % n;
-      m.stop = m.start + 1;
-    } else {
-      m.start = offset * block;
-      m.stop = offset == dp - 1 ? n : m.start + block;
-    }
+    m.start = offset * n / dp;  // block b of the balanced partition: [b n / dp, (b + 1) n / dp)
+    m.stop = (offset + 1) * n / dp;
     m.step = 1;
   }
   m.count = (m.stop - m.start + m.step - 1) / m.step;
-  m.scale = scale == "kept" ? static_cast<double>(n) / static_cast<double>(m.count) : 1.0 / (1.0 - p);
+  m.scale = scale == "kept" ? static_cast<double>(dp) : 1.0 / (1.0 - p);
   return m;
 }
 
-// patterns.tile_grid / tile_offset / tile_scale.
+// patterns.tile_grid / tile_scale: tile (i, j) is kept iff (i + j - offset) mod dp == 0 (maybe none).
 TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int64_t dp, int64_t offset,
                    const std::string& scale, double p) {
   check_scale(scale);
@@ -94,21 +89,10 @@ TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int6
   TilePlan t;
   t.tile = tile;
   t.dp = dp;
+  t.offset = offset;
   t.grid_rows = (out_features + tile - 1) / tile;
   t.grid_cols = (in_features + tile - 1) / tile;
-  const int64_t diagonals = t.grid_rows + t.grid_cols - 1;
-  t.offset = (dp > diagonals && offset >= diagonals) ? offset % diagonals : offset;
-  if (scale == "kept") {
-    int64_t kept = 0;
-    for (int64_t i = 0; i < t.grid_rows; ++i) {
-      // tile columns j in [0, grid_cols) with (i + j - offset) mod dp == 0
-      const int64_t first = (((t.offset - i) % dp) + dp) % dp;
-      if (first < t.grid_cols) kept += (t.grid_cols - 1 - first) / dp + 1;
-    }
-    t.scale = static_cast<double>(t.grid_rows * t.grid_cols) / static_cast<double>(kept);
-  } else {
-    t.scale = 1.0 / (1.0 - p);
-  }
+  t.scale = scale == "kept" ? static_cast<double>(dp) : 1.0 / (1.0 - p);
   return t;
 }
 
@@ -324,11 +308,27 @@ struct RowClass {
   at::Tensor of(const at::Tensor& t2) const { return t2.slice(0, start, t2.size(0), step); }
 };
 
+// fxdrop.ops.composite.row_groups: residue classes (mod 2, mod 4, ...) whose classes share one pattern
+// set run as one strided set of rows; an odd factor of the class count splits into single classes.
+void split_groups(const int64_t* data, int64_t per, int64_t classes, int64_t start, int64_t step,
+                  std::vector<std::pair<int64_t, int64_t>>* out) {
+  bool uniform = true;
+  for (int64_t c = start + step; c < classes && uniform; c += step) {
+    uniform = std::equal(data + c * per, data + (c + 1) * per, data + start * per);
+  }
+  if (uniform) {
+    out->emplace_back(start, step);
+  } else if ((classes / step) % 2 != 0) {
+    for (int64_t c = start; c < classes; c += step) out->emplace_back(c, classes);
+  } else {
+    split_groups(data, per, classes, start, 2 * step, out);
+    split_groups(data, per, classes, start + step, 2 * step, out);
+  }
+}
+
 // fxdrop.ops.composite.row_classes, same messages. Patterns (sites, 2): one pattern set for all rows
 // (returns no classes; plan_chain checks that shape). Patterns (M, sites, 2): row r uses
-// patterns[r mod M]. The classes run at the shortest period d (a divisor of M) with
-// patterns[c] == patterns[c mod d] for every c, so repeated classes merge into one strided set of rows
-// (all equal: d = 1, every row at once); returns those d classes.
+// patterns[r mod M]; returns the groups of split_groups.
 std::vector<RowClass> row_classes(const at::Tensor& patterns, int64_t sites) {
   std::vector<RowClass> out;
   if (patterns.dim() != 3) return out;
@@ -338,21 +338,9 @@ std::vector<RowClass> row_classes(const at::Tensor& patterns, int64_t sites) {
                     "classes, ", sites, ", 2) with row r using class r mod classes, got ",
                     dtype_name(patterns.scalar_type()), " ", patterns.sizes());
   const at::Tensor cpu = patterns.to(at::kCPU).contiguous();
-  const int64_t classes = cpu.size(0), per = 2 * sites;
-  const int64_t* data = cpu.data_ptr<int64_t>();
-  int64_t period = classes;
-  for (int64_t d = 1; d < classes; ++d) {
-    if (classes % d != 0) continue;
-    bool periodic = true;
-    for (int64_t c = d; c < classes && periodic; ++c) {
-      periodic = std::equal(data + c * per, data + (c + 1) * per, data + (c % d) * per);
-    }
-    if (periodic) {
-      period = d;
-      break;
-    }
-  }
-  for (int64_t c = 0; c < period; ++c) out.push_back({c, period, cpu[c]});
+  std::vector<std::pair<int64_t, int64_t>> groups;
+  split_groups(cpu.data_ptr<int64_t>(), 2 * sites, cpu.size(0), 0, 1, &groups);
+  for (auto [start, step] : groups) out.push_back({start, step, cpu[start]});
   return out;
 }
 
@@ -495,7 +483,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
     const auto plan = plan_chain(x.size(-1), weights, patterns, family, activations, input_dropout, output_dropout,
                                  scale, rates, &acts);
     auto [y, saved] = forward_rows(k, x2, weights, biases, plan, acts, at::Tensor());
-    return {y.reshape(shape), saved};
+    // Never a view (a caller's in-place op on a custom op's view output is an error): _unsafe_view.
+    return {at::_unsafe_view(y.contiguous(), shape), saved};
   }
   auto y = at::empty({x2.size(0), weights.back().size(0)}, x.options());
   std::vector<at::Tensor> saved;
@@ -513,7 +502,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain(
       saved.push_back(x2.new_empty({0, 0}));
     }
   }
-  return {y.reshape(shape), saved};
+  return {at::_unsafe_view(y, shape), saved};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_backward(
@@ -576,8 +565,21 @@ at::Tensor unit_dropout(const Kernels& k, const at::Tensor& x, const at::Tensor&
                     "'; expected one of row, block");
   check_scale(scale);
   TORCH_CHECK_VALUE(x.dim() >= 1, "unit_dropout: x must have shape (..., units)");
-  const auto [dp, offset] = single_pattern(pattern);
-  return k.unit_dropout(x, unit_mask(family, x.size(-1), dp, offset, scale, p));
+  if (pattern.dim() == 1 || x.numel() == 0) {
+    const auto [dp, offset] = single_pattern(pattern.dim() == 1 ? pattern : pattern[0]);
+    return k.unit_dropout(x, unit_mask(family, x.size(-1), dp, offset, scale, p));
+  }
+  // (classes, 2): row r of x (flattened) uses pattern[r mod classes], by strided groups of rows.
+  const auto classes = row_classes(pattern.unsqueeze(1), 1);
+  const int64_t n = x.size(-1);
+  const auto x2 = x.reshape({-1, n});
+  auto out = at::empty(x.sizes(), x.options());
+  auto out2 = out.view({-1, n});
+  for (const auto& cls : classes) {
+    const auto [dp, offset] = single_pattern(cls.patterns[0]);
+    cls.of(out2).copy_(k.unit_dropout(cls.of(x2), unit_mask(family, n, dp, offset, scale, p)));
+  }
+  return out;
 }
 
 at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& weight,
@@ -591,7 +593,7 @@ at::Tensor tile_linear(const Kernels& k, const at::Tensor& x, const at::Tensor& 
   auto y = k.tile_forward(x2, weight.contiguous(), b, plan);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(weight.size(0));
-  return y.reshape(shape);
+  return at::_unsafe_view(y.contiguous(), shape);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_linear_backward(

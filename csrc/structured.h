@@ -1,9 +1,10 @@
 // The structured ops' device-independent plan (masks, GEMMs on kept rows/columns) and the
 // per-device kernels it calls for everything that is not a GEMM.
 //
-// The pattern index math mirrors fxdrop/patterns.py (kept_slice, unit_scale, tile_mask with its
-// fold-back): that module is the reference, and tests/test_extension.py checks these kernels
-// against it for every dp 1-8 and every offset. Keep the two in step.
+// The pattern index math mirrors fxdrop/patterns.py (kept_slice, scale_value, tile_mask; a pattern
+// may keep nothing) and the row groups mirror fxdrop/ops/composite.py (row_groups): those modules are
+// the reference, and tests/test_extension.py checks these kernels against them for every dp 1-8 and
+// every offset. Keep them in step.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -3,13 +3,12 @@
 Public names only; everything else lives in submodules.
 """
 
-from . import allocator
+from .config import DropoutConfig, FxdropError
 from .ops.extension import backend_info
 from .patterns import Pattern
 from .scheduler import PatternScheduler
 from .search import PatternDistribution, search_distribution
-from .convert import convert, load_state_dict, sites, state_dict
-from .audit import AuditReport, audit, ideal_speedup
+from .convert import convert, load_state_dict, set_p, sites, state_dict
 
 import sys as _sys
 
@@ -19,6 +18,6 @@ import sys as _sys
 if "torch._dynamo" in _sys.modules:
     from . import backend as _backend  # noqa: F401
 
-__all__ = ["allocator", "backend_info", "Pattern", "PatternDistribution", "PatternScheduler", "search_distribution", "convert", "sites",
-           "state_dict", "load_state_dict", "audit", "AuditReport", "ideal_speedup"]
-__version__ = "0.1.0"
+__all__ = ["backend_info", "DropoutConfig", "FxdropError", "Pattern", "PatternDistribution", "PatternScheduler",
+           "search_distribution", "convert", "sites", "set_p", "state_dict", "load_state_dict"]
+__version__ = "0.2.0"

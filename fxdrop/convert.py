@@ -1,91 +1,85 @@
-"""``fxdrop.convert(model)``: the one-liner. Trace, find sites, plan, rewrite; the input is not modified.
+"""``fxdrop.convert(model)``: the one-liner. Clone, trace, plan, install; the input model is not modified.
 
-Also ``fxdrop.sites(converted)`` (every converted site, from modules that expose ``fxdrop_sites()``)
-and ``state_dict(model)`` / ``load_state_dict(model, state)`` for the sites' scheduler states, which
-are not part of the model's own ``state_dict`` (that one keeps exactly the original keys).
-Imports torch and fxdrop's passes, modules, site and scheduler.
+The result is a copy of the user's model of the same class, with the same methods, attributes,
+Parameters (the very objects), buffers, ``state_dict`` keys and hooks. Only the smallest traced
+regions that hold converted sites change, and only their forward (see :mod:`fxdrop.modules.region`);
+``nn.LSTM``/``nn.GRU`` modules with inter-layer dropout become their structured subclasses.
+
+Steps, each asked of the module that owns it:
+
+1. :func:`fxdrop.passes.trace.discover` finds the largest traceable modules (regions);
+2. :func:`fxdrop.passes.plan.plan_graph` plans each (the one planner);
+3. :func:`install_regions` picks, for every rewrite, the smallest module whose forward holds all of it;
+4. each such module gets a :class:`~fxdrop.modules.region.RegionForward`, whose program for the call
+   spec is built (and, given example inputs, checked against the real call) now;
+5. :func:`fxdrop.passes.plan.plan_rnn` decides the RNN modules.
+
+Also ``fxdrop.sites(converted)``, ``set_p``, and ``state_dict(model)`` / ``load_state_dict(model, state)``
+for the sites' scheduler states, which are not part of the model's own ``state_dict``. Imports torch,
+the config, the passes and the modules.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .lstm import StructuredLSTM, lstm_blocker, structure_lstm
+from .config import DropoutConfig
+from .modules.region import RegionForward, install, installed
+from .modules.rnn import StructuredRNN, structure_rnn
 from .ops import extension
-from .passes.find import DropoutSite, LSTMInputPlan, NormalisedGraph, Plan, plan_graph, site_family, site_rate
-from .passes.rewrite import apply_plan
-from .passes.trace import SkippedModule, clone_modules, graph_module, set_submodule, trace_regions
-from .patterns import FAMILIES, UNIT_FAMILIES
-from .scheduler import derive_seed
-from .search import check_max_dp, check_rate
-from .site import GRANULARITIES, SCALE_MODES, Site
+from .passes.normalise import NormalisedGraph, drop_identities
+from .passes.plan import DropoutSite, Plan, plan_graph, plan_rnn, rewrite_sites
+from .passes.spec import CallSpec
+from .passes.trace import (METHOD_REGIONS, SkippedModule, TracedRegion, call_spec, clone_modules, discover, join,
+                           node_scope, set_submodule)
+from .site import Site
 
 REPORT_ATTR = "_fxdrop_conversion"
 
 
 @dataclass
+class RegionRecord:
+    """One installed region: where, for which call, and what its program did."""
+
+    name: str
+    method: str
+    spec: str
+    verified: bool
+    sites: list[str]
+
+
+@dataclass
 class Conversion:
-    """What :func:`convert` did: every site found (converted or not, with reasons) and skipped modules."""
+    """What :func:`convert` did: every site found (converted or not, with reasons), regions, skipped modules."""
 
     sites: list[DropoutSite] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
-    regions: list[str] = field(default_factory=list)
+    regions: list[RegionRecord] = field(default_factory=list)
+    config: DropoutConfig | None = None
 
     @property
     def converted(self) -> list[DropoutSite]:
         return [s for s in self.sites if s.converted]
 
 
-@dataclass
-class PlannedRegion:
-    name: str
-    module: nn.Module  # the GraphModule, not yet rewritten
-    plan: Plan
+# ---------------------------------------------------------------- checks and inputs
 
 
-def _check_options(model: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, scale: Any, tile: Any,
-                   granularity: Any = "forward") -> None:
+def check_model(model: Any, where: str = "fxdrop.convert") -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fxdrop.convert expects an nn.Module, got {type(model).__name__}")
-    if isinstance(p, (int, float)) and not isinstance(p, bool):
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"p={p} is outside [0, 1): pass a drop rate at least 0 and below 1, or None to keep "
-                             "each site's own rate")
-    elif isinstance(p, Mapping):
-        for name, rate in p.items():
-            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= float(rate) < 1.0:
-                raise ValueError(f"p[{name!r}]={rate!r} is outside [0, 1)")
-    elif p is not None and not callable(p):
-        raise TypeError(f"p must be None, a float, a dict of site name -> float or a callable, got "
-                        f"{type(p).__name__}")
-    if isinstance(pattern, str):
-        if pattern not in FAMILIES:
-            raise ValueError(f"pattern={pattern!r} is not a pattern family; expected one of {', '.join(FAMILIES)}")
-    elif isinstance(pattern, Mapping):
-        for name, family in pattern.items():
-            if family not in FAMILIES:
-                raise ValueError(f"pattern[{name!r}]={family!r} is not a pattern family; expected one of "
-                                 f"{', '.join(FAMILIES)}")
-    elif not callable(pattern):
-        raise TypeError(f"pattern must be a family name, a dict or a callable, got {type(pattern).__name__}")
-    check_max_dp(max_dp)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if scale not in SCALE_MODES:
-        raise ValueError(f"scale={scale!r} is not a scale mode; expected one of {', '.join(SCALE_MODES)}")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile must be an int >= 1, got {tile!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}: expected one of {', '.join(GRANULARITIES)} ('forward': "
-                         "one pattern per forward call; 'rows': patterns per row class)")
-    _check_not_sharded(model)
+        raise TypeError(f"{where} expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{where}: {type(model).__name__} is a TorchScript module (torch.jit.script or "
+                        "torch.jit.trace): its forward is compiled TorchScript, not Python that fx can trace; "
+                        "convert the Python model before scripting it")
+    _check_not_sharded(model, where)
 
 
-def _check_not_sharded(model: nn.Module) -> None:
+def _check_not_sharded(model: nn.Module, where: str) -> None:
     """FSDP2 replaces Parameters by DTensor shards: convert first, then shard (fxdrop.distributed.fully_shard)."""
     if not torch.distributed.is_available():
         return
@@ -93,7 +87,7 @@ def _check_not_sharded(model: nn.Module) -> None:
 
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
-            raise TypeError(f"fxdrop.convert: module {name or type(model).__name__!r} already went through "
+            raise TypeError(f"{where}: module {name or type(model).__name__!r} already went through "
                             "fully_shard (FSDP2); convert the unsharded model first, then shard it with "
                             "fxdrop.distributed.fully_shard(converted)")
 
@@ -108,205 +102,247 @@ def as_input_tuple(example_inputs: Any) -> tuple:
     raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
-def check_example_inputs(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, tuple]:
-    """Run a clone of ``model`` in eval mode on the inputs; a failure names the inputs' shapes.
-
-    Returns the arguments each submodule (by qualified name, "" for the model) got on its first call,
-    which :func:`plan_model` uses to check traced graphs against the modules they came from.
-    """
-    probe = clone_modules(model)
-    probe.eval()
-    names = {module: name for name, module in probe.named_modules()}
-    captured: dict[str, tuple] = {}
-
-    def capture(module, args):
-        captured.setdefault(names[module], args)
-
-    handles = [m.register_forward_pre_hook(capture) for m in probe.modules() if list(m.children()) or m is probe]
-    try:
-        with torch.no_grad():
-            probe(*example_inputs)
-    except Exception as err:
-        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-                           for x in example_inputs)
-        raise ValueError(f"example_inputs ({shapes}) do not fit {type(model).__name__}: "
-                         f"{type(err).__name__}: {_first_line(err)}") from err
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b)
+def capture_calls(work: nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any] | None = None
+                  ) -> dict[str, tuple[tuple, dict]]:
+    """Run ``work`` once in eval mode without gradients; the first call's ``(args, kwargs)`` of every module."""
+    names = {id(m): name for name, m in work.named_modules()}
+    captured: dict[str, tuple[tuple, dict]] = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault(names[id(module)], (args, dict(kwargs)))
+
+    modes = {m: m.training for m in work.modules()}
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in work.modules()]
+    try:
+        work.eval()
+        with torch.no_grad(), torch.random.fork_rng():
+            work(*example_inputs, **dict(example_kwargs or {}))
+    except Exception as err:
+        shapes = ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in example_inputs)
+        raise ValueError(f"example_inputs ({shapes}) do not fit {type(work).__name__}: "
+                         f"{type(err).__name__}: {_first_line(err)}") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return captured
 
 
-def _graph_agrees(captured: Mapping[str, tuple]):
-    """A check for :func:`trace_regions`: the traced graph must compute, in eval mode, exactly what the
-    module computes on the arguments it got from the example inputs (same seed for both runs)."""
-
-    def accept(name: str, module: nn.Module, graph) -> str | None:
-        args = captured.get(name)
-        if args is None:
-            return None  # not called on these inputs: nothing to compare
-        gm = graph_module(module, graph)
-        modes = {m: m.training for m in module.modules()}
-        module.eval()
-        gm.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng():
-                torch.manual_seed(0)
-                expected = module(*args)
-                torch.manual_seed(0)
-                got = gm(*args)
-        except Exception as err:
-            return f"the traced graph fails on the example inputs ({type(err).__name__}: {_first_line(err)})"
-        finally:
-            for m, training in modes.items():
-                m.training = training
-        if not _same(got, expected):
-            return "the traced graph disagrees with the module on the example inputs"
-        return None
-
-    return accept
+# ---------------------------------------------------------------- choosing where to install
 
 
-def plan_model(model: nn.Module, *, p: Any = None, pattern: Any = "row", example_inputs: Sequence[Any] | None = None
-               ) -> tuple[nn.Module, list[PlannedRegion], list[SkippedModule]]:
-    """Clone, trace and plan (no rewrite): the working clone, each traced region's plan, skipped modules.
+@dataclass
+class InstallRegion:
+    """A module (or method) that will get a RegionForward: its place, its call, the leaves its trace kept."""
 
-    With ``example_inputs``, a traced graph that does not reproduce its module on them (a branch
-    fx took on a placeholder, say) is not used: the module is skipped and its children are tried.
+    name: str
+    method: str
+    module: nn.Module
+    spec: CallSpec | str
+    call: tuple[tuple, dict] | None
+    retry_leaves: tuple[str, ...]
+    depth: int = 0
+
+
+def _common(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for atoms in zip(*parts):
+        if len(set(atoms)) != 1:
+            break
+        common.append(atoms[0])
+    return ".".join(common)
+
+
+def _inside(path: str, region: str) -> bool:
+    return region == "" or path == region or path.startswith(region + ".")
+
+
+def install_regions(region: TracedRegion, plan: Plan, calls: Mapping[str, tuple[tuple, dict]]) -> list[InstallRegion]:
+    """The smallest modules of ``region`` whose forwards hold every node of each rewrite of ``plan``.
+
+    A rewrite's owner is the deepest module that is a common prefix of the modules whose forwards made
+    its nodes. An owner inside another owner's traced-through code moves up to it (the outer trace goes
+    through it), so no two installed regions need each other's internals.
     """
-    captured = check_example_inputs(model, example_inputs) if example_inputs is not None else None
-    work = clone_modules(model)
-    traced = trace_regions(work, _graph_agrees(captured) if captured is not None else None)
-    regions = []
-    for region in traced.regions:
-        gm = graph_module(region.module, region.graph)
-        plan = plan_graph(NormalisedGraph(gm.graph, gm, prefix=region.name), p=p, pattern=pattern,
-                          region=region.name)
-        regions.append(PlannedRegion(region.name, gm, plan))
-    return work, regions, traced.skipped
+    if region.method != "forward":
+        owners = {"": plan.rewrites} if plan.rewrites else {}
+    else:
+        owners: dict[str, list] = {}
+        for rewrite in plan.rewrites:
+            scopes = [node_scope(n) for n in rewrite.nodes]
+            owners.setdefault(_common(scopes), []).append(rewrite)
+        changed = True
+        while changed:
+            changed = False
+            for inner in sorted(owners, key=lambda p: -len(p.split(".")) if p else 0):
+                if not inner:
+                    continue
+                for outer in sorted(owners, key=len):
+                    if outer == inner or not _inside(inner, outer):
+                        continue
+                    if any(_inside(node_scope(n), inner) for r in owners[outer] for n in r.nodes):
+                        owners[outer].extend(owners.pop(inner))
+                        changed = True
+                        break
+                if changed:
+                    break
+    leaves = [name for name, m in region.module.named_modules() if id(m) in region.leaves]
+    out = []
+    for relative in owners:
+        module = region.module.get_submodule(relative) if relative else region.module
+        full = join(region.name, relative)
+        if relative:
+            call = calls.get(full) or region.trace.calls.get(relative)
+            spec = call_spec(module, "forward", call)
+        else:
+            call = calls.get(region.name) if region.method == "forward" else None
+            spec = region.spec
+        inner_leaves = tuple(p[len(relative) + 1:] if relative else p for p in leaves
+                             if not relative or p.startswith(relative + "."))
+        out.append(InstallRegion(full, region.method, module, spec, calls.get(full) if region.method == "forward"
+                                 else None, inner_leaves, depth=len(full.split(".")) if full else 0))
+    return out
 
 
-def convert(model: nn.Module, *, p: float | None | Mapping[str, float] | Callable[[str], float | None] = None,
-            pattern: str | Mapping[str, str] | Callable[[str], str] = "row", max_dp: int | str = "auto",
-            seed: int | None = None, scale: str = "kept", tile: int = 32, example_inputs: Any = None,
-            granularity: str = "forward") -> nn.Module:
+# ---------------------------------------------------------------- the conversion
+
+
+def _plan_region(region: TracedRegion, config: DropoutConfig) -> tuple[NormalisedGraph, Plan]:
+    graph = region.graph
+    drop_identities(graph, region.module)
+    g = NormalisedGraph(graph, region.module, prefix=region.name)
+    return g, plan_graph(g, config, region=region.name)
+
+
+def _apply_rate_overrides(work: nn.Module, config: DropoutConfig, records: list[DropoutSite]) -> None:
+    """A converted module dropout's rate lives in its module: an override of ``p`` is written there."""
+    by_module: dict[str, list[DropoutSite]] = {}
+    for record in records:
+        if record.converted and not record.functional and record.kind == "dropout":
+            by_module.setdefault(record.owner, []).append(record)
+    for owner, group in by_module.items():
+        rates = {r.p for r in group}
+        if len(rates) > 1:
+            names = ", ".join(f"{r.name} (p={r.p})" for r in group)
+            raise ValueError(f"p gives the calls of one nn.Dropout module different rates ({names}); its calls share "
+                             f"the module's p: give them one rate")
+        module = work.get_submodule(owner)
+        if config.overrides_rate(group[0].name) or module.p != group[0].p:
+            module.p = group[0].p
+
+
+def convert(model: nn.Module, *, example_inputs: Any = None, example_kwargs: Mapping[str, Any] | None = None,
+            config: DropoutConfig | None = None, **options: Any) -> nn.Module:
     """A converted copy of ``model`` that trains with approximate random dropout.
 
-    ``p``: None keeps each site's rate; a float (or a dict / callable on the site name) overrides it.
-    ``pattern``: the family (row, block, tile), globally or per site. ``seed``: per-site seeds derive
-    from it. ``granularity``: ``"forward"`` (one pattern per site per forward call, the paper's method)
-    or ``"rows"`` (Linear sites draw patterns per row class: row r uses class r mod 2, the classes
-    spread over the distribution; for sequence models, whose rows are many tokens; LSTM sites stay
-    one pattern per forward, as locked dropout is, and tile sites too, whose mask is on the weight
-    every row shares).
+    Options (:class:`fxdrop.config.DropoutConfig`): ``p`` (None keeps each site's rate; a float, a dict
+    of site name -> rate or a callable overrides it), ``pattern`` (``row``, ``block``, ``tile``; globally,
+    as a dict or a callable), ``max_dp``, ``seed``, ``scale``, ``tile``, ``granularity`` (``"forward"``:
+    one pattern per site per forward call; ``"rows"``: patterns per row class), ``row_classes``.
+    ``example_inputs`` (and ``example_kwargs``): a call of ``model``; each region is then traced for the
+    way it is really called and checked against that call now (otherwise at its first training call).
     The result shares ``model``'s Parameters; ``model`` itself is left untouched.
     """
-    _check_options(model, p, pattern, max_dp, seed, scale, tile, granularity)
-    inputs = as_input_tuple(example_inputs) if example_inputs is not None else None
-    work, regions, skipped = plan_model(model, p=p, pattern=pattern, example_inputs=inputs)
-    conversion = Conversion(skipped=skipped, regions=[r.name for r in regions])
-    for region in regions:
-        conversion.sites.extend(region.plan.sites)
-    index = {id(site): i for i, site in enumerate(conversion.sites)}
-
-    _check_site_names(p, pattern, conversion.sites, work)
-    # Validate every site first, so a bad rate fails before anything is built.
-    for site in conversion.converted:
-        check_rate(site.p, max_dp, where=f"p of dropout site {site.name!r}")
-
-    def make_site(record: DropoutSite) -> Site:
-        site_seed = None if seed is None else derive_seed(seed, index[id(record)])
-        return Site.create(record.name, record.p, record.family, max_dp=max_dp, seed=site_seed, scale=scale,
-                           units=record.units, weight_shape=record.weight_shape, tile=tile,
-                           producer=record.producer, consumer=record.consumer,
-                           granularity=granularity if record.family != "tile" else "forward")
-
-    def make_lstm(lstm_input: LSTMInputPlan, lstm: nn.LSTM) -> nn.Module:
-        record = lstm_input.site
-        name = f"{record.region}.{lstm_input.lstm.target}" if record.region else lstm_input.lstm.target
-        return structure_lstm(lstm, name=name, p=site_rate(p, name, lstm.dropout), input_name=record.name,
-                              input_p=record.p, family=record.family, max_dp=max_dp,
-                              seed=None if seed is None else derive_seed(seed, index[id(record)]), scale=scale)
-
-    for region in regions:
-        apply_plan(region.module, region.plan, make_site, make_lstm)
-        if region.name:
-            set_submodule(work, region.name, region.module)
-        else:
-            work = region.module
-    work = _structure_lstms(work, conversion, p=p, pattern=pattern, max_dp=max_dp, seed=seed, scale=scale)
+    config = DropoutConfig.from_options(options, where="fxdrop.convert") if config is None else \
+        DropoutConfig.from_options(options, config=config, where="fxdrop.convert")
+    check_model(model)
+    work, conversion = plan_and_install(model, config, example_inputs=example_inputs, example_kwargs=example_kwargs)
     work.__dict__[REPORT_ATTR] = conversion
     if conversion.converted:
         extension.ensure_loaded()  # compiled kernels now, not at the first (maybe traced) training step
     return work
 
 
-def _check_site_names(p: Any, pattern: Any, records: list[DropoutSite], work: nn.Module) -> None:
-    """A per-site dict naming no site is a typo: say so, with the names there are."""
-    known = {r.name for r in records} | {name for name, m in work.named_modules() if isinstance(m, nn.LSTM)}
-    for option, value in (("p", p), ("pattern", pattern)):
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"{option} names no dropout site: {unknown}; the sites are {sorted(known)}")
+def plan_and_install(model: nn.Module, config: DropoutConfig, *, example_inputs: Any = None,
+                     example_kwargs: Mapping[str, Any] | None = None) -> tuple[nn.Module, Conversion]:
+    """The conversion proper, on a clone of ``model``: the converted clone and its report."""
+    work = clone_modules(model)
+    calls = capture_calls(work, as_input_tuple(example_inputs), example_kwargs) \
+        if example_inputs is not None or example_kwargs else {}
+    found = discover(work, calls)
+    planned = [(region, *_plan_region(region, config)) for region in found.regions]
+    rnn_plans = [plan for name, module in work.named_modules()
+                 if (plan := plan_rnn(name, module, config)) is not None]
+    known = {s.name for _, _, plan in planned for s in plan.sites} | {s.name for r in rnn_plans for s in r.sites}
+    known |= {r.name for r in rnn_plans}
+    config.check_names(known)
+    for _, _, plan in planned:
+        for record in plan.converted:
+            config.check_site_rate(record.name, record.p)
+    for rnn in rnn_plans:
+        for record in rnn.sites:
+            if record.converted:
+                config.check_site_rate(record.name, record.p)
 
-
-def _structure_lstms(work: nn.Module, conversion: Conversion, *, p, pattern, max_dp, seed, scale) -> nn.Module:
-    """Every ``nn.LSTM`` with inter-layer dropout, traced or not, becomes a StructuredLSTM in place
-    (in the working clone); each of its sites gets a plan record."""
-    for name, module in list(work.named_modules()):
-        if isinstance(module, StructuredLSTM):  # made for an input site: record its layer sites
-            for site in module.layer_sites:
-                conversion.sites.append(_lstm_record(site.name, site.p, name, converted=True, family=site.family,
-                                                     units=site.units, reason="inter-layer dropout of an LSTM: "
-                                                     "the next layer's input GEMM shrinks"))
-            continue
-        if not isinstance(module, nn.LSTM) or module.num_layers < 2 or module.dropout == 0:
-            continue
-        rate = site_rate(p, name, module.dropout)
-        blocker = lstm_blocker(module)
-        family = site_family(pattern, name)
-        if blocker is None and family not in UNIT_FAMILIES:
-            blocker = "an LSTM dropout masks units: the tile family does not apply"
-        if blocker is None and rate == 0:
-            blocker = "p = 0: nothing is dropped, nothing to save"
-        if blocker is not None:
-            conversion.sites.append(_lstm_record(f"{name}.dropout", rate, name, converted=False, reason=blocker))
-            continue
-        structured = structure_lstm(module, name=name, p=rate, family=family, max_dp=max_dp,
-                                    seed=None if seed is None else derive_seed(seed, len(conversion.sites)),
-                                    scale=scale)
-        if name:
-            set_submodule(work, name, structured)
+    conversion = Conversion(skipped=list(found.skipped), config=config)
+    # RNNs first (programs call them at the same paths): those with converted inter-layer sites, and those
+    # a converted input site feeds.
+    fed = {join(region.name, piece.rnn.target) for region, _, plan in planned for piece in plan.rnn_inputs}
+    structured: dict[str, list[DropoutSite]] = {path: [] for path in fed}
+    for rnn in rnn_plans:
+        conversion.sites.extend(rnn.sites)
+        if rnn.converted:
+            structured[rnn.name] = rnn.sites
+    for path, records in structured.items():
+        module = work.get_submodule(path)
+        if records and module.dropout != records[0].p:
+            module.dropout = records[0].p
+        new = structure_rnn(module, name=path, records=records, config=config)
+        if path:
+            set_submodule(work, path, new)
         else:
-            work = structured
-        for site in structured.layer_sites:
-            conversion.sites.append(_lstm_record(site.name, site.p, name, converted=True, family=family,
-                                                 units=site.units, reason="inter-layer dropout of an LSTM: the "
-                                                 "next layer's input GEMM shrinks"))
-    return work
+            work = new
+
+    failures: dict[tuple[str, str], str] = {}
+    covered: list[tuple[str, str]] = []
+    targets = [ir for region, _, plan in planned for ir in install_regions(region, plan, calls)]
+    for target in sorted(targets, key=lambda r: -r.depth):
+        outcome = _install_one(work, target, config, conversion)
+        if isinstance(outcome, str):
+            failures[(target.name, target.method)] = outcome
+        else:
+            covered.append((target.name, target.method))
+    for region, _, plan in planned:
+        for record in plan.sites:
+            if any(_inside(record.scope, name) and method == region.method for name, method in covered):
+                continue
+            if record.converted:  # planned, but its region's program was not installed
+                why = next((reason for (name, method), reason in failures.items()
+                            if _inside(record.scope, name) and method == region.method), "")
+                record.converted, record.plan = False, None
+                record.reason = f"its region was not converted: {why}" if why else "its region was not converted"
+            conversion.sites.append(record)
+    _apply_rate_overrides(work, config, conversion.sites)
+    return work, conversion
 
 
-def _lstm_record(name: str, p: float, lstm: str, *, converted: bool, reason: str, family: str | None = None,
-                 units: int | None = None) -> DropoutSite:
-    return DropoutSite(name=name, p=p, kind="lstm", producer=f"{lstm} (layer output)",
-                       consumer=f"{lstm} (next layer)", converted=converted, reason=reason,
-                       plan="lstm" if converted else None, family=family, units=units)
+def _install_one(work: nn.Module, target: InstallRegion, config: DropoutConfig, conversion: Conversion
+                 ) -> list[DropoutSite] | str:
+    module = work.get_submodule(target.name) if target.name else work  # an RNN swap may have replaced it
+    region = RegionForward(module, name=target.name, method=target.method, config=config,
+                           retry_leaves=target.retry_leaves)
+    program = region.prepare(target.spec, target.call)
+    if isinstance(program, str):
+        conversion.skipped.append(SkippedModule(region.label, type(module).__name__, f"not converted: {program}"))
+        return program
+    if not program.plan.converted:
+        return "its program converts no site"
+    install(module, target.method, region)
+    conversion.sites.extend(program.plan.sites)
+    conversion.regions.append(RegionRecord(target.name, target.method, program.spec.describe(), program.verified,
+                                           [s.name for s in program.plan.converted]))
+    return program.plan.sites
+
+
+# ---------------------------------------------------------------- converted models
 
 
 def conversion(model: nn.Module) -> Conversion | None:
@@ -314,21 +350,52 @@ def conversion(model: nn.Module) -> Conversion | None:
     return model.__dict__.get(REPORT_ATTR)
 
 
+def regions(model: nn.Module) -> list[RegionForward]:
+    """Every installed region of ``model``, in module order."""
+    found = []
+    for module in model.modules():
+        for method in ("forward", *METHOD_REGIONS.get(type(module), ())):
+            region = installed(module, method)
+            if region is not None:
+                found.append(region)
+    return found
+
+
 def sites(model: nn.Module) -> list[Site]:
-    """Every converted dropout site of ``model``, from each module's ``fxdrop_sites()``, in module order."""
+    """Every converted dropout site of ``model`` (regions' and RNNs'), in module order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fxdrop.sites expects an nn.Module, got {type(model).__name__}")
     found: list[Site] = []
     seen: set[int] = set()
     for module in model.modules():
-        get = getattr(module, "fxdrop_sites", None)
-        if not callable(get):
-            continue
-        for site in get():
-            if id(site) not in seen:
-                seen.add(id(site))
-                found.append(site)
+        holders = [r for method in ("forward", *METHOD_REGIONS.get(type(module), ()))
+                   if (r := installed(module, method)) is not None]
+        if isinstance(module, StructuredRNN):
+            holders.append(module)
+        for holder in holders:
+            for site in holder.fxdrop_sites():
+                if id(site) not in seen:
+                    seen.add(id(site))
+                    found.append(site)
     return found
+
+
+def set_p(model: nn.Module, p: float | Mapping[str, float]) -> None:
+    """Set the rate of every site (a float) or of named sites (a dict), for rate schedules.
+
+    A module dropout's rate is its module's ``p`` (``model.classifier[2].p = 0.1`` does the same); a
+    functional dropout's rate, a constant in its forward, is kept by its site; an RNN's is ``rnn.dropout``.
+    """
+    by_name = {site.name: site for site in sites(model)}
+    if isinstance(p, Mapping):
+        unknown = sorted(set(p) - set(by_name))
+        if unknown:
+            raise KeyError(f"fxdrop.set_p: no sites {unknown}; the sites are {sorted(by_name)}")
+        items = list(p.items())
+    else:
+        items = [(name, p) for name in by_name]
+    for name, rate in items:
+        by_name[name].p = rate
 
 
 def state_dict(model: nn.Module) -> dict[str, Any]:
@@ -346,3 +413,7 @@ def load_state_dict(model: nn.Module, state: Mapping[str, Any], strict: bool = T
     for name, site_state in state.items():
         if name in by_name:
             by_name[name].scheduler.load_state_dict(site_state)
+
+
+__all__ = ["Conversion", "RegionRecord", "check_model", "conversion", "convert", "load_state_dict", "plan_and_install",
+           "regions", "set_p", "sites", "state_dict"]

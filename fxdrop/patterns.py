@@ -1,18 +1,24 @@
 """Pattern families: which units (or weight tiles) a pattern ``(dp, offset)`` keeps.
 
-This is the one place the index math lives: ops, masks, audits and tests all call it.
-It imports only torch.
+This is the one place the index math lives: ops, masks, audits and tests all call it (the C++
+kernels mirror it, and tests/test_extension.py checks them against it). It imports only torch.
 
 Families
 --------
 ``row``   (the paper's RBD) keep units ``offset, offset + dp, offset + 2 dp, ...``.
-``block`` keep one contiguous block: ``k = n // dp`` units from ``offset * k``; the last block
-          (``offset == dp - 1``) absorbs the remainder, so every unit is in exactly one block.
+``block`` keep one contiguous block of a balanced partition of the ``n`` units into ``dp`` blocks:
+          block ``b`` is ``[floor(b n / dp), floor((b + 1) n / dp))``.
 ``tile``  (the paper's TBD) split a weight ``(out, in)`` into ``tile x tile`` tiles and keep tile
           ``(i, j)`` iff ``(i + j - offset) mod dp == 0`` (diagonal enumeration).
 
-Every pattern keeps at least one unit (tile): when ``dp`` exceeds what the layer has, the offset
-is folded back into range (see :func:`kept_slice` and :func:`tile_mask`).
+Exactness. In every family each unit (tile) is kept by exactly one of the ``dp`` offsets, so with
+the offset uniform every unit is kept with probability exactly ``1 / dp``, whatever the width. A
+pattern may therefore keep nothing (a layer narrower than ``dp``, a weight smaller than ``dp``
+tiles): that step drops the whole site, as Bernoulli dropout sometimes does.
+
+Scales. ``"kept"`` multiplies kept units by ``dp``: given the draw, every unit's expected
+multiplier is exactly 1 (when ``dp`` divides the width this is ``n / kept``). ``"rate"`` multiplies
+by ``1 / (1 - p)``, as ``nn.Dropout`` does: unbiased over the draws.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 
 UNIT_FAMILIES = ("row", "block")
 FAMILIES = ("row", "block", "tile")
+SCALE_MODES = ("kept", "rate")
 DEFAULT_TILE = 32
 
 
@@ -40,10 +47,19 @@ class Pattern(NamedTuple):
         return self
 
 
+FULL = Pattern(1, 0)  # keeps every unit, scale 1: what an inactive site (eval mode, p = 0) applies
+
+
 def check_family(family: str, allowed: tuple[str, ...] = FAMILIES) -> str:
     if family not in allowed:
         raise ValueError(f"unknown pattern family {family!r}; expected one of {', '.join(allowed)}")
     return family
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALE_MODES:
+        raise ValueError(f"unknown scale mode {scale!r}; expected one of {', '.join(SCALE_MODES)}")
+    return scale
 
 
 def _check(n: int, dp: int, offset: int) -> None:
@@ -53,23 +69,15 @@ def _check(n: int, dp: int, offset: int) -> None:
 
 
 def kept_slice(family: str, n: int, dp: int, offset: int) -> slice:
-    """The kept units of ``n`` as a slice (step 1 for ``block``, ``dp`` for ``row``).
+    """The kept units of ``n`` as a slice (step 1 for ``block``, ``dp`` for ``row``); may be empty.
 
     A slice is what the ops want: a block is a plain view, a row is a strided view.
     """
     check_family(family, UNIT_FAMILIES)
     _check(n, dp, offset)
     if family == "row":
-        # dp > n can put offset past the end: fold it back so one unit is still kept.
-        start = offset if offset < n else offset % n
-        return slice(start, n, dp)
-    block = n // dp
-    if block == 0:  # more blocks than units: each unit is a block, offsets fold back
-        start = offset % n
-        return slice(start, start + 1, 1)
-    start = offset * block
-    stop = n if offset == dp - 1 else start + block
-    return slice(start, stop, 1)
+        return slice(min(offset, n), n, dp)
+    return slice(offset * n // dp, (offset + 1) * n // dp, 1)
 
 
 def num_kept(family: str, n: int, dp: int, offset: int) -> int:
@@ -83,13 +91,22 @@ def kept(family: str, n: int, dp: int, offset: int) -> torch.Tensor:
     return torch.arange(s.start, s.stop, s.step, dtype=torch.long)
 
 
-def unit_scale(family: str, n: int, dp: int, offset: int, scale: str = "kept", p: float = 0.0) -> float:
-    """Multiplier for kept units: ``n / num_kept`` (``scale="kept"``) or ``1 / (1 - p)`` (``"rate"``)."""
+def scale_value(dp: int, scale: str = "kept", p: float = 0.0) -> float:
+    """Multiplier for kept units or tiles: ``dp`` (``scale="kept"``) or ``1 / (1 - p)`` (``"rate"``).
+
+    ``dp = 1`` (nothing dropped) gives 1 under ``"kept"``; ``"rate"`` with ``p = 0`` gives 1 too.
+    """
+    check_scale(scale)
     if scale == "kept":
-        return n / num_kept(family, n, dp, offset)
-    if scale == "rate":
-        return 1.0 / (1.0 - p)
-    raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+        return float(dp)
+    return 1.0 / (1.0 - p)
+
+
+def unit_scale(family: str, n: int, dp: int, offset: int, scale: str = "kept", p: float = 0.0) -> float:
+    """Multiplier for the kept units of a unit pattern (see :func:`scale_value`)."""
+    _check(n, dp, offset)
+    check_family(family, UNIT_FAMILIES)
+    return scale_value(dp, scale, p)
 
 
 def unit_mask(family: str, n: int, dp: int, offset: int, scale: str = "kept", p: float = 0.0,
@@ -109,23 +126,10 @@ def tile_grid(shape: tuple[int, int], tile: int) -> tuple[int, int]:
     return -(-out_features // tile), -(-in_features // tile)
 
 
-def tile_offset(grid: tuple[int, int], dp: int, offset: int) -> int:
-    """The offset actually used on ``grid``: folded back when no tile would be kept.
-
-    Tile ``(i, j)`` has ``0 <= i + j <= rows + cols - 2``; when ``dp`` is larger than the number of
-    diagonals and ``offset`` names a diagonal that does not exist, fold it onto one that does.
-    """
-    diagonals = grid[0] + grid[1] - 1
-    if dp > diagonals and offset >= diagonals:
-        return offset % diagonals
-    return offset
-
-
 def tile_mask(shape: tuple[int, int], tile: int, dp: int, offset: int) -> torch.Tensor:
-    """Which tiles of a weight ``(out, in)`` are kept, per tile: ``BoolTensor (rows, cols)``."""
+    """Which tiles of a weight ``(out, in)`` are kept, per tile: ``BoolTensor (rows, cols)`` (maybe none)."""
     Pattern(dp, offset).check()
     rows, cols = tile_grid(shape, tile)
-    offset = tile_offset((rows, cols), dp, offset)
     i = torch.arange(rows).unsqueeze(1)
     j = torch.arange(cols).unsqueeze(0)
     return (i + j - offset) % dp == 0
@@ -133,12 +137,9 @@ def tile_mask(shape: tuple[int, int], tile: int, dp: int, offset: int) -> torch.
 
 def tile_scale(shape: tuple[int, int], tile: int, dp: int, offset: int, scale: str = "kept",
                p: float = 0.0) -> float:
-    if scale == "kept":
-        per_tile = tile_mask(shape, tile, dp, offset)
-        return per_tile.numel() / int(per_tile.sum())
-    if scale == "rate":
-        return 1.0 / (1.0 - p)
-    raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+    tile_grid(shape, tile)
+    Pattern(dp, offset).check()
+    return scale_value(dp, scale, p)
 
 
 def tile_weight_mask(shape: tuple[int, int], tile: int, dp: int, offset: int, scale: str = "kept",
@@ -159,8 +160,7 @@ def tile_groups(shape: tuple[int, int], tile: int, dp: int, offset: int) -> list
     """
     Pattern(dp, offset).check()
     out_features, in_features = shape
-    grid_rows, grid_cols = tile_grid(shape, tile)
-    offset = tile_offset((grid_rows, grid_cols), dp, offset)
+    grid_rows, _ = tile_grid(shape, tile)
     row_ids = torch.arange(out_features)
     col_ids = torch.arange(in_features)
     groups = []

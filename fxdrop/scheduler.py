@@ -1,11 +1,20 @@
-"""PatternScheduler: draws one ``Pattern(dp, offset)`` per training step from a searched distribution.
+"""PatternScheduler: a site's random stream of patterns ``Pattern(dp, offset)`` (or row-class plans).
 
-The random stream is counter based: draw number ``k`` is a pure function of ``(seed, k)``
-(SplitMix64). That gives what a stateful generator would, and three things it would not:
-a draw never touches the global RNG; the state is two integers, so a resumed run continues the
-identical sequence; and the state lives in one small int64 tensor that the ``fxdrop::sample_pattern``
-op mutates, so ``torch.compile`` sees a custom op instead of Python RNG calls and never
-specialises on the drawn values. Imports torch, patterns and search.
+The stream is counter based: draw number ``k`` is a pure function of ``(seed, k)`` (SplitMix64).
+That gives what a stateful generator would, and more: a resumed run continues the identical
+sequence (the state is a few integers), and the state lives in one small int64 tensor that the
+``fxdrop::sample_pattern`` / ``fxdrop::sample_rows`` ops mutate, so ``torch.compile`` sees a custom
+op instead of Python RNG calls and never specialises on the drawn values.
+
+Replays (activation checkpointing). ``torch.utils.checkpoint`` runs a forward again inside the
+backward and restores the global RNG state first, so that ``nn.Dropout`` draws the same masks. Each
+draw here also takes one number (a *token*) from the global CPU generator, as a dropout call would,
+and remembers ``token -> counter`` for its last :data:`REPLAY` draws. A draw made while a backward
+runs whose token is one of those is a recomputation: it returns the pattern of that counter again
+instead of advancing. Outside a backward every draw advances, whatever the global RNG state.
+
+Layout of the state tensor: ``[seed, draws, token_0, counter_0, ..., token_{R-1}, counter_{R-1}]``.
+Imports torch, patterns and search.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from .search import PatternDistribution, search_distribution
 
 _MASK64 = (1 << 64) - 1
 _SEED_BITS = 62
+REPLAY = 16
+STATE_SIZE = 2 + 2 * REPLAY
 
 
 def _splitmix64(z: int) -> int:
@@ -36,6 +47,21 @@ def _uniforms(seed: int, counter: int) -> tuple[float, float]:
     return (a >> 11) / 2.0**53, (b >> 11) / 2.0**53
 
 
+def _at_quantile(cdf: list[float], t: float) -> Pattern:
+    """The pattern at quantile ``t`` of the distribution over ``(dp, offset)`` ordered by dp, then offset
+    (``(dp, offset)`` has mass ``P(dp) / dp``): ``O(log max_dp)``."""
+    total = cdf[-1]
+    target = t * total
+    index = min(bisect.bisect_right(cdf, target), len(cdf) - 1)
+    while index > 0 and cdf[index] == cdf[index - 1]:  # rounding landed on a zero-mass period
+        index -= 1
+    dp = index + 1
+    lower = cdf[index - 1] if index > 0 else 0.0
+    mass = cdf[index] - lower
+    offset = int((target - lower) / mass * dp) if mass > 0 else 0
+    return Pattern(dp, min(max(offset, 0), dp - 1))
+
+
 def draw(seed: int, counter: int, cdf: list[float]) -> Pattern:
     """Draw number ``counter`` of stream ``seed`` from the distribution with cumulative ``cdf``."""
     u_dp, u_offset = _uniforms(seed, counter)
@@ -43,50 +69,33 @@ def draw(seed: int, counter: int, cdf: list[float]) -> Pattern:
     return Pattern(dp, min(int(u_offset * dp), dp - 1))
 
 
-def support(max_dp: int) -> list[Pattern]:
-    """Every pattern of periods ``1 .. max_dp``, in row-plan order: dp ascending, then offset."""
-    return [Pattern(dp, offset) for dp in range(1, max_dp + 1) for offset in range(dp)]
+def bit_reverse(c: int, classes: int) -> int:
+    bits = classes.bit_length() - 1
+    return int(format(c, f"0{bits}b")[::-1], 2) if bits else 0
 
 
-# Row classes per site per forward with granularity="rows": row r of the input flattened to 2-D
-# uses class r mod ROW_CLASSES. Each class is one more pass of shrunken GEMMs over the weight, so
-# this is the cost knob: on the PTB step (2 x 650, p = 0.5, block, retain_freed_memory) 2 classes
-# gave 1.54x against 1.43x for 3 (benchmarks/lstm.py, 30 pairs). For a (time, batch) input with an
-# even batch a class is every other sequence of the batch; that was enough for PTB quality (README).
-ROW_CLASSES = 2
+def check_classes(classes: int) -> int:
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1 or classes & (classes - 1):
+        raise ValueError(f"row classes must be a power of two >= 1, got {classes!r}")
+    return classes
 
 
-def draw_classes(seed: int, counter: int, probs: list[float], classes: int) -> list[Pattern]:
-    """Row-class plan number ``counter`` of stream ``seed``: one pattern per class ``0 .. classes-1``.
+def draw_classes(seed: int, counter: int, cdf: list[float], classes: int) -> list[Pattern]:
+    """Row-class plan number ``counter`` of stream ``seed``: the pattern of each residue ``r mod M``.
 
-    The ``M = classes`` patterns are the distribution's quantiles ``(u + j) / M`` over :func:`support`
-    (``(dp, offset)`` has mass ``probs[dp - 1] / dp``), ``u`` uniform: systematic sampling, so a step's
-    classes spread over the distribution (with ``probs = [0, 1]``, dp = 2 only, half the rows keep the
-    even units and half the odd ones). Quantile ``j`` goes to class ``(j + s) mod M``, ``s`` a uniform
-    rotation, so every class, and with it every row, takes quantile ``j`` with probability 1/M and uses
-    ``(dp, offset)`` with probability exactly its mass: it drops every unit with probability exactly
-    the distribution's rate. When every class draws the same pattern (likely where one pattern has a
-    large mass: dp = 1 at p = 0.3 fills both quantiles of a two-class plan 14% of the time), the chain
-    op runs all rows as one.
+    ``M = classes`` (a power of two) patterns are the distribution's quantiles ``(u + j) / M``
+    (systematic sampling: a step's rows spread over the distribution), ``u`` uniform. Residue ``c``
+    takes quantile ``bit_reverse((c + s) mod M)``, ``s`` a uniform rotation: every row takes each
+    quantile with probability ``1 / M``, so it uses ``(dp, offset)`` with probability exactly its
+    mass and drops every unit with probability exactly the distribution's rate. The bit reversal
+    sends runs of equal quantiles onto residue classes of a smaller modulus (at p = 0.5, dp = 2:
+    the even and the odd rows), which the chain op runs as one strided set of rows each.
     """
-    patterns = support(len(probs))
-    total = sum(probs)
-    mass = [probs[pat.dp - 1] / (total * pat.dp) for pat in patterns]
+    check_classes(classes)
     u, u_shift = _uniforms(seed, counter)
     shift = min(int(u_shift * classes), classes - 1)
-    plan: list[Pattern | None] = [None] * classes
-    for j in range(classes):
-        target = (u + j) / classes
-        acc, chosen = 0.0, None
-        for pattern, m in zip(patterns, mass):
-            acc += m
-            if m > 0 and target < acc:
-                chosen = pattern
-                break
-        if chosen is None:  # rounding at the top end: the last pattern with mass
-            chosen = next(pat for pat, m in zip(reversed(patterns), reversed(mass)) if m > 0)
-        plan[(j + shift) % classes] = chosen
-    return plan
+    quantiles = [_at_quantile(cdf, (u + j) / classes) for j in range(classes)]
+    return [quantiles[bit_reverse((c + shift) % classes, classes)] for c in range(classes)]
 
 
 def derive_seed(base: int, *salt: int) -> int:
@@ -97,29 +106,72 @@ def derive_seed(base: int, *salt: int) -> int:
     return z & ((1 << _SEED_BITS) - 1)
 
 
-class PatternScheduler:
-    """Samples ``dp ~ P`` and ``offset ~ U[0, dp)``; same seed, same sequence.
+def name_salt(name: str) -> int:
+    """A stable integer for a site name (the salt of its seed: the same name, the same stream)."""
+    z = 0
+    for byte in name.encode():
+        z = _splitmix64(z ^ byte)
+    return z
 
-    ``state`` is an int64 tensor ``[seed, draws, count(dp=1), ..., count(dp=max_dp)]``; it stays
-    on the CPU whatever device the model is on.
+
+def new_state(seed: int) -> torch.Tensor:
+    state = torch.zeros(STATE_SIZE, dtype=torch.int64)
+    state[0] = seed & ((1 << _SEED_BITS) - 1)
+    state[3::2] = -1  # no remembered draws
+    return state
+
+
+def check_state(state: torch.Tensor, where: str) -> None:
+    if state.dtype != torch.int64 or tuple(state.shape) != (STATE_SIZE,) or state.device.type != "cpu":
+        raise ValueError(f"{where}: state must be a CPU int64 tensor of shape ({STATE_SIZE},) = [seed, draws, "
+                         f"{REPLAY} remembered (token, counter) pairs], got {state.dtype} {tuple(state.shape)} on "
+                         f"{state.device}")
+
+
+def next_counter(state: torch.Tensor) -> int:
+    """The counter of this draw, advancing ``state`` unless it is a replay (see the module docstring)."""
+    token = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    values = state.tolist()
+    if torch._C._current_graph_task_id() != -1:  # inside a backward: maybe a recomputation
+        for slot in range(REPLAY):
+            if values[2 + 2 * slot] == token and values[3 + 2 * slot] >= 0:
+                return values[3 + 2 * slot]
+    counter = values[1]
+    slot = counter % REPLAY
+    state[1] = counter + 1
+    state[2 + 2 * slot] = token
+    state[3 + 2 * slot] = counter
+    return counter
+
+
+class PatternScheduler:
+    """Samples ``dp ~ P`` and ``offset ~ U[0, dp)`` from a counter-based stream; same seed, same sequence.
+
+    ``distribution`` may be replaced (a site whose rate changes); the stream (``state``, an int64 CPU
+    tensor, see the module docstring) continues.
     """
 
     def __init__(self, distribution: PatternDistribution | float, seed: int | None = None,
                  max_dp: int | str = "auto"):
-        if not isinstance(distribution, PatternDistribution):
-            distribution = search_distribution(distribution, max_dp=max_dp)
-        self.distribution = distribution
         if seed is None:
-            # Drawn once from the global RNG so torch.manual_seed makes conversion reproducible;
-            # the draws themselves never touch it.
+            # Drawn once from the global RNG so torch.manual_seed makes conversion reproducible.
             seed = int(torch.randint(0, 2**_SEED_BITS, (), dtype=torch.int64))
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-        self.cdf = torch.cumsum(distribution.probs, 0)
+        self.state = new_state(seed)
+        self.max_dp = max_dp
+        self.distribution = distribution if isinstance(distribution, PatternDistribution) else \
+            search_distribution(distribution, max_dp=max_dp)
+
+    @property
+    def distribution(self) -> PatternDistribution:
+        return self._distribution
+
+    @distribution.setter
+    def distribution(self, value: PatternDistribution) -> None:
+        self._distribution = value
+        self.cdf = torch.cumsum(value.probs, 0)
         self._cdf_list = self.cdf.tolist()
-        self._probs_list = distribution.probs.tolist()
-        self.state = torch.zeros(2 + distribution.max_dp, dtype=torch.int64)
-        self.state[0] = seed & ((1 << _SEED_BITS) - 1)
 
     @property
     def seed(self) -> int:
@@ -127,13 +179,8 @@ class PatternScheduler:
 
     @property
     def draws(self) -> int:
-        """How many patterns have been drawn."""
+        """How many patterns (or row-class plans) have been drawn."""
         return int(self.state[1])
-
-    @property
-    def counts(self) -> torch.Tensor:
-        """``counts[k]``: how many draws had ``dp = k + 1`` (for row-class plans: how many rows)."""
-        return self.state[2:].clone()
 
     @property
     def last_pattern(self) -> Pattern | None:
@@ -146,22 +193,7 @@ class PatternScheduler:
         return draw(self.seed, self.draws + ahead, self._cdf_list)
 
     def sample(self) -> Pattern:
-        pattern = draw(self.seed, self.draws, self._cdf_list)
-        self.state[1] += 1
-        self.state[2 + pattern.dp - 1] += 1
-        return pattern
-
-    def sample_classes(self, rows: int, classes: int) -> list[Pattern]:
-        """Draw a row-class plan (:func:`draw_classes`) for ``rows`` rows; advances the stream by one draw."""
-        plan = draw_classes(self.seed, self.draws, self._probs_list, classes)
-        self._count_classes(self.state, plan, rows)
-        return plan
-
-    @staticmethod
-    def _count_classes(state: torch.Tensor, plan: list[Pattern], rows: int) -> None:
-        state[1] += 1
-        for c, pattern in enumerate(plan):
-            state[2 + pattern.dp - 1] += len(range(c, rows, len(plan)))
+        return draw(self.seed, next_counter(self.state), self._cdf_list)
 
     def sample_tensor(self) -> torch.Tensor:
         """Draw through the ``fxdrop::sample_pattern`` op: ``int64 (2,) = [dp, offset]`` on the CPU."""
@@ -171,14 +203,13 @@ class PatternScheduler:
         return {"state": self.state.clone(), "probs": self.distribution.probs.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        probs = state.get("probs")
-        if probs is None or "state" not in state:
-            raise KeyError("PatternScheduler.load_state_dict expects keys 'state' and 'probs'")
-        if probs.shape != self.distribution.probs.shape or not torch.allclose(
-                probs.to(torch.float64), self.distribution.probs, atol=1e-12):
-            raise ValueError("PatternScheduler.load_state_dict: the saved distribution differs from this "
-                             f"scheduler's (saved {probs.tolist()}, have {self.distribution.probs.tolist()})")
-        self.state.copy_(state["state"])
+        if "state" not in state:
+            raise KeyError("PatternScheduler.load_state_dict expects the key 'state'")
+        saved = state["state"]
+        if tuple(saved.shape) != (STATE_SIZE,):
+            raise ValueError(f"PatternScheduler.load_state_dict: the saved state has shape {tuple(saved.shape)}, "
+                             f"expected ({STATE_SIZE},) (a checkpoint of another fxdrop version?)")
+        self.state.copy_(saved)
 
     def __repr__(self) -> str:
         return (f"PatternScheduler(p={self.distribution.p}, max_dp={self.distribution.max_dp}, "

@@ -11,9 +11,14 @@ Two solvers: ``exact`` (maximum entropy subject to ``rate == p``: a Gibbs distri
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+# The largest period a site may draw. Each pattern period is an entry of the site's distribution (and of
+# the row-class draw), so this bounds their size; it reaches p = 1 - 1/1024 (about 0.999).
+MAX_DP = 1024
 
 
 @dataclass(frozen=True)
@@ -76,19 +81,36 @@ def resolve_max_dp(p: float, max_dp: int | str) -> int:
 
 
 def check_max_dp(max_dp: int | str) -> None:
-    """``max_dp`` must be ``"auto"`` or an int >= 1 (the one place this is checked)."""
-    if max_dp != AUTO and (isinstance(max_dp, bool) or not isinstance(max_dp, int) or max_dp < 1):
+    """``max_dp`` must be ``"auto"`` or an int in ``[1, MAX_DP]`` (the one place this is checked)."""
+    if max_dp == AUTO:
+        return
+    if isinstance(max_dp, bool) or not isinstance(max_dp, numbers.Integral) or max_dp < 1:
         raise ValueError(f"max_dp must be an int >= 1 or 'auto', got {max_dp!r}")
+    if max_dp > MAX_DP:
+        raise ValueError(f"max_dp={max_dp} is above fxdrop's limit of {MAX_DP}; a step that keeps 1/{max_dp} of a "
+                         f"layer is not dropout any more: use max_dp='auto' (the tightest support for p)")
+
+
+def as_rate(p, where: str = "p") -> float:
+    """A real scalar (float, int, NumPy scalar, 0-d tensor) as a float; anything else is a ``TypeError``."""
+    if isinstance(p, bool):
+        raise TypeError(f"{where} must be a real number in [0, 1), got bool")
+    if hasattr(p, "shape") and hasattr(p, "item") and tuple(p.shape) == ():
+        p = p.item()  # a 0-d tensor or NumPy array
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"{where} must be a real number in [0, 1), got {type(p).__name__}")
+    return float(p)
 
 
 def check_rate(p: float, max_dp: int | str, where: str = "p") -> float:
     """Validate a target drop rate against ``max_dp``; errors name the argument and the fix."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"{where} must be a float in [0, 1), got {type(p).__name__}")
+    p = as_rate(p, where)
     check_max_dp(max_dp)
-    p = float(p)
     if not 0.0 <= p < 1.0 or math.isnan(p):
         raise ValueError(f"{where}={p} is outside [0, 1): a drop rate must be at least 0 and below 1")
+    if max_dp == AUTO and max_dp_for(p) > MAX_DP:
+        raise ValueError(f"{where}={p} needs patterns that keep 1 unit in {max_dp_for(p)}; fxdrop draws periods up "
+                         f"to {MAX_DP}, so p can be at most {largest_reachable(MAX_DP):.6g}")
     max_dp = resolve_max_dp(p, max_dp)
     if p > largest_reachable(max_dp) + 1e-12:
         raise ValueError(

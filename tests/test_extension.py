@@ -230,6 +230,34 @@ def test_weight_grad_is_dense_with_zeros_outside_the_kept_region(backend):
     assert biases[0].grad[dropped].eq(0).all() and weights[1].grad[:, kept].ne(0).any()
 
 
+@pytest.mark.parametrize("family", ["row", "block"])
+def test_weight_gradients_are_zero_exactly_outside_the_layouts_support(backend, family):
+    """The kernels shrink what fxdrop.layout.ChainLayout says: every weight gradient is zero outside
+    ``weight_support`` (and the values inside are the dense reference's: test_chain_random_structures)."""
+    from fxdrop.layout import ChainLayout
+
+    rng = random.Random(family)
+    for trial in range(12):
+        layers = rng.randint(1, 3)
+        inp, outp = rng.random() < 0.5, rng.random() < 0.5
+        if layers == 1 and not (inp or outp):
+            inp = True
+        layout = ChainLayout(layers, inp, outp)
+        widths = [rng.randint(3, 12) for _ in range(layers + 1)]
+        x, weights, biases = _chain_case(widths, (5,), torch.float64, True, trial)
+        patterns = [[dp, rng.randrange(dp)] for dp in (rng.randint(1, 4) for _ in range(layout.sites))]
+        out = ops.chain(x, weights, biases, torch.tensor(patterns), family=family,
+                        activations=["none"] * layout.activations, input_dropout=inp, output_dropout=outp,
+                        rates=[0.5] * layout.sites)
+        out.sum().backward()
+        for layer, weight in enumerate(weights):
+            rows, cols = layout.weight_support(layer, tuple(weight.shape), family, patterns)
+            inside = torch.zeros(weight.shape, dtype=torch.bool)
+            inside[rows if rows is not None else slice(None), cols if cols is not None else slice(None)] = True
+            grad = weight.grad
+            assert grad[~inside].eq(0).all(), (trial, layer)
+
+
 def test_errors_name_the_culprit_in_compiled_kernels(compiled):
     x, weights, biases = _chain_case([17, 13, 11], (6,), torch.float32, True, 3)
     kw = dict(family="block", activations=["relu"], rates=[0.5])

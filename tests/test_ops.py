@@ -229,21 +229,19 @@ def test_chain_row_classes_bad_inputs():
         ops.chain(x, weights, biases, torch.tensor([[[2, 0]], [[2, 1]], [[2, 0]], [[2, 5]]]), **kw)
 
 
-def test_sample_rows_draws_each_sites_class_plan():
-    from fxdrop.scheduler import PatternScheduler
+def test_sample_classes_draws_the_streams_row_class_plan():
+    from fxdrop.scheduler import PatternScheduler, draw_classes
 
-    a, b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
-    twin_a, twin_b = PatternScheduler(0.5, seed=1), PatternScheduler(0.7, seed=2)
-    for rows, classes in ((0, 4), (1, 3), (37, 4), (700, 5)):
-        patterns = ops.sample_rows([a.state, b.state], [a.cdf, b.cdf], rows, classes)
-        assert patterns.shape == (classes, 2, 2) and patterns.dtype == torch.int64
-        for site, twin in ((0, twin_a), (1, twin_b)):
-            assert [tuple(pat[site].tolist()) for pat in patterns] == twin.sample_classes(rows, classes)
-    assert a.draws == 4 and torch.equal(a.state, twin_a.state) and torch.equal(b.state, twin_b.state)
-    # The per-dp counts count rows: class c has len(range(c, rows, classes)) of them.
-    assert int(a.counts.sum()) == 0 + 1 + 37 + 700
-    with pytest.raises(ValueError, match="classes must be >= 1"):
-        ops.sample_rows([a.state], [a.cdf], 5, 0)
+    a = PatternScheduler(0.7, seed=1)
+    twin = PatternScheduler(0.7, seed=1)
+    cdf = twin.cdf.tolist()
+    for counter, classes in enumerate((1, 2, 8, 4)):
+        plan = torch.ops.fxdrop.sample_classes(a.state, a.cdf, classes)
+        assert plan.shape == (classes, 2) and plan.dtype == torch.int64
+        assert [tuple(row.tolist()) for row in plan] == draw_classes(twin.seed, counter, cdf, classes)
+    assert a.draws == 4
+    with pytest.raises(ValueError, match="power of two"):
+        torch.ops.fxdrop.sample_classes(a.state, a.cdf, 3)
 
 
 def test_opcheck_every_op():
@@ -256,10 +254,13 @@ def test_opcheck_every_op():
         torch.library.opcheck(torch.ops.fxdrop.unit_dropout.default, (x, patterns[0], family, "kept", 0.5))
     torch.library.opcheck(torch.ops.fxdrop.tile_linear.default, (x, weights[0], biases[0], patterns[0], 4,
                                                                   "kept", 0.5))
-    state = torch.tensor([5, 0, 0, 0, 0], dtype=torch.int64)
+    from fxdrop.scheduler import new_state
+
     cdf = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
-    torch.library.opcheck(torch.ops.fxdrop.sample_pattern.default, (state, cdf))
-    torch.library.opcheck(torch.ops.fxdrop.sample_rows.default, ([state, state.clone()], [cdf, cdf], 6, 4))
+    torch.library.opcheck(torch.ops.fxdrop.sample_pattern.default, (new_state(5), cdf))
+    torch.library.opcheck(torch.ops.fxdrop.sample_classes.default, (new_state(5), cdf, 4))
+    torch.library.opcheck(torch.ops.fxdrop.unit_dropout.default,
+                          (x, torch.tensor([[3, 1], [2, 0], [2, 1], [1, 0]]), "row", "kept", 0.5))
     a, b = [[3, 1], [2, 0], [4, 1]], [[1, 0], [2, 1], [3, 0]]
     for classes in ([a, b, [[2, 0], [1, 0], [1, 0]]], [a, b, a, b], [a, a]):  # 3 classes; merged to 2; to 1
         for family in ("row", "block"):
@@ -301,25 +302,96 @@ def test_bad_inputs_name_the_culprit():
         ops.unit_dropout(x, p[0], family="row", scale="auto")
 
 
-@pytest.mark.parametrize("classes", [3, 4])
-def test_sample_rows_gives_every_row_each_pattern_with_its_probability(classes):
-    """Through the op: row r (class r mod M) uses (dp, offset) with probability P(dp)/dp."""
-    from fxdrop.scheduler import PatternScheduler, support
+@pytest.mark.parametrize("classes", [2, 8])
+def test_sample_classes_gives_every_row_each_pattern_with_its_probability(classes):
+    """Through the op: row r (residue r mod M) uses (dp, offset) with probability P(dp)/dp."""
+    from fxdrop.scheduler import PatternScheduler
 
     sched = PatternScheduler(0.7, seed=4)
     probs = sched.distribution.probs.tolist()
-    patterns = support(len(probs))
-    q = torch.tensor([probs[pat.dp - 1] / pat.dp for pat in patterns], dtype=torch.float64)
-    index = {(pat.dp, pat.offset): k for k, pat in enumerate(patterns)}
+    patterns = [(dp, offset) for dp in range(1, len(probs) + 1) for offset in range(dp)]
+    q = torch.tensor([probs[dp - 1] / dp for dp, _ in patterns], dtype=torch.float64)
+    index = {pattern: k for k, pattern in enumerate(patterns)}
     rows, draws = 11, 4000
     hits = torch.zeros(rows, len(patterns), dtype=torch.float64)
     for _ in range(draws):
-        plan = ops.sample_rows([sched.state], [sched.cdf], rows, classes)
+        plan = torch.ops.fxdrop.sample_classes(sched.state, sched.cdf, classes)
         for row in range(rows):
-            hits[row, index[tuple(plan[row % classes][0].tolist())]] += 1
+            hits[row, index[tuple(plan[row % classes].tolist())]] += 1
     freq = hits / draws
     se = (q * (1 - q) / draws).sqrt()
     assert ((freq - q).abs() <= 4.5 * se + 1e-12).all(), f"worst {(freq - q).abs().max():.4f}"
+
+
+@pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_dropout_row_classes(family, dtype):
+    x = torch.randn(7, 3, 10, dtype=dtype, requires_grad=True)
+    pattern = torch.tensor([[2, 0], [3, 2], [2, 0], [1, 0]])
+    out = ops.unit_dropout(x, pattern, family=family, scale="kept", p=0.5)
+    expect = ref.unit_dropout(x, pattern, family=family, scale="kept", p=0.5)
+    _compare(out, expect, [x], dtype)
+
+
+def test_sites_narrower_than_the_period_keep_nothing_in_some_steps():
+    """dp > width: the pattern keeps no unit; the op computes the bias (and zeros) for it, exactly as the
+    dense reference with an all-zero mask does."""
+    x, weights, biases = _chain_case([3, 2, 5], (4,), torch.float64, True, 7)
+    for family in ("row", "block"):
+        for patterns in ([[5, 4], [3, 2], [4, 3]], [[4, 0], [3, 2], [8, 7]]):
+            kw = dict(family=family, activations=["relu", "gelu"], input_dropout=True, output_dropout=True,
+                      rates=[0.7] * 3)
+            out = ops.chain(x, weights, biases, torch.tensor(patterns), **kw)
+            expect = ref.chain(x, weights, biases, torch.tensor(patterns), **kw)
+            _compare(out, expect, [x, *weights, *biases], torch.float64)
+
+
+def test_outputs_are_not_views_and_take_in_place_ops():
+    """``Dropout -> Linear -> ReLU(inplace=True)`` (AlexNet's head): the op's output may be modified in place."""
+    x, weights, biases = _chain_case([17, 13], (2, 3), torch.float32, True, 1)
+    pattern = torch.tensor([[2, 1]])
+    y = ops.chain(x, weights, biases, pattern, family="row", activations=[], input_dropout=True, rates=[0.5])
+    assert not y._is_view() and y.is_contiguous()
+    torch.relu_(y).sum().backward()
+    z = ops.tile_linear(x, weights[0], biases[0], pattern[0], tile=4, p=0.5)
+    assert not z._is_view() and z.is_contiguous()
+    torch.relu_(z)
+    u = ops.unit_dropout(x.transpose(0, 1), pattern[0], family="row", p=0.5)
+    assert not u._is_view() and u.is_contiguous()  # the fake kernel says contiguous too
+
+
+def test_double_backward_is_the_dense_references():
+    """Gradient penalties (create_graph=True): the backward is then differentiable, with the same masks."""
+    x, weights, biases = _chain_case([6, 7, 4], (5,), torch.float64, True, 2)
+    patterns = torch.tensor([[2, 1], [3, 0], [2, 0]])
+    kw = dict(family="row", activations=["tanh", "gelu"], input_dropout=True, output_dropout=True, rates=[0.5] * 3)
+    assert torch.autograd.gradgradcheck(lambda x, *p: ops.chain(x, p[:2], p[2:], patterns, **kw),
+                                        (x, *weights, *biases))
+    classes = torch.stack([patterns, torch.tensor([[1, 0], [3, 2], [2, 1]])])
+    assert torch.autograd.gradgradcheck(lambda x, *p: ops.chain(x, p[:2], p[2:], classes, **kw),
+                                        (x, *weights, *biases))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: ops.tile_linear(x, w, b, torch.tensor([3, 1]), tile=2, p=0.5),
+                                        (x, weights[0], biases[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_casts_like_linear(dtype):
+    """Under torch.autocast the GEMM ops run in the autocast dtype, as F.linear does; float64 stays."""
+    x, weights, biases = _chain_case([17, 13, 11], (6,), torch.float32, True, 4)
+    patterns = torch.tensor([[2, 1], [2, 0]])
+    with torch.autocast("cpu", dtype=dtype):
+        y = ops.chain(x, weights, biases, patterns, family="block", activations=["relu"], input_dropout=True,
+                      rates=[0.5, 0.5])
+        z = ops.tile_linear(x, weights[0], biases[0], patterns[0], tile=4, p=0.5)
+        assert torch.nn.functional.linear(x, weights[0], biases[0]).dtype == dtype
+        d = ops.chain(x.double(), [w.double() for w in weights], [b.double() for b in biases], patterns,
+                      family="block", activations=["relu"], input_dropout=True, rates=[0.5, 0.5])
+    assert y.dtype == z.dtype == dtype and d.dtype == torch.float64
+    expect = ref.chain(x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases], patterns,
+                       family="block", activations=["relu"], input_dropout=True, rates=[0.5, 0.5])
+    torch.testing.assert_close(y, expect, atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert weights[0].grad.dtype == torch.float32
 
 
 def test_chain_row_classes_with_no_rows_give_zero_gradients():

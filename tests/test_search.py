@@ -64,7 +64,7 @@ def test_unreachable_names_fix():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown search method"):
         search_distribution(0.5, method="adam")
-    with pytest.raises(TypeError, match="p must be a float"):
+    with pytest.raises(TypeError, match="p must be a real number"):
         search_distribution("0.5")
     with pytest.raises(ValueError, match="max_dp must be an int"):
         search_distribution(0.5, max_dp=0)
@@ -87,3 +87,18 @@ def test_auto_at_half_is_always_every_other_unit():
 def test_max_dp_names_auto_in_errors():
     with pytest.raises(ValueError, match="max_dp must be an int >= 1 or 'auto', got 'tight'"):
         search_distribution(0.5, max_dp="tight")
+
+
+def test_any_real_scalar_is_a_rate():
+    np = pytest.importorskip("numpy")
+    for value in (np.float32(0.25), np.float64(0.25), torch.tensor(0.25), 0.25):
+        assert search_distribution(value, max_dp="auto").p == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("p", [0.9999, 1 - 1e-12])
+def test_rates_beyond_the_largest_period_are_a_clear_error(p):
+    """p just below 1 with max_dp='auto' would need 10^4..10^12 periods: refused, not allocated."""
+    with pytest.raises(ValueError, match="fxdrop draws periods up to 1024"):
+        search_distribution(p, max_dp="auto")
+    with pytest.raises(ValueError, match="above fxdrop's limit of 1024"):
+        search_distribution(0.5, max_dp=10**5)

@@ -1,8 +1,9 @@
 """Elementwise activations the structured ops fuse, by name: forward and derivative.
 
-Names: ``none relu gelu gelu_tanh silu tanh sigmoid leaky_relu:<slope> elu:<alpha>``. The fx pass
-maps modules and functions to these names (:func:`activation_name`); the ops apply them
-(:func:`apply`, :func:`grad`). Imports only torch.
+Names: ``none relu gelu gelu_tanh silu tanh sigmoid leaky_relu:<slope> elu:<alpha>`` (``none``: a
+Linear whose dropout follows it directly). The planner maps modules and functions to these names
+(:func:`module_activation`, :func:`function_activation`); the ops apply them (:func:`apply`,
+:func:`grad`). Imports only torch.
 """
 
 from __future__ import annotations
@@ -80,13 +81,7 @@ def grad(name: str, grad_h: torch.Tensor, z: torch.Tensor | None, h: torch.Tenso
     return torch.ops.aten.elu_backward(grad_h, arg, 1.0, 1.0, False, z)
 
 
-def zero_preserving(name: str) -> bool:
-    """Whether ``act(0) == 0`` (so a zeroed unit stays zero through it)."""
-    return parse(name)[0] != "sigmoid"
-
-
 _MODULES: dict[type, Callable[[nn.Module], str | None]] = {
-    nn.Identity: lambda m: "none",
     nn.ReLU: lambda m: "relu",
     nn.GELU: lambda m: "gelu_tanh" if m.approximate == "tanh" else "gelu",
     nn.SiLU: lambda m: "silu",

@@ -6,7 +6,11 @@ stride BLAS cannot take), biases, scales and activations fold into the GEMM call
 allows (``addmm`` with ``alpha``), and dense weight gradients are written as ``empty`` + zeroed
 complement + a GEMM straight into the kept region, never ``zeros`` + a copy.
 
-Imports torch, patterns and activations.
+Outputs are never views (a view made inside a custom op cannot be modified in place by the caller:
+``Linear -> ReLU(inplace=True)`` after a converted site), and they are contiguous, as the fake
+kernels say. Which weight dimensions shrink is :class:`fxdrop.layout.ChainLayout`'s.
+
+Imports torch, patterns, layout, scheduler (the stream) and activations.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ from typing import Sequence
 import torch
 
 from .. import patterns as P
+from ..layout import ChainLayout
 from . import activations as act
 
 
 def _check_mode(family: str, scale: str) -> None:
     P.check_family(family, P.UNIT_FAMILIES)
-    if scale not in ("kept", "rate"):
-        raise ValueError(f"unknown scale mode {scale!r}; expected 'kept' or 'rate'")
+    P.check_scale(scale)
 
 
 def _pattern_rows(patterns: torch.Tensor, sites: int) -> list[tuple[int, int]]:
@@ -38,7 +42,7 @@ def _pattern_rows(patterns: torch.Tensor, sites: int) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class Mask:
-    """One site's kept units of a width-``n`` axis and the scale for them."""
+    """One site's kept units of a width-``n`` axis and the scale for them (``keep`` may be empty)."""
 
     keep: slice
     scale: float
@@ -139,33 +143,24 @@ def _plan(x_width: int, weights: Sequence[torch.Tensor], patterns: torch.Tensor,
           activations: Sequence[str], input_dropout: bool, output_dropout: bool, scale: str,
           rates: Sequence[float]) -> list[_Layer]:
     _check_mode(family, scale)
-    layers = len(weights)
-    if layers < 1:
+    if len(weights) < 1:
         raise ValueError("chain needs at least one weight")
-    sites = layers - 1 + int(input_dropout) + int(output_dropout)
-    if sites < 1:
-        raise ValueError("chain needs at least one dropout site (input_dropout, output_dropout or two weights)")
-    rows = _pattern_rows(patterns, sites)
-    if len(rates) != sites:
-        raise ValueError(f"chain has {sites} dropout sites but {len(rates)} rates")
-    if len(activations) != layers - 1 + int(output_dropout):
-        raise ValueError(f"chain needs {layers - 1 + int(output_dropout)} activations (one per Linear "
-                         f"followed by a dropout), got {len(activations)}")
+    layout = ChainLayout(len(weights), bool(input_dropout), bool(output_dropout))
+    rows = _pattern_rows(patterns, layout.sites)
+    if len(rates) != layout.sites:
+        raise ValueError(f"chain has {layout.sites} dropout sites but {len(rates)} rates")
+    if len(activations) != layout.activations:
+        raise ValueError(f"chain needs {layout.activations} activations (one per Linear followed by a dropout), "
+                         f"got {len(activations)}")
     for name in activations:
         act.parse(name)
-    site = 0
-    inputs = None
-    if input_dropout:
-        inputs = _mask(family, x_width, rows[0], scale, rates[0])
-        site = 1
+    widths = [w.shape[0] for w in weights]
+    masks = [_mask(family, layout.site_width(site, x_width, widths), rows[site], scale, rates[site])
+             for site in range(layout.sites)]
     plan = []
-    for layer, weight in enumerate(weights):
-        outputs = None
-        if layer < layers - 1 or output_dropout:
-            outputs = _mask(family, weight.shape[0], rows[site], scale, rates[site])
-            site += 1
-        plan.append(_Layer(inputs, outputs))
-        inputs = outputs
+    for layer in range(layout.layers):
+        in_site, out_site = layout.in_site(layer), layout.out_site(layer)
+        plan.append(_Layer(None if in_site is None else masks[in_site], None if out_site is None else masks[out_site]))
     return plan
 
 
@@ -200,12 +195,29 @@ def expand_biases(biases: Sequence[torch.Tensor], has_bias: Sequence[bool]) -> l
     return [next(present) if has else None for has in has_bias]
 
 
+def row_groups(table: list, classes: int) -> list[tuple[int, int]]:
+    """The strided row sets ``(start, step)`` of a call with ``classes`` row classes whose patterns are
+    ``table[c]`` (row ``r`` in class ``r mod classes``): residue classes whose members all share one
+    pattern set run as one set of rows ``r = start (mod step)``, a strided view.
+
+    Splits residue classes in two (mod 2, mod 4, ...) until each is uniform; a class count with an odd
+    factor left splits into single classes. The C++ kernels implement the same function.
+    """
+    def split(start: int, step: int) -> list[tuple[int, int]]:
+        members = table[start::step]
+        if all(m == members[0] for m in members):
+            return [(start, step)]
+        if (classes // step) % 2:
+            return [(c, classes) for c in range(start, classes, step)]
+        return split(start, 2 * step) + split(start + step, 2 * step)
+
+    return split(0, 1)
+
+
 def row_classes(patterns: torch.Tensor, sites: int) -> list[tuple[slice, torch.Tensor]] | None:
     """``[(rows, patterns (sites, 2)), ...]`` of a call with row classes, or ``None`` for one pattern set.
 
-    ``patterns: (M, sites, 2)``: row ``r`` uses ``patterns[r % M]``. The classes run at the shortest
-    period ``d`` (a divisor of ``M``) with ``patterns[c] == patterns[c % d]`` for every ``c``: class
-    ``c < d`` is the rows ``slice(c, None, d)`` (a strided view; ``d = 1``: every row at once).
+    ``patterns: (M, sites, 2)``: row ``r`` uses ``patterns[r % M]``; the groups are :func:`row_groups`.
     """
     if patterns.dim() != 3:
         return None
@@ -215,9 +227,7 @@ def row_classes(patterns: torch.Tensor, sites: int) -> list[tuple[slice, torch.T
                          f"{tuple(patterns.shape)}")
     classes = patterns.shape[0]
     table = patterns.tolist()
-    period = next(d for d in range(1, classes + 1)
-                  if classes % d == 0 and all(table[c] == table[c % d] for c in range(classes)))
-    return [(slice(c, None, period), patterns[c]) for c in range(period)]
+    return [(slice(start, None, step), patterns[start]) for start, step in row_groups(table, classes)]
 
 
 def _num_sites(weights, input_dropout: bool, output_dropout: bool) -> int:
@@ -263,30 +273,36 @@ def _forward(x2, weights, biases, plan, activations, out=None):
     return y, saved
 
 
+def _empty_saved(x2: torch.Tensor, activations: Sequence[str]) -> list[torch.Tensor]:
+    out = []
+    for name in activations:
+        out += [x2.new_empty(0, 0) if act.needs_input(name) else x2.new_empty(0), x2.new_empty(0, 0)]
+    return out
+
+
 def chain(x, weights, biases, has_bias, patterns, family, activations, input_dropout, output_dropout, scale, rates):
     biases = expand_biases(biases, has_bias)
     check_chain(x, weights, biases)
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    y = x.new_empty(*x.shape[:-1], weights[-1].shape[0])  # the output itself, never a view of one
+    y2 = y.view(-1, y.shape[-1])
     classes = row_classes(patterns, _num_sites(weights, input_dropout, output_dropout))
     if classes is None:
         plan = _plan(x.shape[-1], weights, patterns, family, activations, input_dropout, output_dropout, scale,
                      rates)
-        y, saved = _forward(x2, weights, biases, plan, activations)
-        return y.reshape(*lead, y.shape[-1]), saved
-    y = x2.new_empty(x2.shape[0], weights[-1].shape[0])
+        _, saved = _forward(x2, weights, biases, plan, activations, out=y2)
+        return y, saved
     saved = []
     for rows, class_patterns in classes:
         plan = _plan(x.shape[-1], weights, class_patterns, family, activations, input_dropout, output_dropout,
                      scale, rates)
-        # A class without rows runs too (GEMMs of 0 rows): its saved tensors then have the fake kernel's shapes.
-        _, piece = _forward(x2[rows], weights, biases, plan, activations, out=y[rows])
+        # A group without rows runs too (GEMMs of 0 rows): its saved tensors then have the fake kernel's shapes.
+        _, piece = _forward(x2[rows], weights, biases, plan, activations, out=y2[rows])
         saved += piece
     # Merged classes save nothing: pad to one set per class of `patterns` (a count fixed for compiled graphs).
     for _ in range(patterns.shape[0] - len(classes)):
-        for name in activations:
-            saved += [x2.new_empty(0, 0) if act.needs_input(name) else x2.new_empty(0), x2.new_empty(0, 0)]
-    return y.reshape(*lead, y.shape[-1]), saved
+        saved += _empty_saved(x2, activations)
+    return y, saved
 
 
 def _accumulate_product(full: torch.Tensor, rows: Mask | None, cols: Mask | None, a: torch.Tensor,
@@ -318,7 +334,7 @@ def _backward(g, x2, weights, biases, plan, hidden, activations, needs_input_gra
     if plan[-1].outputs is not None:
         last = plan[-1].outputs
         z, h = hidden[site_index]
-        g = act.grad(activations[site_index], _columns(g, last).mul(last.scale), z if z.numel() else None, h)
+        g = act.grad(activations[site_index], _columns(g, last).mul(last.scale), z if z.dim() == 2 else None, h)
         site_index -= 1
     grad_x = None
     for layer in range(len(weights) - 1, -1, -1):
@@ -349,7 +365,7 @@ def _backward(g, x2, weights, biases, plan, hidden, activations, needs_input_gra
             if alpha != 1.0:
                 g_in.mul_(alpha)
             z, h = hidden[site_index]
-            g = act.grad(activations[site_index], g_in, z if z.numel() else None, h)
+            g = act.grad(activations[site_index], g_in, z if z.dim() == 2 else None, h)
             site_index -= 1
         elif accumulate:
             if step.inputs is None or step.inputs.full:
@@ -402,10 +418,20 @@ def chain_backward(grad_y, x, weights, biases, has_bias, patterns, saved, family
 
 
 def unit_dropout(x, pattern, family, scale, p):
+    """``x * mask`` along the last dim; ``pattern (M, 2)``: row ``r`` of ``x`` (flattened) uses ``pattern[r % M]``."""
     _check_mode(family, scale)
-    (row,) = _pattern_rows(pattern.reshape(1, 2), 1)
-    mask = P.unit_mask(family, x.shape[-1], row[0], row[1], scale, p, dtype=x.dtype)
-    return x * mask.to(x.device)
+    out = x.new_empty(x.shape)
+    if pattern.dim() == 1 or x.numel() == 0:
+        (row,) = _pattern_rows(pattern.reshape(1, 2), 1) if pattern.dim() == 1 else [tuple(pattern[0].tolist())]
+        mask = P.unit_mask(family, x.shape[-1], row[0], row[1], scale, p, dtype=x.dtype)
+        return torch.mul(x, mask.to(x.device), out=out)
+    classes = row_classes(pattern.unsqueeze(1), 1)
+    x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, x.shape[-1])
+    for rows, class_pattern in classes:
+        (dp, offset), = _pattern_rows(class_pattern, 1)
+        mask = P.unit_mask(family, x.shape[-1], dp, offset, scale, p, dtype=x.dtype).to(x.device)
+        torch.mul(x2[rows], mask, out=out2[rows])
+    return out
 
 
 def _tile_plan(weight: torch.Tensor, pattern: torch.Tensor, tile: int, scale: str, p: float):
@@ -421,15 +447,16 @@ def tile_linear(x, weight, bias, pattern, tile, scale, p):
     check_chain(x, [weight], [bias])
     groups, s = _tile_plan(weight, pattern, tile, scale, p)
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2.new_empty(x2.shape[0], weight.shape[0])
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    y2 = y.view(-1, weight.shape[0])
     for rows, cols in groups:
         b = bias.index_select(0, rows) if bias is not None else None
         if cols.numel() == 0:
-            y[:, rows] = b if b is not None else 0
+            y2[:, rows] = b if b is not None else 0
             continue
         w = weight.index_select(0, rows).index_select(1, cols)
-        y[:, rows] = _linear(x2.index_select(1, cols), w, b, s)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+        y2[:, rows] = _linear(x2.index_select(1, cols), w, b, s)
+    return y
 
 
 def tile_linear_backward(grad_y, x, weight, pattern, tile, scale, p, has_bias):
@@ -452,35 +479,17 @@ def tile_linear_backward(grad_y, x, weight, pattern, tile, scale, p, has_bias):
 
 
 def sample_pattern(state, cdf):
-    from ..scheduler import draw  # the one stream definition; scheduler imports ops lazily
+    from ..scheduler import check_state, draw, next_counter  # the one stream definition
 
-    if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
-        raise ValueError(f"sample_pattern: state must be int64 of shape ({2 + cdf.numel()},) = [seed, draws, "
-                         f"counts per dp], got {state.dtype} {tuple(state.shape)}")
-    seed, draws = int(state[0]), int(state[1])
-    pattern = draw(seed, draws, cdf.tolist())
-    state[1] += 1
-    state[2 + pattern.dp - 1] += 1
+    check_state(state, "sample_pattern")
+    pattern = draw(int(state[0]), next_counter(state), cdf.tolist())
     return torch.tensor([pattern.dp, pattern.offset], dtype=torch.int64)
 
 
-def sample_rows(states, cdfs, rows, classes):
-    from ..scheduler import PatternScheduler, draw_classes
+def sample_classes(state, cdf, classes):
+    from ..scheduler import check_classes, check_state, draw_classes, next_counter
 
-    if len(states) != len(cdfs) or not states:
-        raise ValueError(f"sample_rows: needs one cdf per state and at least one site, got {len(states)} states "
-                         f"and {len(cdfs)} cdfs")
-    if rows < 0:
-        raise ValueError(f"sample_rows: rows must be >= 0, got {rows}")
-    if classes < 1:
-        raise ValueError(f"sample_rows: classes must be >= 1, got {classes}")
-    plans = []
-    for state, cdf in zip(states, cdfs):
-        if state.dtype != torch.int64 or state.shape != (2 + cdf.numel(),):
-            raise ValueError(f"sample_rows: state must be int64 of shape ({2 + cdf.numel()},) = [seed, draws, "
-                             f"counts per dp], got {state.dtype} {tuple(state.shape)}")
-        probs = torch.diff(cdf.to(torch.float64), prepend=cdf.new_zeros(1, dtype=torch.float64)).tolist()
-        plan = draw_classes(int(state[0]), int(state[1]), probs, int(classes))
-        PatternScheduler._count_classes(state, plan, int(rows))
-        plans.append(plan)
-    return torch.tensor([[list(plan[c]) for plan in plans] for c in range(classes)], dtype=torch.int64)
+    check_state(state, "sample_classes")
+    check_classes(classes)
+    plan = draw_classes(int(state[0]), next_counter(state), cdf.tolist(), int(classes))
+    return torch.tensor([list(pattern) for pattern in plan], dtype=torch.int64)

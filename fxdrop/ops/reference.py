@@ -2,7 +2,8 @@
 
 Every structured op (and every converted model) is tested against these: full-size GEMMs with the
 dropped units (or tiles) multiplied by zero. Patterns are ``(dp, offset)`` pairs or int64 tensors.
-Imports torch, patterns and activations.
+They are also the differentiable backward of the ops under ``create_graph=True``.
+Imports torch, patterns, layout and activations.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import patterns as P
+from ..layout import ChainLayout
 from . import activations as act
 
 
@@ -22,6 +24,12 @@ def _pair(pattern) -> tuple[int, int]:
 
 
 def unit_dropout(x: torch.Tensor, pattern, *, family: str, scale: str = "kept", p: float = 0.0) -> torch.Tensor:
+    """``x * mask``; a ``(classes, 2)`` pattern gives row ``r`` of ``x`` (flattened) the mask of class ``r % classes``."""
+    if isinstance(pattern, torch.Tensor) and pattern.dim() == 2:
+        masks = torch.stack([P.unit_mask(family, x.shape[-1], *_pair(row), scale, p, dtype=x.dtype)
+                             for row in pattern]).to(x.device)
+        x2 = x.reshape(-1, x.shape[-1])
+        return (x2 * masks[torch.arange(x2.shape[0], device=x.device) % masks.shape[0]]).reshape(x.shape)
     dp, offset = _pair(pattern)
     mask = P.unit_mask(family, x.shape[-1], dp, offset, scale, p, dtype=x.dtype).to(x.device)
     return x * mask
@@ -30,16 +38,16 @@ def unit_dropout(x: torch.Tensor, pattern, *, family: str, scale: str = "kept", 
 def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
           patterns, *, family: str, activations: Sequence[str], input_dropout: bool = False,
           output_dropout: bool = False, scale: str = "kept", rates: Sequence[float] = ()) -> torch.Tensor:
-    site = 0
+    layout = ChainLayout(len(weights), input_dropout, output_dropout)
+    rates = list(rates) or [0.0] * layout.sites
     if input_dropout:
-        x = unit_dropout(x, patterns[site], family=family, scale=scale, p=rates[site])
-        site += 1
+        x = unit_dropout(x, patterns[0], family=family, scale=scale, p=rates[0])
     for layer, (weight, bias) in enumerate(zip(weights, biases)):
         x = F.linear(x, weight, bias)
-        if layer < len(weights) - 1 or output_dropout:
+        site = layout.out_site(layer)
+        if site is not None:
             x = act.apply(activations[layer], x)
             x = unit_dropout(x, patterns[site], family=family, scale=scale, p=rates[site])
-            site += 1
     return x
 
 
@@ -55,7 +63,8 @@ def chain_classes(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequ
     """:func:`chain` with row classes: row ``r`` of ``x`` (flattened to 2-D) uses ``patterns[r % M]``
     (``(M, sites, 2)``); each class is the dense reference with its own masks (no merging)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2.new_zeros(x2.shape[0], weights[-1].shape[0])
-    for c in range(patterns.shape[0]):
-        y[c::patterns.shape[0]] = chain(x2[c::patterns.shape[0]], weights, biases, patterns[c], **kw)
+    classes = patterns.shape[0]
+    pieces = [chain(x2[c::classes], weights, biases, patterns[c], **kw) for c in range(classes)]
+    order = torch.cat([torch.arange(x2.shape[0], device=x.device)[c::classes] for c in range(classes)])
+    y = torch.cat(pieces).index_select(0, torch.argsort(order))  # differentiable (double backward uses it)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -11,12 +11,12 @@ import torch
 NAMESPACE = "fxdrop"
 
 SCHEMAS = {
-    # Draws the next pattern of a PatternScheduler stream and advances its state.
+    # Draws the next pattern [dp, offset] of a PatternScheduler stream and advances its state (or, in a
+    # checkpoint's recomputation, draws the remembered one again: fxdrop.scheduler).
     "sample_pattern": "sample_pattern(Tensor(a!) state, Tensor cdf) -> Tensor",
-    # Draws the next row-class plan of each site's stream (advancing each state): patterns
-    # (classes, sites, 2), row r of the ``rows`` rows using class r mod classes.
-    "sample_rows": "sample_rows(Tensor(a!)[] states, Tensor[] cdfs, int rows, int classes) -> Tensor",
-    # x * unit mask along the last dim.
+    # Draws the next row-class plan (classes, 2) of a stream: row r uses plan[r mod classes].
+    "sample_classes": "sample_classes(Tensor(a!) state, Tensor cdf, int classes) -> Tensor",
+    # x * unit mask along the last dim; pattern (2,), or (classes, 2) with row r using class r mod classes.
     "unit_dropout": "unit_dropout(Tensor x, Tensor pattern, str family, str scale, float p) -> Tensor",
     # [dropout ->] Linear -> act -> dropout -> Linear ... [-> act -> dropout]; returns y and the
     # compact tensors saved for backward. ``biases`` holds the biases that exist, ``has_bias`` says

@@ -1,2 +1,2 @@
-"""The fx pass, one step per file: trace (model -> graphs), find (graph -> dropout sites and a plan),
-rewrite (plan -> converted graph). :mod:`fxdrop.convert` strings them together."""
+"""The fx pass: trace (:mod:`.trace`, :mod:`.spec`) -> normalise (:mod:`.normalise`) -> plan (:mod:`.plan`)
+-> rewrite (:mod:`.rewrite`, with an emitter per conversion path)."""

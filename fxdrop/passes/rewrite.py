@@ -1,67 +1,59 @@
-"""Apply a plan: each matched subgraph becomes one ``call_module`` to a replacement module.
+"""Apply a plan to a graph: the one graph surgery, for both conversion paths, with an emitter for the new nodes.
 
-The replacement modules live under one new child, ``fxdrop`` (they hold no parameters, so the
-state_dict is unchanged); weights and biases reach them as ``get_attr`` nodes of the original
-Linears' own Parameters. The matched nodes have no users outside the match (the planner checked),
-so they are erased once the replacement has taken over their output. Every applied rewrite bumps
-a named counter (:data:`COUNTERS`) that tests read.
+:func:`apply_plan` replaces each planned subgraph (a chain, a tile Linear, a unit dropout, an RNN
+input site) by what an :class:`Emitter` inserts, reroutes the users of its output (and, for a shared
+input dropout, the dropout's other users, to the masked input of the same draw), erases the matched
+nodes and restores def-before-use. The planner has checked that matched nodes have no other users.
+Two emitters exist: :class:`fxdrop.modules.region.ModuleEmitter` (``fxdrop.convert``: calls of
+structured callables inside a region's program) and :class:`fxdrop.backend.FunctionalEmitter`
+(``backend="fxdrop"``: op calls with each site's state as extra graph inputs). Every applied rewrite
+bumps a named counter in :data:`COUNTERS` (``reset_counters()`` clears it; the backend also adds to
+Dynamo's ``counters["fxdrop"]``).
 
-Imports torch, networkx, fxdrop.modules, fxdrop.site and the plan records of :mod:`.find`.
+Imports torch, networkx and the plan records.
 """
 
 from __future__ import annotations
 
 import operator
 from collections import Counter
-from typing import Callable
+from typing import Protocol
 
 import networkx as nx
-from torch import fx, nn
+from torch import fx
 
-from ..modules import StructuredChain, TileLinear, UnitDropout
-from ..site import Site
-from .find import ChainPlan, DropoutSite, LinearCall, LSTMInputPlan, Plan
-from .trace import get_path, set_submodule
+from .normalise import LinearCall
+from .plan import ChainPlan, Plan, RNNInputPlan, TilePlan, UnitPlan
 
-CONTAINER = "fxdrop"
 COUNTERS: Counter = Counter()
 
 
-def _param_node(graph: fx.Graph, value) -> fx.Node:
-    return graph.get_attr(value) if isinstance(value, str) else value
+def reset_counters() -> None:
+    COUNTERS.clear()
 
 
-def _linear_params(graph: fx.Graph, linear: LinearCall) -> list[fx.Node]:
-    params = [_param_node(graph, linear.weight)]
+class Emitter(Protocol):
+    """What a conversion path inserts. Each method is called with the graph's insertion point set."""
+
+    def param(self, graph: fx.Graph, value: fx.Node | str) -> fx.Node: ...
+
+    def chain(self, graph: fx.Graph, chain: ChainPlan, source: fx.Node, params: list[fx.Node]
+              ) -> tuple[fx.Node, fx.Node | None]:
+        """The chain's output, and (when ``chain.input_shared``) the masked input of the same draw."""
+
+    def tile(self, graph: fx.Graph, tile: TilePlan, source: fx.Node, params: list[fx.Node]) -> fx.Node: ...
+
+    def unit(self, graph: fx.Graph, unit: UnitPlan, source: fx.Node) -> fx.Node: ...
+
+    def rnn_input(self, graph: fx.Graph, rnn_input: RNNInputPlan, source: fx.Node) -> fx.Node | None:
+        """The node that replaces the RNN call, or None when this path cannot take RNN input sites."""
+
+
+def linear_params(emitter: Emitter, graph: fx.Graph, linear: LinearCall) -> list[fx.Node]:
+    params = [emitter.param(graph, linear.weight)]
     if linear.bias is not None:
-        params.append(_param_node(graph, linear.bias))
+        params.append(emitter.param(graph, linear.bias))
     return params
-
-
-def _install(gm: fx.GraphModule, name: str, module: nn.Module) -> str:
-    if CONTAINER not in gm._modules:
-        gm.add_module(CONTAINER, nn.Module())
-    getattr(gm, CONTAINER).add_module(name, module)
-    return f"{CONTAINER}.{name}"
-
-
-def _replace(graph: fx.Graph, matched: list[fx.Node], output: fx.Node, build: Callable[[], fx.Node],
-             reroute: Callable[[fx.Node], None] | None = None,
-             renamed: dict[fx.Node, fx.Node] | None = None) -> None:
-    """Insert the replacement after the last matched node, reroute ``output``'s users (and, through
-    ``reroute``, any other outside users of matched nodes), erase the match. ``renamed`` records
-    ``output -> replacement`` for later replacements whose planned input was ``output``."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last = max(matched, key=order.__getitem__)
-    with graph.inserting_before(last.next):
-        new = build()
-    if reroute is not None:
-        new = reroute(new)
-    output.replace_all_uses_with(new)
-    if renamed is not None:
-        renamed[output] = new
-    for node in sorted(matched, key=order.__getitem__, reverse=True):
-        graph.erase_node(node)
 
 
 def topological_order(graph: fx.Graph) -> None:
@@ -80,97 +72,69 @@ def topological_order(graph: fx.Graph) -> None:
         previous = node
 
 
-def chain_nodes(chain: ChainPlan) -> list[fx.Node]:
-    """Every node the chain replaces: its Linears, its dropouts, and the activation before each
-    dropout that follows a Linear of the chain."""
-    linear_nodes = [linear.node for linear in chain.linears]
-    nodes = list(linear_nodes)
-    for i, dropout in enumerate(chain.dropouts):
-        nodes.append(dropout.node)
-        if not (chain.input_dropout and i == 0) and dropout.input not in linear_nodes:
-            nodes.append(dropout.input)
-    return nodes
-
-
-MakeLSTM = Callable[[LSTMInputPlan, nn.LSTM], nn.Module]
-
-
-def apply_plan(gm: fx.GraphModule, plan: Plan, make_site: Callable[[DropoutSite], Site],
-               make_lstm: MakeLSTM | None = None) -> bool:
-    """Rewrite ``gm`` in place; returns whether anything changed.
-
-    ``make_site`` builds the runtime Site of a plan record; ``make_lstm`` the structured LSTM that
-    replaces an ``nn.LSTM`` fed by a planned input site (same parameter names, so the same keys).
-    """
-    graph = gm.graph
-    changed = False
-    # A planned input may be the output of an earlier replacement (a chain that ends in a dropout
-    # feeding the next chain): read the node that replaced it.
-    renamed: dict[fx.Node, fx.Node] = {}
+def apply_plan(graph: fx.Graph, plan: Plan, emitter: Emitter) -> list:
+    """Rewrite ``graph`` in place; returns the rewrites applied (an RNN input site the emitter declines
+    stays as it was)."""
+    applied = []
+    # A planned input may be a value an earlier rewrite replaced (a chain ending in a dropout that feeds
+    # the next chain, a shared dropout feeding another site): read what replaced it.
+    replaced: dict[fx.Node, fx.Node] = {}
 
     def current(node: fx.Node) -> fx.Node:
-        while node in renamed:
-            node = renamed[node]
+        while node in replaced:
+            node = replaced[node]
         return node
 
-    for lstm_input in plan.lstm_inputs if make_lstm is not None else ():
-        node = lstm_input.lstm
-        set_submodule(gm, node.target, make_lstm(lstm_input, get_path(gm, node.target)))
-        node.args = (lstm_input.dropout.input, *node.args[1:])
-        graph.erase_node(lstm_input.dropout.node)
-        COUNTERS["lstm_input"] += 1
-        changed = True
-    for index, chain in enumerate(plan.chains):
-        sites = [make_site(s) for s in chain.sites]
-        module = StructuredChain(sites, family=chain.family, activations=chain.activations,
-                                 has_bias=[l.bias is not None for l in chain.linears],
-                                 input_dropout=chain.input_dropout, output_dropout=chain.output_dropout,
-                                 scale=sites[0].scale, linears=[l.label for l in chain.linears],
-                                 share_input=chain.input_shared)
-        target = _install(gm, f"chain_{index}", module)
-        source = chain.dropouts[0].input if chain.input_dropout else chain.linears[0].input
-        output = chain.dropouts[-1].node if chain.output_dropout else chain.linears[-1].node
-
-        def build(chain=chain, target=target, source=source):
-            params = [p for linear in chain.linears for p in _linear_params(graph, linear)]
-            return graph.call_module(target, (current(source), *params))
-
-        def share(new: fx.Node, chain=chain) -> fx.Node:
-            """``(y, dropped x)``: the dropout's other users read the dropped input."""
-            with graph.inserting_after(new):
-                y = graph.call_function(operator.getitem, (new, 0))
-            with graph.inserting_after(y):
-                dropped = graph.call_function(operator.getitem, (new, 1))
-            first = chain.linears[0].node
-            chain.dropouts[0].node.replace_all_uses_with(dropped, delete_user_cb=lambda user: user is not first)
-            return y
-
-        _replace(graph, chain_nodes(chain), output, build, share if chain.input_shared else None, renamed)
-        COUNTERS["chain"] += 1
-        changed = True
-    for index, tile in enumerate(plan.tiles):
-        site = make_site(tile.site)
-        target = _install(gm, f"tile_{index}", TileLinear(site, has_bias=tile.linear.bias is not None,
-                                                           linear=tile.linear.label))
-
-        def build(tile=tile, target=target):
-            return graph.call_module(target, (current(tile.dropout.input), *_linear_params(graph, tile.linear)))
-
-        _replace(graph, [tile.dropout.node, tile.linear.node], tile.linear.node, build, renamed=renamed)
-        COUNTERS["tile_linear"] += 1
-        changed = True
-    for index, unit in enumerate(plan.units):
-        site = make_site(unit.site)
-        target = _install(gm, f"unit_{index}", UnitDropout(site))
-
-        def build(unit=unit, target=target):
-            return graph.call_module(target, (current(unit.dropout.input),))
-
-        _replace(graph, [unit.dropout.node], unit.dropout.node, build, renamed=renamed)
-        COUNTERS["unit_dropout"] += 1
-        changed = True
-    if changed:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for rewrite in sorted(plan.rewrites, key=lambda r: max(order[n] for n in r.nodes)):
+        matched = sorted(set(rewrite.nodes), key=order.__getitem__)
+        last = matched[-1]
+        shared = None
+        with graph.inserting_before(last.next):
+            if isinstance(rewrite, ChainPlan):
+                params = [p for linear in rewrite.linears for p in linear_params(emitter, graph, linear)]
+                new, shared = emitter.chain(graph, rewrite, current(rewrite.source), params)
+                output = rewrite.output
+            elif isinstance(rewrite, TilePlan):
+                new = emitter.tile(graph, rewrite, current(rewrite.dropout.input),
+                                   linear_params(emitter, graph, rewrite.linear))
+                output = rewrite.linear.node
+            elif isinstance(rewrite, UnitPlan):
+                new = emitter.unit(graph, rewrite, current(rewrite.dropout.input))
+                output = rewrite.dropout.node
+            else:
+                new = emitter.rnn_input(graph, rewrite, current(rewrite.dropout.input))
+                if new is None:
+                    continue
+                output = rewrite.rnn
+        if shared is not None:
+            first = rewrite.linears[0].node if isinstance(rewrite, ChainPlan) else None
+            head = rewrite.dropouts[0].node
+            head.replace_all_uses_with(shared, delete_user_cb=lambda user: user is not first)
+            replaced[head] = shared
+        output.replace_all_uses_with(new)
+        new.meta.update({k: v for k, v in output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        replaced[output] = new
+        for node in reversed(matched):
+            graph.erase_node(node)
+        kind = {ChainPlan: "chain", TilePlan: "tile_linear", UnitPlan: "unit_dropout",
+                RNNInputPlan: "rnn_input"}[type(rewrite)]
+        COUNTERS[kind] += 1
+        applied.append(rewrite)
+    if applied:
         topological_order(graph)
         graph.lint()
-        gm.recompile()
-    return changed
+    return applied
+
+
+def tuple_outputs(graph: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """``(node[0], node[1])`` as getitem nodes right after ``node``."""
+    with graph.inserting_after(node):
+        first = graph.call_function(operator.getitem, (node, 0))
+    with graph.inserting_after(first):
+        second = graph.call_function(operator.getitem, (node, 1))
+    return first, second
+
+
+__all__ = ["COUNTERS", "Emitter", "apply_plan", "linear_params", "reset_counters", "topological_order",
+           "tuple_outputs"]

@@ -1,74 +1,122 @@
-"""Tracing: a model becomes one fx graph, or, when it does not trace, the largest submodules that do.
+"""Tracing: the modules of a model that fx can trace (regions), each as a graph of one call spec.
 
-* :class:`FxdropTracer` keeps ``torch.nn`` modules (Linear, Dropout*, LSTM, Embedding, norms, ...) and
-  fxdrop's own modules as leaf calls, and traces through user modules and ``nn.Sequential``.
-* Each module is traced twice, in training and in eval mode. fx bakes ``self.training`` into the graph
-  as a constant; the two traces tell a mode-dependent flag (``F.dropout(x, p, self.training)``: True, then
-  False) from a constant one (``F.dropout(x, p)``: always True). Mode-dependent flags are rewired to read
-  ``self.training`` at run time, so the traced graph keeps the original's behaviour in both modes. A
-  forward whose *structure* depends on the mode cannot be kept by one graph and counts as untraceable.
+* :class:`FxdropTracer` keeps ``torch.nn`` modules (Linear, Dropout*, LSTM, Embedding, norms, ...),
+  fxdrop's own modules, TorchScript modules, modules with hooks and the modules it is told to keep
+  (:data:`leaves`) as leaf calls, and traces through user modules and ``nn.Sequential``. Known
+  Linear-like modules of other libraries (transformers' ``Conv1D``) are leaves too: the planner reads
+  them as Linears (:mod:`.normalise`). It records the deepest module whose forward failed, so a region
+  can be traced again with that module as a leaf ("one untraceable child does not lose its parent").
+* A region is traced for one :class:`~.spec.CallSpec` (tensor slots become placeholders, constants are
+  baked in), twice: in training and in eval mode. fx bakes ``self.training`` into the graph as a
+  constant; the two traces tell a mode flag (``F.dropout(x, p, self.training)``: True, then False)
+  from a constant one. Mode flags are rewired to read, at run time, the ``training`` attribute of
+  the module whose forward read it. A forward whose *structure* depends on the mode does not trace.
+* :func:`discover` walks the module tree from the root: the largest modules that trace are regions;
+  containers (``ModuleList``, ``ModuleDict``) and ``torch.nn`` modules with children (the
+  Transformer stacks) are descended into; ``nn.TransformerEncoderLayer``/``DecoderLayer`` trace their
+  feed-forward and attention blocks (``_ff_block``, ...) as method regions.
 * :func:`clone_modules` copies the module tree (new module objects, the same Parameter and buffer
-  objects), so tracing and rewriting never touch the user's model.
+  objects), so tracing and converting never touch the user's model.
 
-Imports torch only.
+Imports torch and the call spec.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import fx, nn
 
+from .spec import CallSpec
+
 MODE_ATTR = "training"
+FORWARD_ATTR = "_fxdrop_forward"  # set on a clone's region modules by convert (see fxdrop.modules.region)
+MAX_LEAF_RETRIES = 8
+
+# torch.nn modules whose own forwards are fast paths around plain blocks: those blocks are regions.
+METHOD_REGIONS: dict[type, tuple[str, ...]] = {
+    nn.TransformerEncoderLayer: ("_ff_block", "_sa_block"),
+    nn.TransformerDecoderLayer: ("_ff_block", "_sa_block", "_mha_block"),
+}
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
-class FxdropTracer(fx.Tracer):
-    """Leaf calls: every ``torch.nn`` module except ``nn.Sequential``, modules with ``fxdrop_sites``,
-    and modules with forward hooks."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return True  # inlining it would lose its hooks; called as a module, they run
-        return _natural_leaf(m)
+def linear_like(module: nn.Module) -> bool:
+    """A module the planner reads as a Linear although it is not one: transformers' ``Conv1D``
+    (``y = x @ W + b`` with ``W: (in, out)``)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.") and hasattr(module, "nf")
 
 
-def _natural_leaf(module: nn.Module) -> bool:
-    """A leaf whatever its hooks: a ``torch.nn`` module (not a Sequential) or an fxdrop module."""
+def natural_leaf(module: nn.Module) -> bool:
+    """A leaf whatever its hooks: a ``torch.nn`` module (not a Sequential), an fxdrop module, a
+    TorchScript module, a Linear-like module of another library."""
     if isinstance(module, nn.Sequential):
         return False
-    if callable(getattr(module, "fxdrop_sites", None)):
+    if isinstance(module, torch.jit.ScriptModule) or callable(getattr(module, "fxdrop_sites", None)):
         return True
-    return module.__module__.startswith(("torch.nn", "torch.ao.nn"))
+    if linear_like(module):
+        return True
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class TraceError(Exception):
-    """A module does not trace; the message says why (the tracer's own message where there is one)."""
+    """A module does not trace; the message says why (the tracer's own message where there is one).
+
+    ``culprit``: the qualified name (relative to the traced module) of the deepest module whose forward
+    failed, or None when the traced module's own code failed."""
+
+    def __init__(self, message: str, culprit: str | None = None):
+        super().__init__(message)
+        self.culprit = culprit
 
 
-@dataclass
-class SkippedModule:
-    """A module left exactly as it was because it does not trace (its children may still convert)."""
+class FxdropTracer(fx.Tracer):
+    """Leaf calls: natural leaves, modules with hooks, and the modules in ``leaves`` (by identity)."""
 
-    name: str
-    type: str
-    message: str
+    def __init__(self, leaves: frozenset[int] = frozenset(), spec: CallSpec | None = None):
+        super().__init__()
+        self.leaves = leaves
+        self.spec = spec
+        self.failed: str | None = None
+        self.calls: dict[str, tuple[tuple, dict]] = {}  # first call of each traced-through module
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self.leaves or _has_hooks(m):
+            return True  # inlining a hooked module would lose its hooks; called as a module, they run
+        return natural_leaf(m)
 
-@dataclass
-class TracedRegion:
-    """A module of the (cloned) tree that traced: ``name`` is its qualified name ("" for the root)."""
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        self.calls.setdefault(name, (args, kwargs))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = name
+            raise
 
-    name: str
-    module: nn.Module
-    graph: fx.Graph
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        if self.spec is None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        spec = self.spec
+        placeholders = [self.create_proxy("placeholder", name, (), {}) for name in spec.tensor_names]
 
+        def run(root, *values):
+            args, kwargs = spec.call(list(values))
+            return root_fn(root, *args, **kwargs)
 
-@dataclass
-class TraceResult:
-    regions: list[TracedRegion] = field(default_factory=list)
-    skipped: list[SkippedModule] = field(default_factory=list)
+        return run, [self.root, *placeholders]
 
 
 # ---------------------------------------------------------------- cloning
@@ -82,18 +130,26 @@ def clone_modules(model: nn.Module) -> nn.Module:
 
     Each module is a shallow copy of the original (same class, same attributes); its parameter,
     buffer, child and hook dictionaries are new, so nothing done to the clone reaches the original's
-    modules. A module that appears at two places stays one (shared) module in the clone.
+    modules. A module that appears at two places stays one (shared) module in the clone. The copy
+    never goes through ``__getstate__`` (parametrized modules refuse it), and fxdrop's own forwards
+    of an already converted model are not copied: converting a converted model starts afresh.
     """
     memo: dict[int, nn.Module] = {}
 
     def clone(module: nn.Module) -> nn.Module:
         if id(module) in memo:
             return memo[id(module)]
-        new = copy.copy(module)
+        new = type(module).__new__(type(module))
+        new.__dict__.update(module.__dict__)
         memo[id(module)] = new
         for key, value in list(vars(new).items()):
             if key.startswith("_") and key not in _OWN_DICTS and isinstance(value, (dict, set, list)):
                 new.__dict__[key] = copy.copy(value)
+        for name in [FORWARD_ATTR] + [k for k in vars(new) if k.startswith("_fxdrop_")]:
+            new.__dict__.pop(name, None)
+        for method in ("forward", *METHOD_REGIONS.get(type(new), ())):
+            if getattr(new.__dict__.get(method), "fxdrop_region", False):
+                del new.__dict__[method]
         new.__dict__["_parameters"] = dict(module._parameters)
         new.__dict__["_buffers"] = dict(module._buffers)
         new.__dict__["_modules"] = {name: (clone(child) if child is not None else None)
@@ -123,22 +179,40 @@ def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     get_path(root, parent_name)._modules[name] = module
 
 
-# ---------------------------------------------------------------- tracing
+def join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else (prefix or name)
 
 
-def _modes(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
+# ---------------------------------------------------------------- tracing one region
 
 
-def _trace_once(module: nn.Module, training: bool) -> fx.Graph:
+def region_signature(module: nn.Module, method: str = "forward") -> inspect.Signature:
+    return inspect.signature(getattr(type(module), method))
+
+
+def node_scope(node: fx.Node) -> str:
+    """The qualified name (relative to the traced root) of the module whose forward made ``node``."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if node.op == "call_module" and stack:
+        stack = stack[:-1]  # the called leaf itself
+    return stack[-1][0] if stack else ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _trace_once(module: nn.Module, method: str, spec: CallSpec, leaves: frozenset[int], training: bool
+                ) -> tuple[fx.Graph, FxdropTracer]:
     for m in module.modules():
         m.training = training
-    tracer = FxdropTracer()
+    tracer = FxdropTracer(leaves, spec)
+    tracer.traced_func_name = method
     try:
-        return tracer.trace(module)
+        return tracer.trace(module), tracer
     except Exception as err:  # fx raises TraceError, TypeError, RuntimeError, NameError, ...
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TraceError(f"{type(err).__name__}: {message}") from err
+        raise TraceError(f"{type(err).__name__}: {_first_line(err)}", tracer.failed) from err
 
 
 def _arg_pairs(a: Any, b: Any, path: tuple = ()):
@@ -166,101 +240,185 @@ def _replace_at(structure: Any, path: tuple, value: Any) -> Any:
     return type(structure)(items)
 
 
-def trace_module(module: nn.Module) -> fx.Graph:
-    """Trace ``module`` in both modes; return the training graph with mode flags read at run time.
+_DIFFERENT = "forward depends on self.training beyond True/False flags (different graphs in train and eval mode)"
+
+
+@dataclass
+class Trace:
+    graph: fx.Graph
+    calls: dict[str, tuple[tuple, dict]]  # first call of each traced-through module (relative names)
+
+
+def trace_region(module: nn.Module, spec: CallSpec, *, method: str = "forward",
+                 leaves: frozenset[int] = frozenset()) -> Trace:
+    """Trace ``module.<method>`` for calls of ``spec`` in both modes; the training graph, mode flags rewired.
 
     Raises :class:`TraceError` when it does not trace, or when the two modes give different graphs
     other than in ``True``/``False`` flags. Module modes are restored on the way out.
     """
-    modes = _modes(module)
+    modes = {m: m.training for m in module.modules()}
     try:
-        train = _trace_once(module, True)
-        evaluation = _trace_once(module, False)
+        train, tracer = _trace_once(module, method, spec, leaves, True)
+        evaluation, _ = _trace_once(module, method, spec, leaves, False)
     finally:
         for m, training in modes.items():
             m.training = training
     train_nodes, eval_nodes = list(train.nodes), list(evaluation.nodes)
     if len(train_nodes) != len(eval_nodes):
-        raise TraceError("forward depends on self.training beyond True/False flags (different graphs in "
-                         "train and eval mode)")
+        raise TraceError(_DIFFERENT)
     flags: list[tuple[fx.Node, str, tuple]] = []
     for a, b in zip(train_nodes, eval_nodes):
         if a.op != b.op or a.target != b.target:
-            raise TraceError("forward depends on self.training beyond True/False flags (different graphs in "
-                             "train and eval mode)")
+            raise TraceError(_DIFFERENT)
         for kind in ("args", "kwargs"):
             for path, value_train, value_eval in _arg_pairs(getattr(a, kind), getattr(b, kind)):
                 if not (value_train is True and value_eval is False):
-                    raise TraceError("forward depends on self.training beyond True/False flags "
-                                     f"(at {a.format_node()})")
+                    raise TraceError(f"forward depends on self.training beyond True/False flags (at {a.format_node()})")
                 flags.append((a, kind, path))
     if flags:
         first = next(n for n in train.nodes if n.op != "placeholder")
-        with train.inserting_before(first):
-            mode = train.get_attr(MODE_ATTR)
+        reads: dict[str, fx.Node] = {}
         for node, kind, path in flags:
+            scope = node_scope(node)
+            if scope not in reads:
+                with train.inserting_before(first):
+                    reads[scope] = train.get_attr(join(scope, MODE_ATTR))
+            mode = reads[scope]
             if kind == "args":
                 node.args = _replace_at(node.args, path, mode)
             else:
                 node.kwargs = _replace_at(node.kwargs, path, mode)
-    return train
+    return Trace(train, tracer.calls)
 
 
-def trace_regions(model: nn.Module, accept: Callable[[str, nn.Module, fx.Graph], str | None] | None = None
-                  ) -> TraceResult:
-    """The whole model if it traces; else, recursively, the largest children that do.
+def trace_with_retries(module: nn.Module, spec: CallSpec, *, method: str = "forward",
+                       leaves: frozenset[int] = frozenset()) -> tuple[Trace, frozenset[int], list[str]]:
+    """:func:`trace_region`, retrying with the failing child as a leaf (up to :data:`MAX_LEAF_RETRIES`).
 
-    Modules that do not trace are listed in ``skipped`` with the tracer's message (their children
-    are tried in turn); modules without children that do not trace are simply left as they are.
-    ``accept(name, module, graph)`` may reject a traced graph with a reason (e.g. it disagrees with
-    the module on example inputs); a rejected module is skipped like one that does not trace.
+    Returns the trace, the leaves it used, and the names of the children made leaves (relative).
     """
-    result = TraceResult()
+    made_leaves: list[str] = []
+    for _ in range(MAX_LEAF_RETRIES + 1):
+        try:
+            return trace_region(module, spec, method=method, leaves=leaves), leaves, made_leaves
+        except TraceError as err:
+            culprit = err.culprit
+            if not culprit or len(made_leaves) == MAX_LEAF_RETRIES:
+                raise TraceError(str(err) + (f" (after keeping {', '.join(made_leaves)} as leaf calls)"
+                                             if made_leaves else "")) from err
+            leaves = leaves | {id(module.get_submodule(culprit))}
+            made_leaves.append(culprit)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- discovery
+
+
+@dataclass
+class SkippedModule:
+    """A module left exactly as it was because it does not trace (its children may still convert)."""
+
+    name: str
+    type: str
+    message: str
+
+
+@dataclass
+class TracedRegion:
+    """A module (or a method of one) of the working tree that traced for ``spec``."""
+
+    name: str  # qualified name, "" for the root
+    module: nn.Module
+    method: str
+    spec: CallSpec
+    trace: Trace
+    leaves: frozenset[int]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.trace.graph
+
+    @property
+    def label(self) -> str:
+        return self.name + (f".{self.method}" if self.method != "forward" else "") if self.name else \
+            ("<root>" if self.method == "forward" else f"<root>.{self.method}")
+
+
+@dataclass
+class Discovery:
+    regions: list[TracedRegion] = field(default_factory=list)
+    skipped: list[SkippedModule] = field(default_factory=list)
+
+
+def call_spec(module: nn.Module, method: str, call: tuple[tuple, dict] | None) -> CallSpec | str:
+    """The spec of a recorded call (example inputs, or what the parent's trace passed), else the default."""
+    signature = region_signature(module, method)
+    if call is None:
+        return CallSpec.default(signature)
+    args, kwargs = call
+    return CallSpec.of(signature, tuple(args), dict(kwargs))
+
+
+def discover(model: nn.Module, calls: dict[str, tuple[tuple, dict]] | None = None) -> Discovery:
+    """The largest traceable modules of ``model`` (the regions), and the modules that do not trace.
+
+    ``calls``: the first call of each module by qualified name (from example inputs); a module is
+    traced for the spec of its call, else for the default spec (only its required parameters, tensors).
+    """
+    found = Discovery()
+    calls = dict(calls or {})
+    visited: set[int] = set()
 
     def visit(name: str, module: nn.Module) -> None:
-        if _natural_leaf(module):
+        if id(module) in visited:
             return
-        try:
-            graph = trace_module(module)
-            reason = accept(name, module, graph) if accept is not None else None
-            if reason is not None:
-                raise TraceError(reason)
-        except TraceError as err:
-            result.skipped.append(SkippedModule(name or "<root>", type(module).__name__, str(err)))
-            for child_name, child in module.named_children():
-                visit(f"{name}.{child_name}" if name else child_name, child)
+        visited.add(id(module))
+        if isinstance(module, torch.jit.ScriptModule):
+            found.skipped.append(SkippedModule(name or "<root>", type(module).__name__,
+                                               "a TorchScript module: its code is compiled, not Python that fx "
+                                               "can trace"))
             return
-        result.regions.append(TracedRegion(name, module, graph))
-        # Modules the trace kept as calls only because they have hooks are regions of their own.
-        hooked: list[str] = []
-        for sub_name, sub in module.named_modules():
-            if sub is not module and (sub._forward_hooks or sub._forward_pre_hooks) and not _natural_leaf(sub) \
-                    and not any(sub_name.startswith(h + ".") for h in hooked):
-                hooked.append(sub_name)
-                visit(f"{name}.{sub_name}" if name else sub_name, sub)
+        if isinstance(module, _CONTAINERS) or (natural_leaf(module) and not linear_like(module)):
+            for method in METHOD_REGIONS.get(type(module), ()):
+                region(name, module, method)
+            if not callable(getattr(module, "fxdrop_sites", None)):
+                for child_name, child in module.named_children():
+                    visit(join(name, child_name), child)
+            return
+        if linear_like(module):
+            return
+        region(name, module, "forward")
+
+    def region(name: str, module: nn.Module, method: str) -> None:
+        spec = call_spec(module, method, calls.get(name) if method == "forward" else None)
+        label = (name or "<root>") + (f".{method}" if method != "forward" else "")
+        if isinstance(spec, str):
+            failure = f"its call cannot be traced: {spec}"
+        else:
+            try:
+                trace, leaves, made = trace_with_retries(module, spec, method=method)
+            except TraceError as err:
+                failure = str(err)
+            else:
+                found.regions.append(TracedRegion(name, module, method, spec, trace, leaves))
+                for child_name, (args, kwargs) in trace.calls.items():
+                    calls.setdefault(join(name, child_name), (args, kwargs))
+                    visited.add(id(module.get_submodule(child_name)))
+                # The topmost modules the trace did not go through (leaf calls, modules it never called)
+                # may hold sites of their own: they are visited in turn.
+                through = set(trace.calls) | {""}
+                for sub_name, sub in module.named_modules():
+                    if sub_name in through or sub_name.rpartition(".")[0] not in through:
+                        continue
+                    if natural_leaf(sub) and not list(sub.children()) and type(sub) not in METHOD_REGIONS:
+                        continue
+                    visit(join(name, sub_name), sub)
+                return
+        found.skipped.append(SkippedModule(label, type(module).__name__, failure))
+        if method != "forward":
+            return
+        for child_name, child in module.named_children():
+            visit(join(name, child_name), child)
 
     visit("", model)
-    return result
-
-
-def graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """An ``fx.GraphModule`` whose attribute tree *is* ``module``'s (same children, parameters, buffers,
-    persistence and order), so its ``state_dict`` keys are exactly ``module``'s."""
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    extras = {}
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target != MODE_ATTR and not has_path(module, node.target):
-            extras[node.target] = get_path(gm, node.target)  # tracer-made constants (_tensor_constant0)
-    gm.__dict__["_modules"] = dict(module._modules)
-    gm.__dict__["_parameters"] = dict(module._parameters)
-    gm.__dict__["_buffers"] = dict(module._buffers)
-    gm.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
-    for target, value in extras.items():
-        # Not a buffer: the original had no state_dict entry for it.
-        owner, _, name = target.rpartition(".")
-        object.__setattr__(get_path(gm, owner), name, value)
-    for key, value in vars(module).items():
-        if "hooks" in key and isinstance(value, (dict, set)):  # the root's own hooks (forward, state_dict, ...)
-            gm.__dict__[key] = copy.copy(value)
-    gm.training = module.training
-    return gm
+    return found

@@ -1,0 +1,198 @@
+"""The options of a conversion, validated once: :class:`DropoutConfig`.
+
+``fxdrop.convert``, ``fxdrop.audit`` and ``backend="fxdrop"`` all take exactly these keywords
+(:data:`OPTIONS`) and build one frozen ``DropoutConfig`` from them; every per-site decision that
+depends on an option (the rate, the family, the seed, the granularity, the row classes) is a method
+here, so the two conversion paths cannot drift. Imports patterns, search and scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Mapping
+
+from .patterns import DEFAULT_TILE, FAMILIES, SCALE_MODES, UNIT_FAMILIES
+from .scheduler import check_classes, derive_seed, name_salt
+from .search import AUTO, as_rate, check_max_dp, check_rate
+
+GRANULARITIES = ("forward", "rows")
+RateOption = Any  # None | float | Mapping[str, float] | Callable[[str], float | None]
+FamilyOption = Any  # str | Mapping[str, str] | Callable[[str], str]
+
+
+class FxdropError(ValueError):
+    """An option or a model that fxdrop cannot work with; the message names the culprit and the fix."""
+
+
+def _is_callable_option(value: Any) -> bool:
+    return callable(value) and not isinstance(value, (str, bytes, Mapping))
+
+
+def _check_rate_value(value: Any, where: str) -> float:
+    rate = as_rate(value, where)
+    if not 0.0 <= rate < 1.0 or math.isnan(rate):
+        raise ValueError(f"{where}={value!r} is outside [0, 1): a drop rate must be at least 0 and below 1")
+    return rate
+
+
+@dataclass(frozen=True)
+class DropoutConfig:
+    """What a conversion does at every site.
+
+    ``p``: None keeps each dropout's own rate; a float overrides every site; a dict (site name ->
+    rate) or a callable (site name -> rate or None) overrides some. ``pattern``: the family (``row``,
+    ``block``, ``tile``), globally, as a dict or a callable. ``max_dp``: ``"auto"`` (the tightest
+    support of ``P(dp)`` that reaches the rate) or the largest period. ``seed``: per-site streams derive
+    from it and the site's name (None: drawn from the global RNG at conversion). ``scale``: ``"kept"``
+    (kept units times ``dp``) or ``"rate"`` (times ``1 / (1 - p)``). ``tile``: the tile family's tile
+    size. ``granularity``: ``"forward"`` (one pattern per site per forward, the paper's) or ``"rows"``
+    (Linear sites draw one pattern per row class, row ``r`` in class ``r mod row_classes``).
+    """
+
+    p: RateOption = None
+    pattern: FamilyOption = "row"
+    max_dp: int | str = AUTO
+    seed: int | None = None
+    scale: str = "kept"
+    tile: int = DEFAULT_TILE
+    granularity: str = "forward"
+    row_classes: int = 2
+
+    def __post_init__(self) -> None:
+        p = self.p
+        if p is None or _is_callable_option(p):
+            pass
+        elif isinstance(p, Mapping):
+            object.__setattr__(self, "p", {str(k): _check_rate_value(v, f"p[{k!r}]") for k, v in p.items()})
+        else:
+            try:
+                object.__setattr__(self, "p", _check_rate_value(p, "p"))
+            except TypeError:
+                raise TypeError(f"p must be None, a real number, a dict of site name -> rate or a callable, got "
+                                f"{type(p).__name__}") from None
+        pattern = self.pattern
+        if isinstance(pattern, str):
+            _check_family(pattern, "pattern")
+        elif isinstance(pattern, Mapping):
+            object.__setattr__(self, "pattern", {str(k): _check_family(v, f"pattern[{k!r}]") for k, v in pattern.items()})
+        elif not _is_callable_option(pattern):
+            raise TypeError(f"pattern must be a family name, a dict or a callable, got {type(pattern).__name__}")
+        check_max_dp(self.max_dp)
+        if isinstance(self.p, float):
+            check_rate(self.p, self.max_dp, where="p")
+        if isinstance(self.p, dict):
+            for name, rate in self.p.items():
+                check_rate(rate, self.max_dp, where=f"p[{name!r}]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.scale not in SCALE_MODES:
+            raise ValueError(f"scale={self.scale!r} is not a scale mode; expected one of {', '.join(SCALE_MODES)}")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"tile must be an int >= 1, got {self.tile!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r}: expected one of {', '.join(GRANULARITIES)} "
+                             "('forward': one pattern per forward call; 'rows': patterns per row class)")
+        try:
+            check_classes(self.row_classes)
+        except ValueError:
+            raise ValueError(f"row_classes must be a power of two >= 1, got {self.row_classes!r}") from None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, *, where: str = "fxdrop",
+                     **keywords: Any) -> "DropoutConfig":
+        """A config from keyword options; an unknown keyword is a ``TypeError`` naming the known ones."""
+        merged = {**dict(options or {}), **keywords}
+        if isinstance(merged.get("config"), DropoutConfig):
+            base = merged.pop("config")
+            if merged:
+                raise TypeError(f"{where}: pass either config= or keyword options, not both ({sorted(merged)})")
+            return base
+        unknown = sorted(set(merged) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"{where}: unknown options {unknown}; the options are {list(OPTIONS)}")
+        return cls(**merged)
+
+    def options(self) -> dict[str, Any]:
+        """The options as keywords (what :meth:`from_options` takes back)."""
+        return {name: getattr(self, name) for name in OPTIONS}
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly options (callables by repr)."""
+        out = {}
+        for name in OPTIONS:
+            value = getattr(self, name)
+            out[name] = value if isinstance(value, (str, int, float, dict, type(None))) else repr(value)
+        return out
+
+    # ------------------------------------------------------------------ per-site decisions
+
+    def rate_for(self, name: str, own: float | None) -> float | None:
+        """The rate of site ``name``: the override if one names it, else the dropout's own ``own``."""
+        p = self.p
+        if p is None:
+            value = own
+        elif isinstance(p, dict):
+            value = p.get(name, own)
+        elif _is_callable_option(p):
+            value = p(name)
+            value = own if value is None else _check_rate_value(value, f"p({name!r})")
+        else:
+            value = p
+        return None if value is None else float(value)
+
+    def overrides_rate(self, name: str) -> bool:
+        p = self.p
+        if p is None:
+            return False
+        if isinstance(p, dict):
+            return name in p
+        if _is_callable_option(p):
+            return p(name) is not None
+        return True
+
+    def family_for(self, name: str) -> str:
+        pattern = self.pattern
+        if isinstance(pattern, dict):
+            family = pattern.get(name, "row")
+        elif _is_callable_option(pattern):
+            family = pattern(name)
+        else:
+            family = pattern
+        return _check_family(family, f"pattern for site {name!r}")
+
+    def seed_for(self, name: str) -> int | None:
+        """The stream seed of site ``name`` (None: the scheduler draws one from the global RNG)."""
+        return None if self.seed is None else derive_seed(self.seed, name_salt(name))
+
+    def granularity_for(self, family: str, kind: str) -> str:
+        """``"rows"`` applies to unit sites of Linears; tile sites mask the weight every row shares, and
+        recurrent sites are locked dropout (one pattern per forward for every time step)."""
+        if self.granularity == "rows" and family in UNIT_FAMILIES and kind not in ("lstm", "gru"):
+            return "rows"
+        return "forward"
+
+    def check_site_rate(self, name: str, rate: float) -> float:
+        return check_rate(rate, self.max_dp, where=f"p of dropout site {name!r}")
+
+    def check_names(self, known: set[str]) -> None:
+        """A per-site dict naming no site is a typo: say so, with the names there are."""
+        for option in ("p", "pattern"):
+            value = getattr(self, option)
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - known)
+                if unknown:
+                    raise ValueError(f"{option} names no dropout site: {unknown}; the sites are {sorted(known)}")
+
+
+def _check_family(family: Any, where: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"{where}={family!r} is not a pattern family; expected one of {', '.join(FAMILIES)}")
+    return family
+
+
+OPTIONS = tuple(f.name for f in fields(DropoutConfig))
+
+__all__ = ["DropoutConfig", "FxdropError", "GRANULARITIES", "OPTIONS"]

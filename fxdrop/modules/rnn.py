@@ -1,0 +1,189 @@
+"""StructuredLSTM / StructuredGRU: RNNs whose dropouts are structured, so dropped input columns are never computed.
+
+``nn.LSTM``/``nn.GRU(num_layers > 1, dropout=p)`` drop layer ``l``'s output (both directions,
+concatenated) before layer ``l + 1`` reads it. Here each such dropout is a
+:class:`~fxdrop.site.Site` named ``<rnn name>.layer{l}`` (``l`` = the layer whose output it masks,
+``0 .. num_layers - 2``) that draws one pattern per forward call, shared by every time step and batch
+element (as locked / variational dropout is), with the rate and mode of the module itself
+(``rnn.dropout``, ``rnn.training``). Layer ``l + 1`` then runs on the compact input
+``x[..., kept] * scale`` with ``weight_ih_l{l+1}[:, kept]``: its input projection, which the kernel
+computes as one GEMM over the whole sequence, shrinks to the kept columns; the recurrent path is
+unchanged. An *input site* (a dropout just before the RNN, given per call by the converted region's
+program through :meth:`StructuredRNN.input_site_for_call`) does the same for layer 0.
+
+The layers run through ``torch._VF.lstm`` / ``torch._VF.gru``, the kernels the modules themselves call,
+one layer at a time, with the module's own ``Parameter`` objects (sliced by autograd, so weight
+gradients are dense and of the parameter's shape). The classes subclass ``nn.LSTM`` / ``nn.GRU``:
+parameter names, ``state_dict`` keys, ``flatten_parameters``, ``.to()`` and the eval path are the
+originals', so eval mode is bit-identical. ``PackedSequence`` inputs and ``proj_size > 0`` work.
+
+Imports torch, patterns and site (and ops, which registers the pattern-sampling ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import _VF, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import ops as _ops  # noqa: F401  (registers fxdrop::sample_pattern, which Site.sample calls)
+from ..patterns import UNIT_FAMILIES, kept_slice, unit_scale
+from ..site import RNNOwner, Site
+
+__all__ = ["StructuredRNN", "StructuredLSTM", "StructuredGRU", "structure_rnn"]
+
+
+def _structured_input(x: torch.Tensor, pattern: torch.Tensor, site: Site) -> tuple[torch.Tensor, slice | None]:
+    """``x[..., kept] * scale`` and the kept slice (``None`` when the pattern keeps every unit, scale 1)."""
+    dp, offset = pattern.tolist()
+    n = x.shape[-1]
+    keep = kept_slice(site.family, n, dp, offset)
+    scale = unit_scale(site.family, n, dp, offset, site.scale, site.rate)
+    if keep.start == 0 and keep.stop == n and keep.step == 1:
+        return (x if scale == 1.0 else x * scale), None
+    # One pass: the strided (row) or sliced (block) view is read, scaled and written compact.
+    return torch.mul(x[..., keep], scale), keep
+
+
+class StructuredRNN:
+    """The structured forward shared by :class:`StructuredLSTM` and :class:`StructuredGRU`."""
+
+    _lstm: bool
+
+    def _attach_sites(self, name: str, sites: list[Site]) -> None:
+        self.fxdrop_name = name
+        self.layer_sites: list[Site] = list(sites)
+        self._call_input_site: Site | None = None
+
+    def fxdrop_sites(self) -> list[Site]:
+        """The inter-layer sites of this module (what ``fxdrop.sites`` collects; input sites belong to the
+        region whose program feeds this module)."""
+        return list(self.layer_sites)
+
+    @contextlib.contextmanager
+    def input_site_for_call(self, site: Site):
+        if site.family not in UNIT_FAMILIES or site.units != self.input_size:
+            raise ValueError(f"site {site.name!r}: an input site of {self.fxdrop_name} must be a unit site of "
+                             f"{self.input_size} units, got family {site.family!r} and units={site.units}")
+        previous, self._call_input_site = self._call_input_site, site
+        try:
+            yield
+        finally:
+            self._call_input_site = previous
+
+    def extra_repr(self) -> str:
+        names = ", ".join(site.name for site in self.layer_sites) or "none"
+        return f"{super().extra_repr()}, structured sites: {names}"
+
+    def forward(self, input, hx=None):
+        input_site = self._call_input_site
+        active = [s for s in ([input_site] if input_site is not None else []) + self.layer_sites if s.active]
+        if not active:
+            # Exactly nn.LSTM / nn.GRU: its dropout is off (eval, or p = 0) and the input site is an identity.
+            return super().forward(input, hx)
+        self._update_flat_weights()
+        packed = isinstance(input, PackedSequence)
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        batch_sizes = sorted_indices = unsorted_indices = None
+        is_batched = True
+        if packed:
+            x, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            x = input
+            is_batched = x.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                x = x.unsqueeze(batch_dim)
+                if hx is not None:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if self._lstm else hx.unsqueeze(1)
+            batch = x.size(batch_dim)
+        layers = self.num_layers * directions
+        if hx is None:
+            h0 = torch.zeros(layers, batch, real_hidden, dtype=x.dtype, device=x.device)
+            hx = (h0, torch.zeros(layers, batch, self.hidden_size, dtype=x.dtype, device=x.device)) \
+                if self._lstm else h0
+        else:
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(x, hx, batch_sizes)
+
+        per_layer = len(self._flat_weights) // self.num_layers  # both directions' weights of one layer
+        h_n, c_n = [], []
+        site = input_site
+        for layer in range(self.num_layers):
+            weights = self._flat_weights[layer * per_layer: (layer + 1) * per_layer]
+            if site is not None and site.active:
+                x, keep = _structured_input(x, site.sample(), site)
+                if keep is not None:
+                    weights = self._shrink_input_weights(weights, keep)
+            rows = slice(layer * directions, (layer + 1) * directions)
+            state = (hx[0][rows], hx[1][rows]) if self._lstm else hx[rows]
+            x, h, c = self._run_layer(x, batch_sizes, state, weights, packed)
+            h_n.append(h)
+            c_n.append(c)
+            site = self.layer_sites[layer] if layer < len(self.layer_sites) else None
+        h = torch.cat(h_n, 0) if self.num_layers > 1 else h_n[0]
+        hidden = (h, torch.cat(c_n, 0) if self.num_layers > 1 else c_n[0]) if self._lstm else h
+        if packed:
+            return PackedSequence(x, batch_sizes, sorted_indices, unsorted_indices), \
+                self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            x = x.squeeze(0 if self.batch_first else 1)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if self._lstm else hidden.squeeze(1)
+        return x, hidden
+
+    def _run_layer(self, x, batch_sizes, state, weights, packed):
+        if self._lstm:
+            if packed:
+                return _VF.lstm(x, batch_sizes, state, weights, self.bias, 1, 0.0, True, self.bidirectional)
+            return _VF.lstm(x, state, weights, self.bias, 1, 0.0, True, self.bidirectional, self.batch_first)
+        if packed:
+            x, h = _VF.gru(x, batch_sizes, state, weights, self.bias, 1, 0.0, True, self.bidirectional)
+        else:
+            x, h = _VF.gru(x, state, weights, self.bias, 1, 0.0, True, self.bidirectional, self.batch_first)
+        return x, h, None
+
+    def _shrink_input_weights(self, weights: list[torch.Tensor], keep: slice) -> list[torch.Tensor]:
+        """Each direction's ``weight_ih`` restricted to the kept input columns (autograd-tracked views)."""
+        per_direction = len(weights) // (2 if self.bidirectional else 1)
+        shrunk = list(weights)
+        for start in range(0, len(weights), per_direction):  # weight_ih leads each direction's group
+            w_ih = weights[start][:, keep]
+            # BLAS takes a column-sliced block as is; a row pattern's strided columns are gathered once
+            # here, so the GEMM, and its backward, see a dense matrix.
+            shrunk[start] = w_ih if keep.step == 1 else w_ih.contiguous()
+        return shrunk
+
+
+class StructuredLSTM(StructuredRNN, nn.LSTM):
+    """``nn.LSTM`` with structured inter-layer (and per-call input) dropout; see the module docstring."""
+
+    _lstm = True
+
+
+class StructuredGRU(StructuredRNN, nn.GRU):
+    """``nn.GRU`` with structured inter-layer (and per-call input) dropout; see the module docstring."""
+
+    _lstm = False
+
+
+def structure_rnn(module: nn.Module, *, name: str, records, config) -> StructuredRNN:
+    """A structured copy of ``module`` (``nn.LSTM`` or ``nn.GRU``) with its own ``Parameter`` objects (no
+    copy) and a site per plan record (``fxdrop.passes.plan.plan_rnn``); ``module`` is not modified."""
+    cls = StructuredLSTM if isinstance(module, nn.LSTM) else StructuredGRU
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new.__dict__["_parameters"] = dict(module._parameters)
+    new.__dict__["_buffers"] = dict(module._buffers)
+    new.__dict__["_modules"] = dict(module._modules)
+    for key in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+        if key in module.__dict__:
+            new.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])
+    new._init_flat_weights()
+    new._attach_sites(name, [Site.from_record(record, config, RNNOwner(new)) for record in records])
+    return new
