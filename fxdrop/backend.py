@@ -2,37 +2,38 @@
 
 Dynamo hands a backend one functional fx graph per captured region: ``nn.Linear`` appears as
 ``linear(x, W, b)`` with the Parameters as graph inputs, ``nn.Dropout`` as ``dropout(x, p, True)``
-(Dynamo specialises ``self.training`` into a constant and guards on it, so an eval-mode graph has
-``training=False`` and a change of mode recompiles). Each graph is planned by the fx pass's own
-finder (:func:`fxdrop.passes.find.plan_graph` on a :class:`~fxdrop.passes.find.NormalisedGraph`)
-and rewritten here into calls of the ``fxdrop`` ops, then handed to the inner backend (Inductor by
-default). Because every graph is rewritten on its own, models that ``torch.fx.symbolic_trace``
-cannot trace (data-dependent control flow, graph breaks) convert too: what Dynamo captures converts.
+(Dynamo specialises ``self.training`` and ``p`` into constants and guards on them, so an eval-mode
+graph has ``training=False`` and a change of mode or rate recompiles). Each graph is planned by the
+one planner (:func:`fxdrop.passes.plan.plan_graph` on a
+:class:`~fxdrop.passes.normalise.NormalisedGraph`), with the options of :class:`fxdrop.DropoutConfig`
+(the keywords of :func:`fxdrop.convert`), rewritten by the one graph surgery
+(:func:`fxdrop.passes.rewrite.apply_plan`) with :class:`FunctionalEmitter`, and handed to the inner
+backend (Inductor by default). Because every graph is rewritten on its own, models that fx cannot
+trace convert too: what Dynamo captures converts.
 
-Where the scheduler state lives. A converted site draws a pattern through ``fxdrop::sample_pattern``,
-which mutates the site's int64 state tensor. The rewrite adds each site's state and cdf as *extra
-graph inputs* (placeholders after Dynamo's own), and the compiled callable this backend returns
-appends those tensors to every call; the inner backend sees ordinary inputs with an in-place
-mutation (AOTAutograd writes it back). So the state persists across calls in the Site objects the
-callable holds, never in a constant, and new patterns never recompile.
+Where the scheduler state lives. A converted site draws a pattern through ``fxdrop::sample_pattern``
+(or ``fxdrop::sample_classes`` for ``granularity="rows"``), which mutates the site's int64 state
+tensor. The emitter adds each site's state and cdf as *extra graph inputs* (placeholders after
+Dynamo's own), and the compiled callable this backend returns appends those tensors to every call;
+the inner backend sees ordinary inputs with an in-place mutation (AOTAutograd writes it back). So the
+state persists across calls in the Site objects the callable holds, and new patterns never recompile.
 
 Sites are kept in a registry keyed by the Parameter they shrink (weakly, so a model's sites die with
 it), and reused when Dynamo recompiles the same model (new shapes, mode switch back), so a site's
-random stream continues instead of restarting. :func:`sites(model)` lists the sites of a model
-compiled with this backend (as :func:`fxdrop.sites` does for a converted model); a backend made by
-:func:`make_backend` also lists its own (``backend.sites``) and keeps one record per captured graph
-(``backend.graphs``) with every decision and its reason.
+random stream continues instead of restarting. Site names, seeds and granularity are decided as
+:func:`fxdrop.convert` decides them (the same names, from Dynamo's ``nn_module_stack``; the same seed
+per name): for the same model and seed, both draw the same patterns. :func:`sites(model)` lists the
+sites of a model compiled with this backend; a backend made by :func:`make_backend` also lists its own
+(``backend.sites``) and keeps one record per captured graph (``backend.graphs``).
 
 Eval graphs (no dropout active) pass through unchanged. Each converted site bumps
 ``torch._dynamo.utils.counters["fxdrop"]["sites_converted"]`` (and ``"sites_skipped"`` for a site left
 alone in a training graph; ``"chain"``, ``"tile_linear"``, ``"unit_dropout"`` per rewrite applied).
 Decisions are logged to the ``fxdrop.backend`` logger at DEBUG; ``FXDROP_LOG=1`` turns that on.
+LSTMs and GRUs: Dynamo does not trace ``nn.LSTM``/``nn.GRU``; a model with recurrent dropout gets a
+one-time warning naming the fix (``fxdrop.convert`` first, then compile).
 
-Site names are the Dropout module's qualified name (from Dynamo's ``nn_module_stack``), so the same
-``p=`` / ``pattern=`` dicts work here and in :func:`fxdrop.convert`; a functional dropout is named
-``<module>.dropout`` after the module whose forward calls it (``:k`` for its k-th further call).
-
-Imports torch, fxdrop's ops, site, scheduler and the fx pass's find records.
+Imports torch, fxdrop's config, ops, site, scheduler and the passes.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import dataclasses
 import logging
 import os
 import re
-import zlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -51,18 +52,18 @@ from torch import fx, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
-from .passes.find import (ChainPlan, DropoutSite, LinearCall, NormalisedGraph, Plan, TilePlan, UnitPlan, plan_graph)
-from .passes.rewrite import chain_nodes, topological_order
-from .patterns import FAMILIES
-from .scheduler import derive_seed
-from .search import check_max_dp, check_rate
-from .site import SCALE_MODES, Site
+from .config import OPTIONS, DropoutConfig
+from .passes.normalise import NormalisedGraph
+from .passes.plan import ChainPlan, DropoutSite, RNNInputPlan, TilePlan, UnitPlan, plan_graph
+from .passes.rewrite import COUNTERS, apply_plan
+from .site import Site
 
-__all__ = ["FxdropBackend", "CompiledGraph", "fxdrop_backend", "make_backend", "sites"]
+__all__ = ["FxdropBackend", "CompiledGraph", "FunctionalEmitter", "fxdrop_backend", "make_backend", "sites"]
 
 BACKEND_NAME = "fxdrop"
 COUNTER = "fxdrop"
 INNER_DEFAULT = "inductor"
+BACKEND_OPTIONS = ("inner", "inner_options")
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("fxdrop: %(message)s"))
         handler._fxdrop = True  # type: ignore[attr-defined]
         log.addHandler(handler)
+
+
+def _counters():
+    from torch._dynamo.utils import counters
+    return counters[COUNTER]
 
 
 def _counters():
@@ -110,16 +116,28 @@ def _innermost(node: fx.Node) -> tuple[str, type | None] | None:
     return _qualified(path), cls if isinstance(cls, type) else None
 
 
+def _module_scope(node: fx.Node) -> str:
+    """The module whose forward made ``node`` (Dynamo's innermost ``nn_module_stack`` entry), qualified."""
+    found = _innermost(node)
+    if found is None:
+        return ""
+    path, cls = found
+    if node.op == "call_function" and cls is not None and issubclass(cls, nn.modules.dropout._DropoutNd):
+        return path.rpartition(".")[0]  # a Dropout module's own F.dropout: named by the module below
+    return path
+
+
 def _label_from_modules(g: NormalisedGraph) -> None:
     """Name Dynamo's functional calls after the modules they came from (``nn_module_stack``).
 
-    A Linear gets its ``nn.Linear``'s qualified name; a dropout its ``nn.Dropout``'s, or
-    ``<module>.dropout`` for ``F.dropout`` called in that module's forward. The finder names sites
-    after ``DropoutCall.module`` (``name:k`` for repeated calls), so names match :func:`fxdrop.convert`'s.
+    A Linear gets its ``nn.Linear``'s qualified name; a dropout its ``nn.Dropout``'s (``DropoutCall.module``),
+    or ``<module>.dropout`` for ``F.dropout`` called in that module's forward, as the planner names
+    sites of :func:`fxdrop.convert` (``name:k`` for repeated calls).
     """
     for node, call in list(g.linears.items()):
-        found = _innermost(node)
-        if found is not None and found[1] is not None and issubclass(found[1], nn.Linear) and found[0]:
+        found = _innermost(call.nodes[0] if call.nodes else node)
+        if found is not None and found[1] is not None and found[0] and (
+                issubclass(found[1], nn.Linear) or found[1].__name__ == "Conv1D"):
             g.linears[node] = dataclasses.replace(call, label=found[0])
     for node, call in list(g.dropouts.items()):
         found = _innermost(node)
@@ -127,10 +145,9 @@ def _label_from_modules(g: NormalisedGraph) -> None:
             continue
         path, cls = found
         if cls is not None and issubclass(cls, nn.modules.dropout._DropoutNd) and path:
-            name = path
+            g.dropouts[node] = dataclasses.replace(call, module=path, caller=path.rpartition(".")[0])
         else:
-            name = f"{path}.{call.kind}" if path else call.kind
-        g.dropouts[node] = dataclasses.replace(call, module=name)
+            g.dropouts[node] = dataclasses.replace(call, caller=path)
 
 
 # ---------------------------------------------------------------- the registry of live sites
@@ -158,7 +175,6 @@ def sites(model: nn.Module) -> list[Site]:
 
 
 # ---------------------------------------------------------------- records
-
 
 @dataclass
 class CompiledGraph:
@@ -191,29 +207,138 @@ class _WithSiteState:
         return self.compiled(*args, *self.extra)
 
 
+# ---------------------------------------------------------------- sites of Dynamo graphs
+
+
+class FixedOwner:
+    """A site of a Dynamo graph: Dynamo baked the rate and the mode (a training graph) and guards on both."""
+
+    def __init__(self, p: float):
+        self.p = p
+        self.training = True
+
+
+class FunctionalEmitter:
+    """Emits op calls into a Dynamo graph for :func:`fxdrop.passes.rewrite.apply_plan`: each site gets two
+    new placeholders (its state, mutated, and its cdf) and a sample op; the planned subgraph becomes one
+    ``fxdrop`` op call, as the structured callables of :mod:`fxdrop.modules.structured` make in eager."""
+
+    def __init__(self, gm: fx.GraphModule, values: Mapping[fx.Node, Any],
+                 make_site: Callable[[DropoutSite, torch.Tensor | None], Site]):
+        self.gm = gm
+        self.graph = gm.graph
+        self.values = values
+        self.make_site = make_site
+        self.sites: list[Site] = []
+        self.extra: list[torch.Tensor] = []
+        placeholders = list(self.graph.find_nodes(op="placeholder"))
+        self.last_placeholder = placeholders[-1] if placeholders else None
+
+    def _anchor(self, value: Any) -> torch.Tensor | None:
+        if isinstance(value, str):
+            try:
+                return self.gm.get_parameter(value)
+            except AttributeError:
+                return None
+        found = self.values.get(value)
+        return found if isinstance(found, nn.Parameter) else None
+
+    def _site_inputs(self, site: Site) -> tuple[fx.Node, fx.Node]:
+        """Two new placeholders, after the last one: the site's state (mutated) and its cdf."""
+        index = len(self.sites)
+        nodes = []
+        for what, tensor in (("state", site.scheduler.state), ("cdf", site.scheduler.cdf)):
+            if self.last_placeholder is None:
+                context = self.graph.inserting_before(next(iter(self.graph.nodes)))
+            else:
+                context = self.graph.inserting_after(self.last_placeholder)
+            with context:
+                node = self.graph.placeholder(f"fxdrop_site{index}_{what}")
+            node._dynamo_source = None  # AOTAutograd reads it off Dynamo's placeholders; ours have none
+            self.last_placeholder = node
+            self.extra.append(tensor)
+            nodes.append(node)
+        self.sites.append(site)
+        return nodes[0], nodes[1]
+
+    def _draw(self, site: Site) -> fx.Node:
+        state, cdf = self._site_inputs(site)
+        if site.granularity == "rows":
+            return self.graph.call_function(torch.ops.fxdrop.sample_classes.default, (state, cdf, site.row_classes))
+        return self.graph.call_function(torch.ops.fxdrop.sample_pattern.default, (state, cdf))
+
+    def param(self, graph: fx.Graph, value: fx.Node | str) -> fx.Node:
+        return graph.get_attr(value) if isinstance(value, str) else value
+
+    def _weight(self, node: fx.Node, transposed: bool) -> fx.Node:
+        return self.graph.call_method("t", (node,)) if transposed else node
+
+    def chain(self, graph: fx.Graph, chain: ChainPlan, source: fx.Node, params: list[fx.Node]):
+        linears = chain.linears
+        sites = []
+        for k, record in enumerate(chain.sites):
+            # the Linear the site shrinks on its input side, or the last one for an output site
+            layer = min(k + (0 if chain.layout.input_dropout else 1), len(linears) - 1)
+            sites.append(self.make_site(record, self._anchor(linears[layer].weight)))
+        draws = [self._draw(site) for site in sites]
+        patterns = graph.call_function(torch.stack, (draws,), {"dim": 1 if sites[0].granularity == "rows" else 0})
+        weights, biases, i = [], [], 0
+        for linear in linears:
+            weights.append(self._weight(params[i], linear.transposed))
+            i += 1
+            biases.append(params[i] if linear.bias is not None else None)
+            i += linear.bias is not None
+        rates = [site.p for site in sites]
+        node = graph.call_function(ops.chain, (source, weights, biases, patterns), dict(
+            family=chain.family, activations=list(chain.activations), input_dropout=chain.layout.input_dropout,
+            output_dropout=chain.layout.output_dropout, scale=sites[0].scale, rates=rates))
+        if not chain.input_shared:
+            return node, None
+        shared = graph.call_function(ops.unit_dropout, (source, draws[0]),
+                                     dict(family=chain.family, scale=sites[0].scale, p=rates[0]))
+        return node, shared
+
+    def tile(self, graph: fx.Graph, tile: TilePlan, source: fx.Node, params: list[fx.Node]) -> fx.Node:
+        site = self.make_site(tile.site, self._anchor(tile.linear.weight))
+        pattern = self._draw(site)
+        weight = self._weight(params[0], tile.linear.transposed)
+        bias = params[1] if tile.linear.bias is not None else None
+        return graph.call_function(ops.tile_linear, (source, weight, bias, pattern),
+                                   dict(tile=site.tile, scale=site.scale, p=site.p))
+
+    def unit(self, graph: fx.Graph, unit: UnitPlan, source: fx.Node) -> fx.Node:
+        anchor = None
+        for user in unit.dropout.node.users:
+            weight = user.kwargs.get("weight", user.args[1] if len(user.args) > 1 else None)
+            anchor = self._anchor(weight) if isinstance(weight, fx.Node) else None
+            if anchor is not None:
+                break
+        site = self.make_site(unit.site, anchor)
+        return graph.call_function(ops.unit_dropout, (source, self._draw(site)),
+                                   dict(family=site.family, scale=site.scale, p=site.p))
+
+    def rnn_input(self, graph: fx.Graph, rnn_input: RNNInputPlan, source: fx.Node) -> None:
+        return None  # Dynamo graphs hold no RNN calls fxdrop could restructure
+
+
 # ---------------------------------------------------------------- the backend
 
 
 class FxdropBackend:
     """A Dynamo backend: plan and rewrite each captured graph, then compile it with ``inner``.
 
-    ``p``, ``pattern``, ``max_dp``, ``seed``, ``scale``, ``tile`` mean what they mean for
-    :func:`fxdrop.convert` (site names as in the module docstring). ``inner``: a backend name
-    (``"inductor"``, ``"aot_eager"``, ``"eager"``, ...) or a backend callable; ``inner_options`` go
-    to Inductor as config patches (or, for another named backend, as its ``options``).
+    ``config`` (or the keywords of :func:`fxdrop.convert`, which make one): what to convert and how.
+    ``inner``: a backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``, ...) or a backend callable;
+    ``inner_options`` go to Inductor as config patches (or, for another named backend, as its options).
     """
 
-    def __init__(self, inner: str | Callable = INNER_DEFAULT, *, p: Any = None, pattern: Any = "row",
-                 max_dp: int | str = "auto", seed: int | None = None, scale: str = "kept", tile: int = 32,
-                 inner_options: Mapping[str, Any] | None = None, mode: str | None = None):
-        _check_options(inner, p, pattern, max_dp, seed, scale, tile)
+    def __init__(self, inner: str | Callable = INNER_DEFAULT, *, inner_options: Mapping[str, Any] | None = None,
+                 mode: str | None = None, config: DropoutConfig | None = None, **options: Any):
+        if not (isinstance(inner, str) or callable(inner)):
+            raise TypeError(f"inner must be a backend name or a backend callable, got {type(inner).__name__}")
+        self.config = DropoutConfig.from_options(options, where='backend="fxdrop"') if config is None else \
+            DropoutConfig.from_options(options, config=config, where='backend="fxdrop"')
         self.inner = inner
-        self.p = p
-        self.pattern = pattern
-        self.max_dp = max_dp
-        self.seed = seed
-        self.scale = scale
-        self.tile = tile
         self.inner_options = dict(inner_options or {})
         self.mode = mode
         self.graphs: list[CompiledGraph] = []
@@ -230,13 +355,13 @@ class FxdropBackend:
         return found
 
     def __repr__(self) -> str:
-        return (f"FxdropBackend(inner={self.inner!r}, p={self.p!r}, pattern={self.pattern!r}, "
-                f"graphs={len(self.graphs)}, sites={len(self.sites)})")
+        return f"FxdropBackend(inner={self.inner!r}, config={self.config!r}, graphs={len(self.graphs)})"
 
     # ------------------------------------------------------------------ compile one graph
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         _configure_logging()
+        _warn_about_rnns()
         record = CompiledGraph(index=len(self.graphs), training=False)
         self.graphs.append(record)
         gm = _own_copy(gm)
@@ -264,43 +389,46 @@ class FxdropBackend:
 
     def _rewrite(self, gm: fx.GraphModule, example_inputs: list, record: CompiledGraph) -> list[torch.Tensor]:
         """Plan and rewrite ``gm`` in place; returns the tensors of the extra inputs it added."""
-        g = NormalisedGraph(gm.graph, gm, constant_training_follows_mode=True)
+        g = NormalisedGraph(gm.graph, gm, constant_training_follows_mode=True, scope=_module_scope)
         if not any(d.training == "mode" for d in g.dropouts.values()):
             log.debug("graph %d: no dropout active (eval mode or none): left unchanged", record.index)
             return []
         record.training = True
         _label_from_modules(g)
-        plan = plan_graph(g, p=self.p, pattern=self.pattern)
+        plan = plan_graph(g, self.config)
         record.records = plan.sites
         counters = _counters()
         for site in plan.sites:
             if site.converted:
-                check_rate(site.p, self.max_dp, where=f"p of dropout site {site.name!r}")
+                self.config.check_site_rate(site.name, site.p)
         for site in plan.sites:
             counters["sites_converted" if site.converted else "sites_skipped"] += 1
             log.debug("graph %d: %s (%s, p=%s): %s: %s", record.index, site.name, site.node, site.p,
                       site.decision, site.reason)
-        if not plan.chains and not plan.tiles and not plan.units:
+        if not plan.rewrites:
             return []
-        values = _placeholder_values(gm, example_inputs)
-        rewriter = _DynamoRewrite(gm, values, self._make_site)
-        rewriter.apply(plan)
-        record.sites = rewriter.sites
-        for kind, count in rewriter.applied.items():
-            counters[kind] += count
-        return rewriter.extra
+        emitter = FunctionalEmitter(gm, _placeholder_values(gm, example_inputs), self._make_site)
+        before = dict(COUNTERS)
+        apply_plan(gm.graph, plan, emitter)
+        gm.recompile()
+        record.sites = emitter.sites
+        for kind, count in COUNTERS.items():
+            if count != before.get(kind, 0):
+                counters[kind] += count - before.get(kind, 0)
+        return emitter.extra
 
     def _make_site(self, record: DropoutSite, anchor: torch.Tensor | None) -> Site:
-        key = (record.name, record.p, record.family, self.scale, record.units, record.weight_shape, self.tile,
-               self.max_dp, self.seed)
+        config = self.config
+        key = (record.name, record.family, record.units, record.weight_shape, repr(config))
         table = _REGISTRY.setdefault(anchor, {}) if anchor is not None else None
         if table is not None and key in table:
+            site = table[key]
             log.debug("%s: reusing the live site (its stream continues)", record.name)
-            return table[key]
-        seed = None if self.seed is None else derive_seed(self.seed, zlib.crc32(record.name.encode()))
-        site = Site.create(record.name, record.p, record.family, max_dp=self.max_dp, seed=seed, scale=self.scale,
-                           units=record.units, weight_shape=record.weight_shape, tile=self.tile,
-                           producer=record.producer, consumer=record.consumer)
+            if site.owner.p != record.p:  # Dynamo recompiled for a new rate
+                site.owner.p = record.p
+                site.sync()
+            return site
+        site = Site.from_record(record, config, FixedOwner(record.p))
         if table is not None:
             table[key] = site
         return site
@@ -372,191 +500,44 @@ def _fake_like(example_inputs: list, extra: list[torch.Tensor]) -> list:
     return [fake_mode.from_tensor(t, static_shapes=True) for t in extra]
 
 
-class _DynamoRewrite:
-    """Applies a :class:`Plan` to a Dynamo graph with functional op calls.
+_RNN_WARNED: set[int] = set()
 
-    Unlike :func:`fxdrop.passes.rewrite.apply_plan` (which installs modules for ``convert``), each site
-    gets two new placeholders (state, cdf) and the matched nodes become ``sample_pattern`` + one
-    ``fxdrop`` op call, so the inner backend traces plain ops over inputs.
-    """
 
-    def __init__(self, gm: fx.GraphModule, values: Mapping[fx.Node, Any],
-                 make_site: Callable[[DropoutSite, torch.Tensor | None], Site]):
-        self.gm = gm
-        self.graph = gm.graph
-        self.values = values
-        self.make_site = make_site
-        self.sites: list[Site] = []
-        self.extra: list[torch.Tensor] = []
-        self.applied: dict[str, int] = {}
-        placeholders = list(self.graph.find_nodes(op="placeholder"))
-        self.last_placeholder = placeholders[-1] if placeholders else None
+def _warn_about_rnns() -> None:
+    """Once per model: Dynamo does not trace nn.LSTM / nn.GRU (it runs them eagerly and, for a graph break
+    inside a forward, the rest of that forward too), so their dropouts, and those next to them, never reach
+    this backend. The fix is to convert first."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    def apply(self, plan: Plan) -> None:
-        for chain in plan.chains:
-            self._chain(chain)
-        for tile in plan.tiles:
-            self._tile(tile)
-        for unit in plan.units:
-            self._unit(unit)
-        topological_order(self.graph)
-        self.graph.lint()
-        self.gm.recompile()
+        root = InstructionTranslator.current_tx().output.root_tx.f_locals.get("self")
+    except Exception:  # no Dynamo frame (a direct call), or Dynamo's internals moved
+        return
+    if not isinstance(root, nn.Module) or id(root) in _RNN_WARNED:
+        return
+    from .modules.rnn import StructuredRNN
 
-    # ------------------------------------------------------------ pieces
-
-    def _anchor(self, linear: LinearCall) -> torch.Tensor | None:
-        weight = linear.weight
-        if isinstance(weight, str):
-            try:
-                return self.gm.get_parameter(weight)
-            except AttributeError:
-                return None
-        value = self.values.get(weight)
-        return value if isinstance(value, nn.Parameter) else None
-
-    def _param(self, value: Any) -> Any:
-        return self.graph.get_attr(value) if isinstance(value, str) else value
-
-    def _site_inputs(self, site: Site) -> tuple[fx.Node, fx.Node]:
-        """Two new placeholders, after the last one: the site's state (mutated) and its cdf."""
-        index = len(self.sites)
-        nodes = []
-        for what, tensor in (("state", site.scheduler.state), ("cdf", site.scheduler.cdf)):
-            if self.last_placeholder is None:
-                context = self.graph.inserting_before(next(iter(self.graph.nodes)))
-            else:
-                context = self.graph.inserting_after(self.last_placeholder)
-            with context:
-                node = self.graph.placeholder(f"fxdrop_site{index}_{what}")
-            node._dynamo_source = None  # AOTAutograd reads it off Dynamo's placeholders; ours have none
-            self.last_placeholder = node
-            self.extra.append(tensor)
-            nodes.append(node)
-        self.sites.append(site)
-        return nodes[0], nodes[1]
-
-    def _sample(self, site: Site) -> fx.Node:
-        state, cdf = self._site_inputs(site)
-        return self.graph.call_function(torch.ops.fxdrop.sample_pattern.default, (state, cdf))
-
-    def _replace(self, matched: list[fx.Node], output: fx.Node, build: Callable[[], fx.Node],
-                 share: Callable[[fx.Node], None] | None = None) -> None:
-        order = {n: i for i, n in enumerate(self.graph.nodes)}
-        last = max(matched, key=order.__getitem__)
-        with self.graph.inserting_before(last.next):
-            new = build()
-        if share is not None:
-            share(new)
-        output.replace_all_uses_with(new)
-        new.meta.update({k: v for k, v in output.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        for node in sorted(matched, key=order.__getitem__, reverse=True):
-            self.graph.erase_node(node)
-
-    def _count(self, kind: str) -> None:
-        self.applied[kind] = self.applied.get(kind, 0) + 1
-
-    # ------------------------------------------------------------ the three rewrites
-
-    def _chain(self, chain: ChainPlan) -> None:
-        linears = chain.linears
-        offset = 0 if chain.input_dropout else 1
-        sites = []
-        for k, record in enumerate(chain.sites):
-            # the Linear the site shrinks on its input side, or the last one for an output site
-            anchor = linears[min(k + offset, len(linears) - 1)]
-            sites.append(self.make_site(record, self._anchor(anchor)))
-        source = chain.dropouts[0].input if chain.input_dropout else linears[0].input
-        output = chain.dropouts[-1].node if chain.output_dropout else linears[-1].node
-        graph = self.graph
-        rows: list[fx.Node] = []
-
-        def build() -> fx.Node:
-            rows.extend(self._sample(site) for site in sites)
-            patterns = graph.call_function(torch.stack, (list(rows),))
-            weights = [self._param(linear.weight) for linear in linears]
-            biases = [self._param(linear.bias) if linear.bias is not None else None for linear in linears]
-            return graph.call_function(ops.chain, (source, weights, biases, patterns), dict(
-                family=chain.family, activations=list(chain.activations), input_dropout=chain.input_dropout,
-                output_dropout=chain.output_dropout, scale=sites[0].scale, rates=[s.p for s in sites]))
-
-        def share(new: fx.Node) -> None:
-            """The input dropout's other users read ``x * mask`` of the same pattern (the fx pass's
-            ``share_input``); they may precede the chain, hence the topological sort in :meth:`apply`."""
-            with graph.inserting_after(new):
-                dropped = graph.call_function(ops.unit_dropout, (source, rows[0]), dict(
-                    family=chain.family, scale=sites[0].scale, p=sites[0].p))
-            first = linears[0].node
-            chain.dropouts[0].node.replace_all_uses_with(dropped, delete_user_cb=lambda user: user is not first)
-
-        self._replace(chain_nodes(chain), output, build, share if chain.input_shared else None)
-        self._count("chain")
-
-    def _tile(self, tile: TilePlan) -> None:
-        site = self.make_site(tile.site, self._anchor(tile.linear))
-        graph = self.graph
-
-        def build() -> fx.Node:
-            pattern = self._sample(site)
-            bias = self._param(tile.linear.bias) if tile.linear.bias is not None else None
-            return graph.call_function(ops.tile_linear, (tile.dropout.input, self._param(tile.linear.weight), bias,
-                                                         pattern), dict(tile=site.tile, scale=site.scale, p=site.p))
-
-        self._replace([tile.dropout.node, tile.linear.node], tile.linear.node, build)
-        self._count("tile_linear")
-
-    def _unit(self, unit: UnitPlan) -> None:
-        g_users = [u for u in unit.dropout.node.users]
-        anchor = None
-        for user in g_users:
-            weight = user.kwargs.get("weight", user.args[1] if len(user.args) > 1 else None)
-            value = self.values.get(weight) if isinstance(weight, fx.Node) else None
-            if isinstance(value, nn.Parameter):
-                anchor = value
-                break
-        site = self.make_site(unit.site, anchor)
-        graph = self.graph
-
-        def build() -> fx.Node:
-            pattern = self._sample(site)
-            return graph.call_function(ops.unit_dropout, (unit.dropout.input, pattern),
-                                       dict(family=site.family, scale=site.scale, p=site.p))
-
-        self._replace([unit.dropout.node], unit.dropout.node, build)
-        self._count("unit_dropout")
+    rnns = [name for name, m in root.named_modules() if isinstance(m, (nn.RNNBase,)) and not isinstance(m, StructuredRNN)]
+    if rnns:
+        _RNN_WARNED.add(id(root))
+        warnings.warn(f'fxdrop: backend="fxdrop" cannot convert the dropouts of {type(root).__name__}\'s recurrent '
+                      f"modules ({', '.join(rnns)}): Dynamo does not trace nn.LSTM / nn.GRU and runs them (and often "
+                      "the rest of the forward) eagerly. Convert first, then compile: "
+                      "torch.compile(fxdrop.convert(model))", stacklevel=2)
 
 
 # ---------------------------------------------------------------- entry points
 
 
-def _check_options(inner: Any, p: Any, pattern: Any, max_dp: Any, seed: Any, scale: Any, tile: Any) -> None:
-    if not (isinstance(inner, str) or callable(inner)):
-        raise TypeError(f"inner must be a backend name or a backend callable, got {type(inner).__name__}")
-    if isinstance(p, (int, float)) and not isinstance(p, bool) and not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"p={p} is outside [0, 1): pass a drop rate at least 0 and below 1, or None to keep "
-                         "each site's own rate")
-    if isinstance(pattern, str) and pattern not in FAMILIES:
-        raise ValueError(f"pattern={pattern!r} is not a pattern family; expected one of {', '.join(FAMILIES)}")
-    check_max_dp(max_dp)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if scale not in SCALE_MODES:
-        raise ValueError(f"scale={scale!r} is not a scale mode; expected one of {', '.join(SCALE_MODES)}")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile must be an int >= 1, got {tile!r}")
-
-
-_OPTIONS = ("inner", "p", "pattern", "max_dp", "seed", "scale", "tile", "inner_options")
-
-
 def make_backend(inner: str | Callable = INNER_DEFAULT, **options: Any) -> FxdropBackend:
     """A backend to pass as ``torch.compile(model, backend=make_backend("eager", p=0.5))``.
 
-    Keep it to inspect what happened: ``backend.graphs`` (decisions per captured graph), ``backend.sites``.
+    ``options``: the keywords of :func:`fxdrop.convert` (or ``config=``) and ``inner_options``. Keep the
+    backend to inspect what happened: ``backend.graphs`` (decisions per captured graph), ``backend.sites``.
     """
-    unknown = sorted(set(options) - set(_OPTIONS))
+    unknown = sorted(set(options) - set(OPTIONS) - {"inner_options", "config", "mode"})
     if unknown:
-        raise TypeError(f"make_backend: unknown options {unknown}; expected some of {list(_OPTIONS[1:])}")
+        raise TypeError(f"make_backend: unknown options {unknown}; the options are {list(OPTIONS)} and inner_options")
     return FxdropBackend(inner, **options)
 
 
@@ -564,12 +545,14 @@ def fxdrop_backend(gm: fx.GraphModule, example_inputs: list, *, options: Mapping
                    mode: str | None = None) -> Callable:
     """The registered backend: ``torch.compile(model, backend="fxdrop", options={"inner": "eager", "p": 0.5})``.
 
-    ``options`` takes the keyword arguments of :func:`make_backend`; ``mode`` goes to Inductor.
+    ``options`` takes ``inner``, ``inner_options`` and the keywords of :func:`fxdrop.convert`; ``mode`` goes
+    to Inductor.
     """
     options = dict(options or {})
-    unknown = sorted(set(options) - set(_OPTIONS))
+    unknown = sorted(set(options) - set(OPTIONS) - set(BACKEND_OPTIONS) - {"config"})
     if unknown:
-        raise TypeError(f'backend="fxdrop": unknown options {unknown}; expected some of {list(_OPTIONS)}')
+        raise TypeError(f'backend="fxdrop": unknown options {unknown}; the options are {list(OPTIONS)} and '
+                        f'{list(BACKEND_OPTIONS)}')
     return FxdropBackend(mode=mode, **options)(gm, example_inputs)
 
 

@@ -167,10 +167,11 @@ class DropoutConfig:
         """The stream seed of site ``name`` (None: the scheduler draws one from the global RNG)."""
         return None if self.seed is None else derive_seed(self.seed, name_salt(name))
 
-    def granularity_for(self, family: str, kind: str) -> str:
-        """``"rows"`` applies to unit sites of Linears; tile sites mask the weight every row shares, and
-        recurrent sites are locked dropout (one pattern per forward for every time step)."""
-        if self.granularity == "rows" and family in UNIT_FAMILIES and kind not in ("lstm", "gru"):
+    def granularity_for(self, family: str, plan: str | None) -> str:
+        """``"rows"`` applies to unit sites of Linears (and unit dropouts); tile sites mask the weight every
+        row shares, and RNN sites (inter-layer and input) are locked dropout: one pattern per forward for
+        every time step, which the RNN kernel's one input GEMM per sequence needs."""
+        if self.granularity == "rows" and family in UNIT_FAMILIES and plan not in ("rnn", "rnn_input"):
             return "rows"
         return "forward"
 

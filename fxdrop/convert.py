@@ -321,6 +321,8 @@ def plan_and_install(model: nn.Module, config: DropoutConfig, *, example_inputs:
                 record.reason = f"its region was not converted: {why}" if why else "its region was not converted"
             conversion.sites.append(record)
     _apply_rate_overrides(work, config, conversion.sites)
+    for site in sites(work):
+        site.sync()
     return work, conversion
 
 

@@ -122,7 +122,7 @@ class Site:
         kind = record.kind if record.kind in KINDS else "dropout"
         return cls(record.name, record.family, owner, scale=config.scale, max_dp=config.max_dp,
                    seed=config.seed_for(record.name), units=record.units, weight_shape=record.weight_shape,
-                   tile=config.tile, granularity=config.granularity_for(record.family, kind),
+                   tile=config.tile, granularity=config.granularity_for(record.family, record.plan),
                    row_classes=config.row_classes, kind=kind, producer=record.producer, consumer=record.consumer)
 
     # ------------------------------------------------------------------ rate and mode
@@ -134,6 +134,7 @@ class Site:
     @p.setter
     def p(self, value: float) -> None:
         self.owner.p = check_rate(value, self.max_dp, where=f"p of dropout site {self.name!r}")
+        self.sync()
 
     @property
     def active(self) -> bool:
@@ -152,7 +153,7 @@ class Site:
             found = self._distributions[p] = search_distribution(p, max_dp=self.max_dp)
         return found
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         """Point the scheduler at the distribution of the current rate (a rate schedule changed it)."""
         p = self.p
         if self.scheduler.distribution.p != p:
@@ -164,14 +165,14 @@ class Site:
         """This step's pattern ``int64 (2,) = [dp, offset]``: drawn when active, ``[1, 0]`` (keep all) else."""
         if not self.active:
             return torch.tensor(FULL, dtype=torch.int64)
-        self._sync()
+        self.sync()
         return self.scheduler.sample_tensor()
 
     def sample_rows(self) -> torch.Tensor:
         """This step's row-class plan ``int64 (row_classes, 2)``: row ``r`` uses plan ``r mod row_classes``."""
         if not self.active:
             return torch.tensor([FULL] * self.row_classes, dtype=torch.int64)
-        self._sync()
+        self.sync()
         return torch.ops.fxdrop.sample_classes(self.scheduler.state, self.scheduler.cdf, self.row_classes)
 
     def draw(self) -> torch.Tensor:

@@ -14,7 +14,7 @@ import copy
 import logging
 import subprocess
 import sys
-from unittest import mock
+import warnings
 
 import pytest
 import torch
@@ -27,7 +27,9 @@ import fxdrop
 import fxdrop.ops as ops
 from fxdrop.backend import fxdrop_backend, make_backend
 from fxdrop.backend import sites as backend_sites
-from fxdrop.site import Site
+from fxdrop.site import CallerOwner, Site
+
+from masking import masked
 
 
 @pytest.fixture(autouse=True)
@@ -88,29 +90,6 @@ def loss_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, lis
     return loss.detach(), grads(model)
 
 
-@contextlib.contextmanager
-def masked(model: nn.Module, module_masks: dict[str, torch.Tensor], functional_masks=()):
-    """``model`` with its ``nn.Dropout`` named in ``module_masks`` and its ``F.dropout`` calls (in call
-    order) replaced by ``x * mask``: the semantic contract's reference, independent of fxdrop."""
-    patched = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and name in module_masks:
-            module.forward = lambda x, mask=module_masks[name]: x * mask
-            patched.append(module)
-    queue = list(functional_masks)
-    real = F.dropout
-
-    def dropout(x, *args, **kwargs):
-        return x * queue.pop(0) if queue else real(x, *args, **kwargs)
-
-    try:
-        with mock.patch.object(F, "dropout", dropout):
-            yield model
-    finally:
-        for module in patched:
-            del module.forward
-
-
 def assert_all_close(got, want, **tol):
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, **tol)
@@ -129,8 +108,8 @@ class HandWritten(nn.Module):
         self.l2 = nn.Linear(32, 8)
         units = 12 if kind == "input" else 32
         shape = (32, 12) if kind == "tile" else None
-        self.site = Site.create("h", 0.5, "row" if kind != "tile" else "tile", seed=seed, units=units,
-                                weight_shape=shape, tile=4)
+        self.site = Site("h", "row" if kind != "tile" else "tile", CallerOwner(self, 0.5), seed=seed, units=units,
+                         weight_shape=shape, tile=4)
 
     def forward(self, x):
         if not self.training:
@@ -248,7 +227,7 @@ def test_backend_converts_and_matches_the_masked_original():
             got = loss_and_grads(compiled, x)
         by_name = {site.name: site for site in backend_sites(model)}
         assert set(by_name) == {"2", "3.dropout"}
-        with masked(model, {"2": by_name["2"].last_mask}, [by_name["3.dropout"].last_mask]):
+        with masked(model, {name: site.last_mask for name, site in by_name.items()}):
             want = loss_and_grads(model, x)
         torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
         assert_all_close(got[1], want[1], atol=1e-6, rtol=1e-5)
@@ -424,21 +403,39 @@ def test_lstm_convert_before_compiling(granularity):
         torch.testing.assert_close(compiled(idx), model.eval()(idx), atol=1e-6, rtol=1e-6)
 
 
-def test_lstm_under_the_backend():
-    """The backend sees an LSTM only with ``allow_rnn`` (else Dynamo runs the whole forward eagerly):
-    then the Linear's input site converts; the LSTM's own dropouts stay inside its op."""
+class RNNModel(nn.Module):
+    """PyTorch's word_language_model RNNModel: ``drop(encoder) -> rnn -> drop -> decoder``."""
+
+    def __init__(self, kind="LSTM"):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.encoder = nn.Embedding(20, 8)
+        self.rnn = getattr(nn, kind)(8, 12, num_layers=2, dropout=0.3)
+        self.decoder = nn.Linear(12, 20)
+
+    def forward(self, input, hidden=None):
+        emb = self.drop(self.encoder(input))
+        output, hidden = self.rnn(emb, hidden)
+        return self.decoder(self.drop(output)), hidden
+
+
+def test_lstm_under_the_backend_warns_once_and_names_the_fix():
+    """Dynamo does not trace nn.LSTM: the graph before it reaches the backend, the rest runs eagerly."""
     torch.manual_seed(0)
-    model = WordModel()
+    model = RNNModel()
     idx = torch.randint(0, 20, (5, 3))
-    torch.compile(model, backend=make_backend("eager"))(idx)
-    assert counters["fxdrop"]["sites_converted"] == 0  # "Attempted to wrap RNN, GRU, or LSTM": eager
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(allow_rnn=True):
-        backend = make_backend("aot_eager", seed=0)
-        loss = torch.compile(model, backend=backend)(idx).square().mean()
-        loss.backward()
-    records = {r.name: r for g in backend.graphs for r in g.records}
-    assert records["out_drop"].converted and not records["drop"].converted
+    compiled = torch.compile(model, backend=make_backend("eager"))
+    with pytest.warns(UserWarning, match=r"recurrent modules \(rnn\).*torch.compile\(fxdrop.convert\(model\)\)"):
+        compiled(idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(idx)
+    assert counters["fxdrop"]["sites_converted"] == 0
+    # the fix: convert, then compile
+    converted = fxdrop.convert(model, seed=0)
+    assert {s.name for s in fxdrop.sites(converted)} == {"drop", "drop:1", "rnn.layer0"}
+    loss = torch.compile(converted, backend="aot_eager")(idx)[0].square().mean()
+    loss.backward()
     assert torch.isfinite(loss)
 
 
@@ -519,10 +516,50 @@ def test_transformers_models(name):
         assert {"bert.encoder.layer.0.attention.output.dropout", "bert.encoder.layer.0.output.dropout",
                 "bert.embeddings.dropout"} <= converted
     else:
-        # GPT-2's projections are transformers' Conv1D (torch.addmm on a transposed weight), not linear:
-        # its dropouts are found and left alone, with the reason.
-        assert not converted and records["transformer.h.0.mlp.dropout"].reason.startswith("no Linear")
+        # GPT-2's projections are transformers' Conv1D (view -> addmm on a transposed weight -> view).
+        assert {"transformer.h.0.mlp.dropout", "transformer.h.0.attn.resid_dropout"} <= converted
     assert {s.name for s in backend_sites(model)} == converted
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["forward", "rows"])
+@pytest.mark.parametrize("pattern", ["row", "block", "tile"])
+def test_convert_and_the_backend_draw_the_same_patterns(granularity, pattern):
+    """One planner, one config: for the same model and seed, convert and backend="fxdrop" convert the same
+    sites under the same names, draw the same patterns and compute the same training steps."""
+    torch.manual_seed(0)
+    model = mixed_model()
+    x = torch.randn(16, 12)
+    options = dict(seed=7, granularity=granularity, pattern=pattern, row_classes=4)
+    converted = fxdrop.convert(copy.deepcopy(model), **options)
+    compiled = torch.compile(model, backend="fxdrop", options={"inner": "aot_eager", **options})
+    for _ in range(3):
+        got, want = loss_and_grads(compiled, x), loss_and_grads(converted, x)
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+        assert_all_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    eager = {s.name: s for s in fxdrop.sites(converted)}
+    compiled_sites = {s.name: s for s in backend_sites(model)}
+    assert set(eager) == set(compiled_sites) == {"2", "3.dropout"}
+    for name, site in eager.items():  # the same stream at the same draw (the replay tokens are random)
+        assert (site.scheduler.seed, site.scheduler.draws) == (compiled_sites[name].scheduler.seed,
+                                                               compiled_sites[name].scheduler.draws)
+
+
+def test_the_backend_takes_exactly_converts_options():
+    from fxdrop.config import OPTIONS
+
+    assert set(OPTIONS) == set(inspect_options(fxdrop.convert)) - {"example_inputs", "example_kwargs"}
+    with pytest.raises(TypeError, match=r"unknown options \['granularty'\]"):
+        make_backend("eager", granularty="rows")
+
+
+def inspect_options(fn):
+    """The keywords ``fn`` takes, its ``**options`` expanded to DropoutConfig's fields."""
+    import inspect
+
+    from fxdrop.config import OPTIONS
+
+    names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return [n for n in names if n != "config"] + list(OPTIONS)

@@ -1,16 +1,13 @@
-"""fxdrop.convert / fxdrop.sites: the contract of issue 3 on the model zoo, plus errors.
+"""fxdrop.convert / fxdrop.sites: the contract on the model zoo, the user's model kept, and errors.
 
 The training reference is the *original* model with each dropout replaced by multiplication with
-its site's ``last_mask`` (module dropouts by overriding their forward, functional ones by patching
-``F.dropout``/``torch.dropout``), never fxdrop's own code path.
+its site's ``last_mask`` (tests/masking.py), never fxdrop's own code path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
-from unittest import mock
 
 import pytest
 import torch
@@ -18,76 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxdrop
-from fxdrop.convert import conversion, convert, load_state_dict, sites, state_dict
+from fxdrop.convert import conversion, convert, load_state_dict, regions, sites, state_dict
 from fxdrop.passes.rewrite import COUNTERS
-from fxdrop.scheduler import ROW_CLASSES
 
 import zoo
+from masking import masked
 
 ZOO = {m.name: m for m in zoo.ZOO}
-
-
-@contextlib.contextmanager
-def masked(model: nn.Module, masks: dict[str, torch.Tensor]):
-    """Run ``model`` with every dropout named in ``masks`` replaced by ``x * mask``; others untouched."""
-    calls: dict[str, int] = {}
-
-    def mask_for(base: str):
-        k = calls.get(base, 0)
-        calls[base] = k + 1
-        return masks.get(base if k == 0 else f"{base}:{k}")
-
-    patched = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout):
-            original = module.forward
-
-            def forward(x, name=name, original=original):
-                mask = mask_for(name)
-                return original(x) if mask is None else x * mask
-
-            module.forward = forward
-            patched.append(module)
-    for name, module in model.named_modules():
-        if type(module) is nn.LSTM and f"{name}.layer0" in masks:
-            module.forward = _masked_lstm(module, name, masks)
-            patched.append(module)
-    functional = {"k": 0}
-    real_f, real_t = F.dropout, torch.dropout
-
-    def fake(real):
-        def dropout(x, *args, **kwargs):
-            k = functional["k"]
-            functional["k"] += 1
-            mask = masks.get("dropout" if k == 0 else f"dropout_{k}")
-            return real(x, *args, **kwargs) if mask is None else x * mask
-        return dropout
-
-    try:
-        with mock.patch.object(F, "dropout", fake(real_f)), mock.patch.object(torch, "dropout", fake(real_t)):
-            yield model
-    finally:
-        for module in patched:
-            del module.forward
-
-
-def _masked_lstm(lstm: nn.LSTM, name: str, masks):
-    """A unidirectional ``lstm`` run one layer at a time (single-layer nn.LSTMs on its own Parameters),
-    layer ``l``'s output multiplied by ``masks[f"{name}.layer{l}"]``."""
-    def forward(x, hx=None):
-        assert hx is None and not lstm.bidirectional and not lstm.proj_size
-        h_n, c_n = [], []
-        for layer in range(lstm.num_layers):
-            ref = nn.LSTM(x.shape[-1], lstm.hidden_size, batch_first=lstm.batch_first)
-            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                setattr(ref, f"{kind}_l0", getattr(lstm, f"{kind}_l{layer}"))
-            x, (h, c) = ref(x)
-            h_n.append(h)
-            c_n.append(c)
-            if layer < lstm.num_layers - 1:
-                x = x * masks[f"{name}.layer{layer}"]
-        return x, (torch.cat(h_n), torch.cat(c_n))
-    return forward
 
 
 def _grads(model):
@@ -96,10 +30,33 @@ def _grads(model):
 
 def _step(model, inputs, weight):
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(1234)
+    torch.manual_seed(1234)  # always-on dropouts (left as written) draw the same in both models
     y = model(*inputs)
     (y * weight).sum().backward()
     return y.detach(), _grads(model)
+
+
+def check_training_contract(model, converted, inputs, steps=2, tol=1e-5):
+    """Outputs and gradients of ``converted`` equal the original's with every converted dropout replaced
+    by its site's mask, for ``steps`` consecutive steps (a fresh pattern each time)."""
+    model.train(), converted.train()
+    weight = None
+    for _ in range(steps):
+        if weight is None:
+            with torch.no_grad():
+                weight = torch.randn_like(converted(*inputs))
+        y, grads = _step(converted, inputs, weight)
+        masks = {s.name: s.last_mask for s in sites(converted)}
+        assert all(m is not None for m in masks.values())
+        with masked(model, masks):
+            y_ref, grads_ref = _step(model, inputs, weight)
+        torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            if grads_ref[name] is None:
+                assert grads[name] is None or not grads[name].any(), name
+            else:
+                torch.testing.assert_close(grads[name], grads_ref[name], atol=tol, rtol=tol, msg=name)
 
 
 @pytest.mark.parametrize("entry", zoo.ZOO, ids=lambda e: e.name)
@@ -127,32 +84,21 @@ def test_zoo_eval_bit_identical(entry):
         assert torch.equal(y, model(*inputs))
 
 
+@pytest.mark.parametrize("granularity", ["forward", "rows"])
 @pytest.mark.parametrize("entry", zoo.ZOO, ids=lambda e: e.name)
-def test_zoo_training_matches_masked_original(entry):
+def test_zoo_training_matches_masked_original(entry, granularity):
     torch.manual_seed(0)
     model = entry.build()
-    inputs = entry.example()
-    converted = convert(model, seed=5, **entry.options)
-    model.train(), converted.train()
-    for step in range(2):  # two steps: a fresh pattern each time
-        y, grads = _step(converted, inputs, weight := torch.randn_like(converted(*inputs)))
-        masks = {s.name: s.last_mask for s in sites(converted)}
-        assert all(m is not None for m in masks.values())
-        with masked(model, masks):
-            y_ref, grads_ref = _step(model, inputs, weight)
-        torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-        assert grads.keys() == grads_ref.keys()
-        for name in grads:
-            if grads_ref[name] is None:
-                assert grads[name] is None or not grads[name].any(), name
-            else:
-                torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    for module in model.modules():  # raise zero rates so every converted site drops something
+        if isinstance(module, nn.Dropout) and module.p == 0:
+            module.p = 0.2
+    converted = convert(model, seed=5, granularity=granularity, row_classes=4, **entry.options)
+    check_training_contract(model, converted, entry.example())
 
 
 @pytest.mark.parametrize("entry", [ZOO[n] for n in ("mlp", "t5_ffn", "functional", "data_dependent", "looped",
-                                                                  "lstm_lm", "untraced_lstm")],
-                         ids=lambda e: e.name)
-def test_module_contract(entry, tmp_path):
+                                                    "lstm_lm", "untraced_lstm")], ids=lambda e: e.name)
+def test_the_users_model_is_kept(entry, tmp_path):
     torch.manual_seed(0)
     model = entry.build()
     inputs = entry.example()
@@ -164,9 +110,12 @@ def test_module_contract(entry, tmp_path):
     # the input model is not modified (not even its modes, after converted.eval())
     assert repr(model) == structure and [m.training for m in model.modules()] == modes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # the same Parameter objects, the same state_dict keys in the same order
-    assert [id(p) for p in converted.parameters()] == [id(p) for p in model.parameters()] or \
-        {id(p) for p in converted.parameters()} == {id(p) for p in model.parameters()}
+    # the same class, the same module tree and Parameter objects, the same state_dict keys in the same order
+    assert type(converted) is type(model) and isinstance(converted, type(model))
+    for new, old in zip(converted.modules(), model.modules()):  # RNNs become their structured subclasses
+        assert type(new) is type(old) or (isinstance(old, (nn.LSTM, nn.GRU)) and isinstance(new, type(old)))
+    assert [name for name, _ in converted.named_modules()] == [name for name, _ in model.named_modules()]
+    assert [id(p) for p in converted.parameters()] == [id(p) for p in model.parameters()]
     assert list(converted.state_dict()) == list(model.state_dict())
     model.load_state_dict(converted.state_dict(), strict=True)
     converted.load_state_dict(model.state_dict(), strict=True)
@@ -197,6 +146,17 @@ def test_module_contract(entry, tmp_path):
         other(*inputs)
 
 
+def test_indexing_methods_and_attributes_survive():
+    model = zoo.VGGLike()
+    model.extra_attribute = "kept"
+    converted = convert(model, seed=0)
+    assert isinstance(converted.classifier, nn.Sequential) and isinstance(converted.classifier[2], nn.Dropout)
+    assert converted.classifier[0] is not model.classifier[0]  # a copy of the module ...
+    assert converted.classifier[0].weight is model.classifier[0].weight  # ... sharing the Parameter
+    assert converted.extra_attribute == "kept" and converted.features[0].weight is model.features[0].weight
+    assert [r.label for r in regions(converted)] == ["classifier"]
+
+
 def test_to_dtype():
     torch.manual_seed(0)
     model = zoo.MLP()
@@ -214,9 +174,11 @@ def test_one_chain_for_the_mlp():
     before = COUNTERS["chain"]
     converted = convert(zoo.MLP(), seed=0)
     assert COUNTERS["chain"] == before + 1
-    chains = [m for m in converted.modules() if isinstance(m, fxdrop.modules.StructuredChain)]
+    (region,) = regions(converted)
+    (program,) = region.programs.values()
+    chains = [c for c in program.self_._structured.values() if isinstance(c, fxdrop.modules.StructuredChain)]
     assert len(chains) == 1 and len(chains[0].linears) == 4 and len(chains[0].sites) == 3
-    assert "fxdrop.chain_0" in converted.code.replace("self.", "")
+    assert "fxdrop_chain_0" in program.code
 
 
 def test_sites_fields_and_masks():
@@ -235,6 +197,7 @@ def test_sites_fields_and_masks():
 def test_rate_override_and_per_site_family():
     converted = convert(zoo.MLP(p=0.5), p={"net.5": 0.25}, pattern=lambda name: "block", seed=0)
     assert [(s.p, s.family) for s in sites(converted)] == [(0.5, "block"), (0.25, "block"), (0.5, "block")]
+    assert converted.net[5].p == 0.25  # a module dropout's rate lives in its module
     converted = convert(zoo.MLP(p=0.5), p=0.1, seed=0)
     assert all(s.p == 0.1 for s in sites(converted))
 
@@ -275,9 +238,9 @@ def test_scheduler_state_dict_roundtrip():
 def test_partial_conversion_records_skipped_modules():
     converted = convert(zoo.DataDependent(), seed=0)
     report = conversion(converted)
-    assert report.regions == ["head"]
+    assert [r.name for r in report.regions] == ["head.net"]  # the smallest module that holds the chain
     (skipped,) = report.skipped
-    assert skipped.name == "<root>" and "TraceError" in skipped.message or "control flow" in skipped.message
+    assert skipped.name == "<root>" and "control flow" in skipped.message
     assert type(converted) is zoo.DataDependent
 
 
@@ -295,11 +258,13 @@ def test_rate_out_of_range(p):
         convert(zoo.MLP(), p=p)
 
 
-def test_unknown_family():
+def test_unknown_family_and_option():
     with pytest.raises(ValueError, match="pattern='diagonal'"):
         convert(zoo.MLP(), pattern="diagonal")
     with pytest.raises(ValueError, match="net.5"):
         convert(zoo.MLP(), pattern={"net.5": "stripes"})
+    with pytest.raises(TypeError, match=r"unknown options \['patern'\]"):
+        convert(zoo.MLP(), patern="block")
 
 
 def test_max_dp_too_small_names_the_site():
@@ -327,8 +292,7 @@ def test_wrong_example_input_shape():
 
 
 class OptionalMask(nn.Module):
-    """fx takes ``mask is not None`` as True for a placeholder: the traced graph needs a mask that
-    callers do not pass. With example inputs, convert notices and converts the child instead."""
+    """fx takes ``mask is not None`` as True for a placeholder; the smallest region with a site is ``mlp.net``."""
 
     def __init__(self):
         super().__init__()
@@ -340,16 +304,40 @@ class OptionalMask(nn.Module):
         return self.mlp(x)
 
 
-def test_example_inputs_reject_a_graph_that_disagrees():
+class OptionalMaskedHead(nn.Module):
+    """The site is in the root's own forward, whose branch on ``mask`` a trace bakes in."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 4)
+
+    def forward(self, x, mask=None):
+        h = self.fc2(self.drop(torch.relu(self.fc1(x))))
+        return h * mask if mask is not None else h
+
+
+def test_only_the_smallest_region_with_sites_changes():
     model = OptionalMask()
-    x = torch.randn(3, 8)
-    converted = convert(model, example_inputs=x, seed=0)
-    report = conversion(converted)
-    assert report.regions == ["mlp"] and "fails on the example inputs" in report.skipped[0].message
+    converted = convert(model, seed=0)
+    assert [r.name for r in conversion(converted).regions] == ["mlp.net"]
+    assert "forward" not in vars(converted) and "forward" not in vars(converted.mlp)
+    assert "forward" in vars(converted.mlp.net)
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_each_call_spec_gets_a_checked_program(example):
+    """Calls with and without the optional mask run programs traced for each (the branch fx took), each
+    checked against the module on its first call; eval is the original bit for bit."""
+    torch.manual_seed(0)
+    model = OptionalMaskedHead()
+    x, mask = torch.randn(3, 8), torch.rand(3, 4)
+    converted = convert(model, seed=0, **({"example_inputs": (x, mask)} if example else {}))
+    (region,) = regions(converted)
+    check_training_contract(model, converted, (x,))
+    check_training_contract(model, converted, (x, mask))
+    assert len(region.programs) == 2 and all(p.verified for p in region.programs.values())
     model.eval(), converted.eval()
-    assert torch.equal(converted(x), model(x))
-    # without example inputs the graph would be taken as traced (and need the mask)
-    assert conversion(convert(model, seed=0)).regions == [""]
+    assert torch.equal(converted(x, mask=mask), model(x, mask=mask))
 
 
 def test_per_site_dict_with_an_unknown_name():
@@ -359,17 +347,17 @@ def test_per_site_dict_with_an_unknown_name():
         convert(zoo.MLP(), pattern={"nett.2": "block"})
 
 
-def test_hooks_survive():
+def test_hooks_at_conversion_keep_their_modules_as_calls():
     model = zoo.T5LayerFF()
     calls = []
     model.DenseReluDense.register_forward_hook(lambda m, args, out: calls.append("inner"))
     model.register_forward_hook(lambda m, args, out: calls.append("root"))
     converted = convert(model, seed=0)
+    converted.train()
     converted(torch.randn(2, 3, 24))
     assert calls == ["inner", "root"]
-    # the hooked block stays a call (not inlined), converted as a region of its own
-    assert "DenseReluDense" in converted.code
-    assert conversion(converted).regions == ["", "DenseReluDense"]
+    # the hooked block stays a call (not inlined) and converts as a region of its own
+    assert [r.name for r in conversion(converted).regions] == ["DenseReluDense"]
     assert [s.name for s in sites(converted)] == ["DenseReluDense.dropout"]
     model.eval(), converted.eval()
     x = torch.randn(2, 3, 24)
@@ -396,53 +384,27 @@ class _Seq(nn.Module):
 
 @pytest.mark.parametrize("family", ["row", "block"])
 @pytest.mark.parametrize("share", [False, True])
-def test_rows_granularity_matches_per_row_masks(family, share):
-    """granularity="rows": each row has its own masks (last_row_masks); outputs and gradients equal the
-    original model with every dropout replaced by those per-row masks; eval is bit-identical."""
+@pytest.mark.parametrize("classes", [2, 8])
+def test_rows_granularity_matches_per_row_masks(family, share, classes):
+    """granularity="rows": row r of the input (flattened) has its own masks (row r mod row_classes of
+    last_mask); outputs and gradients equal the original model with every dropout replaced by those."""
     torch.manual_seed(0)
     model = _Seq(share)
-    converted = convert(model, seed=5, pattern=family, granularity="rows")
-    assert all(site.granularity == "rows" for site in sites(converted))
-    x = torch.randn(3, 7, 16, requires_grad=True)
-    chains = [m for m in converted.modules() if hasattr(m, "last_row_masks")]
-    for _ in range(3):
-        y = converted(x)
-        masks = {}
-        for chain in chains:
-            for site, mask in zip(chain.sites, chain.last_row_masks()):
-                masks[site.name] = mask.reshape(3, 7, -1)
-        assert set(masks) == {"d0", "d1"}
-        assert all(chain.last_plan[0].shape[0] == ROW_CLASSES for chain in chains)
-        for mask in masks.values():  # patterns differ between rows
-            assert len({tuple(row.tolist()) for row in mask.reshape(-1, mask.shape[-1])}) > 1
-        with masked(model, masks):
-            expect = model(x)
-        grad = torch.randn_like(y)
-        params = [x, *(p for n, p in model.named_parameters() if share or not n.startswith("side"))]
-        for got, want in zip(torch.autograd.grad(y, params, grad), torch.autograd.grad(expect, params, grad)):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(y, expect, atol=1e-5, rtol=1e-5)
+    converted = convert(model, seed=5, pattern=family, granularity="rows", row_classes=classes)
+    assert all(site.granularity == "rows" and site.row_classes == classes for site in sites(converted))
+    x = torch.randn(3, 7, 16)
+    check_training_contract(model, converted, (x,), steps=3)
+    for site in sites(converted):
+        assert site.last_mask.shape == (classes, site.units)
+        assert len({tuple(row.tolist()) for row in site.last_mask}) > 1  # patterns differ between rows
     converted.eval(), model.eval()
     assert torch.equal(converted(x), model(x))
-
-
-def test_rows_granularity_rows_alternate_between_classes():
-    """Row r of the flattened input (here (time, batch) = (5, 4), r = t * 4 + b) has class r mod 2's masks."""
-    torch.manual_seed(0)
-    converted = convert(_Seq(), seed=2, granularity="rows")
-    converted(torch.randn(5, 4, 16))
-    (chain,) = [m for m in converted.modules() if hasattr(m, "last_row_masks")]
-    assert chain.last_plan[0].shape == (ROW_CLASSES, 2, 2)
-    for mask in chain.last_row_masks():
-        assert mask.shape == (20, mask.shape[1])
-        assert all(torch.equal(mask[r], mask[r % ROW_CLASSES]) for r in range(20))
 
 
 def test_rows_granularity_errors_and_tile_sites():
     with pytest.raises(ValueError, match="granularity='cols'"):
         convert(_Seq(), granularity="cols")
+    with pytest.raises(ValueError, match="row_classes must be a power of two"):
+        convert(_Seq(), granularity="rows", row_classes=3)
     converted = convert(_Seq(), pattern="tile", granularity="rows")  # tile masks the weight: one per forward
     assert {site.granularity for site in sites(converted)} == {"forward"}
-    from fxdrop.site import Site
-    with pytest.raises(ValueError, match="site 'x': granularity='rows' needs a unit family"):
-        Site.create("x", 0.5, "tile", granularity="rows", weight_shape=(4, 4))

@@ -178,6 +178,8 @@ class InplaceDropoutSharedInput(nn.Module):
 
 
 class ZeroRate(nn.Module):
+    """A Dropout(0.0) converts like any other: inactive (no dropout) until its rate is raised."""
+
     def __init__(self):
         super().__init__()
         self.fc1 = nn.Linear(16, 32)
@@ -358,12 +360,12 @@ ZOO = [
     ZooModel("gpt2_block", GPT2Block, _x(2, 5, 24),
              {"attn.attn_dropout": None, "attn.resid_dropout": "output", "mlp.dropout": "output"},
              deterministic_train=False),
-    ZooModel("functional", FunctionalMLP, _x(5, 16), {"dropout": "chain", "dropout_1": "chain"}),
+    ZooModel("functional", FunctionalMLP, _x(5, 16), {"dropout": "chain", "dropout:1": "chain"}),
     ZooModel("shared_linear", SharedLinear, _x(5, 24), {"drop": "chain"}),
     ZooModel("inplace", InplaceDropout, _x(5, 16), {"drop": "chain"}),
     ZooModel("inplace_shared_input", InplaceDropoutSharedInput, _x(5, 16), {"drop": None},
              deterministic_train=False),
-    ZooModel("zero_rate", ZeroRate, _x(5, 16), {"drop0": None, "drop": "chain"}),
+    ZooModel("zero_rate", ZeroRate, _x(5, 16), {"drop0": "chain", "drop": "chain"}),
     ZooModel("nested", Nested, _x(5, 16), {"body.1.0": "chain", "body.1.1.2": "chain"}),
     ZooModel("looped", Looped, _x(5, 24), {"drop": "chain", "drop:1": "chain", "drop:2": "chain"}),
     ZooModel("data_dependent", DataDependent, _x(5, 16), {"head.net.2": "chain", "head.net.5": "chain"}),
@@ -413,6 +415,6 @@ class UntracedLSTM(nn.Module):
 
 ZOO += [
     ZooModel("lstm_lm", LSTMLanguageModel, _idx(6, 3),
-             {"drop_in": "lstm_input", "drop_out": "input", "rnn.layer0": "lstm"}),
-    ZooModel("untraced_lstm", UntracedLSTM, _x(5, 2, 8), {"rnn.layer0": "lstm", "rnn.layer1": "lstm"}),
+             {"drop_in": "rnn_input", "drop_out": "input", "rnn.layer0": "rnn"}),
+    ZooModel("untraced_lstm", UntracedLSTM, _x(5, 2, 8), {"rnn.layer0": "rnn", "rnn.layer1": "rnn"}),
 ]

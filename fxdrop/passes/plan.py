@@ -21,6 +21,7 @@ and the normalised graph.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -285,6 +286,8 @@ def _why_no_linear(g: NormalisedGraph, dropout: DropoutCall, users: list[fx.Node
     if not users:
         return "the dropout's output is unused"
     source = dropout.input
+    if source.op == "call_function" and source.target is operator.getitem and isinstance(source.args[0], fx.Node):
+        source = source.args[0]  # (output, weights) = attention(...)
     if source.op == "call_module" and isinstance(g.module(source), nn.MultiheadAttention):
         return ("produced by nn.MultiheadAttention, whose output projection runs inside "
                 "F.multi_head_attention_forward, and consumed by no Linear: nothing to shrink")
