@@ -19,7 +19,7 @@ import torch
 
 from fxdrop import PatternScheduler, search_distribution
 from fxdrop import patterns as P
-from fxdrop.timing import machine_info
+from fxdrop.harness.timing import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

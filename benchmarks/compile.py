@@ -3,7 +3,7 @@
 The MLP is 784 -> h -> h -> h -> 10 with ReLU + Dropout(p) after each hidden layer, batch 256, fp32,
 a step is zero_grad, forward, cross-entropy, backward and an SGD update. Compared pairwise, each
 figure being the median of interleaved paired ratios (baseline time / candidate time; see
-:mod:`fxdrop.timing`):
+:mod:`fxdrop.harness.timing`):
 
 * ``compiled``: ``torch.compile(original)`` (Inductor, ordinary dropout) against
   ``torch.compile(fxdrop.convert(original), fullgraph=True)`` (Inductor);
@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 import fxdrop
-from fxdrop.bench import training_step
-from fxdrop.demo import mnist_mlp
-from fxdrop.timing import machine_info, paired_timing
+from fxdrop.harness.bench import training_step
+from fxdrop.harness.models import mnist_mlp
+from fxdrop.harness.timing import machine_info, paired_timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 256

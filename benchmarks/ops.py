@@ -1,7 +1,7 @@
 """Forward + backward of the fused chain against ``Linear -> ReLU -> Dropout -> Linear``.
 
 Hidden 4096, batch 256, fp32 on this machine's CPU; each step draws a fresh pattern. Baseline and
-fxdrop steps alternate (``fxdrop.timing.paired_timing``) and the figures are the median of the paired ratios
+fxdrop steps alternate (``fxdrop.harness.timing.paired_timing``) and the figures are the median of the paired ratios
 (baseline / fxdrop) and the ratio of total times, so
 load from other processes hits both sides alike. Writes ``benchmarks/results/ops.json``.
 
@@ -21,8 +21,8 @@ from torch import nn
 
 import fxdrop.ops as ops
 from fxdrop import PatternScheduler, allocator, search_distribution
-from fxdrop.audit_cli import max_dp_arg
-from fxdrop.timing import machine_info, paired_timing
+from fxdrop.harness.audit_cli import max_dp_arg
+from fxdrop.harness.timing import machine_info, paired_timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -83,7 +83,7 @@ RETAINED_NOTE = ("With `fxdrop.allocator.retain_freed_memory()` (both sides, one
 
 
 def mlp_section(path: Path, result: dict) -> list[str]:
-    bench = importlib.import_module("fxdrop.bench")
+    bench = importlib.import_module("fxdrop.harness.bench")
     retained = result["machine"].get("retain_freed_memory", False)
     lines = [f"### Training-step speed, MNIST MLP ({_rel(path)})", "",
              "Whole training steps (forward, loss, backward, SGD) of the original model and of "

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 examples/ddp_mlp.py [--width 1024] [--epochs 3] [--sync] [--comm-hook]
 
 Both models start from the same weights and see the same data order; each rank trains on its own shard
-of every epoch's permutation (``fxdrop.data.load_mnist()``, 60,000 training images); epochs alternate
+of every epoch's permutation (``fxdrop.harness.data.load_mnist()``, 60,000 training images); epochs alternate
 between the two models so that machine load hits both alike. fxdrop's patterns are independent per
 rank by default (like standard dropout, whose masks come from each rank's own RNG); ``--sync`` shares
 them across ranks, and ``--comm-hook`` (needs ``--sync``) then all-reduces only the kept rows/columns.
@@ -30,13 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fxdrop
 from fxdrop import distributed as fd
-from fxdrop.data import load_mnist
-
-
-def mnist_mlp(width: int, p: float) -> nn.Module:
-    """784 -> width -> width -> width -> 10, ReLU and Dropout(p) after each hidden layer."""
-    return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Dropout(p), nn.Linear(width, width), nn.ReLU(),
-                         nn.Dropout(p), nn.Linear(width, width), nn.ReLU(), nn.Dropout(p), nn.Linear(width, 10))
+from fxdrop.harness.data import load_mnist
+from fxdrop.harness.models import mnist_mlp
 
 
 def slowest(seconds: float) -> float:

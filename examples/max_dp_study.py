@@ -3,7 +3,7 @@
 Every distribution with drop rate p keeps 1 - p of the units in expectation, so ``max_dp`` does not
 change the expected speedup; it changes how far single steps stray from 1 - p (a step with dp = 8
 keeps 1/8 of a layer). This trains the demo's MLP with standard dropout and with fxdrop variants
-``family/scale/max_dp`` side by side (same weights, same data order; fxdrop.demo's engine) and
+``family/scale/max_dp`` side by side (same weights, same data order; fxdrop.harness.demo's engine) and
 writes the test accuracy after every epoch.
 
     python examples/max_dp_study.py --p 0.5 --variants block/kept/8,block/kept/2,block/rate/3
@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 import fxdrop
-from fxdrop.audit_cli import max_dp_arg
-from fxdrop.data import load_mnist
-from fxdrop.demo import DemoConfig, mnist_mlp, train_interleaved
-from fxdrop.timing import machine_info
+from fxdrop.harness.audit_cli import max_dp_arg
+from fxdrop.harness.data import load_mnist
+from fxdrop.harness.demo import DemoConfig, train_interleaved
+from fxdrop.harness.models import mnist_mlp
+from fxdrop.harness.timing import machine_info
 
 OUT = Path(__file__).resolve().parent / "results" / "max_dp_study"
 

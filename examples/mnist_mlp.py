@@ -29,10 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import fxdrop
-from fxdrop.audit_cli import max_dp_arg
-from fxdrop.data import load_mnist
-from fxdrop.demo import DemoConfig, mnist_mlp, train_interleaved
-from fxdrop.timing import machine_info
+from fxdrop.harness.audit_cli import max_dp_arg
+from fxdrop.harness.data import load_mnist
+from fxdrop.harness.demo import DemoConfig, train_interleaved
+from fxdrop.harness.models import mnist_mlp
+from fxdrop.harness.timing import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mnist_mlp.json"
 STANDARD = "standard"

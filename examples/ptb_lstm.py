@@ -14,11 +14,9 @@ apart: it is the same computation for both).
 Writes ``<out>/ptb_lstm.json`` (config, machine, per-epoch validation perplexity and wall-clock, test
 perplexity) and ``<out>/ptb_lstm.png`` (validation perplexity against wall-clock).
 
-The fxdrop model comes from ``fxdrop.convert`` when it converts all three dropouts of this model
-(embedding -> LSTM input, between the LSTM layers, LSTM output -> decoder); otherwise (``--conversion
-manual``, or an fxdrop whose converter does not handle LSTMs yet) it is built from the same pieces
-directly: :class:`fxdrop.lstm.StructuredLSTM` with an input site, and an input-structured decoder on
-``fxdrop.ops.chain``.
+The fxdrop model is ``fxdrop.convert`` of the standard one (all three dropouts: embedding -> LSTM input,
+between the LSTM layers, LSTM output -> decoder). The model and the training step are
+:mod:`fxdrop.harness.models` and :mod:`fxdrop.harness.ptb`, the ones the benchmarks use.
 """
 
 from __future__ import annotations
@@ -38,173 +36,23 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxdrop
-import fxdrop.ops
-from fxdrop.audit_cli import max_dp_arg
-from fxdrop.lstm import StructuredLSTM, structure_lstm
-from fxdrop.modules import StructuredChain
-from fxdrop.scheduler import ROW_CLASSES, derive_seed
-from fxdrop.site import Site
-
-
-# ---------------------------------------------------------------- the model
-
-class WordLM(nn.Module):
-    """Embedding -> Dropout -> LSTM(dropout between layers) -> Dropout -> Linear decoder.
-
-    ``tokens: (T, B)`` int64 -> logits ``(T, B, vocab)`` and the new ``(h, c)``.
-    """
-
-    def __init__(self, vocab: int, hidden: int = 650, layers: int = 2, p: float = 0.5, init: float = 0.05):
-        super().__init__()
-        self.encoder = nn.Embedding(vocab, hidden)
-        self.drop_in = nn.Dropout(p)
-        self.rnn = nn.LSTM(hidden, hidden, num_layers=layers, dropout=p)
-        self.drop_out = nn.Dropout(p)
-        self.decoder = nn.Linear(hidden, vocab)
-        for param in self.parameters():
-            nn.init.uniform_(param, -init, init)
-
-    def forward(self, tokens, hidden=None):
-        output, hidden = self.rnn(self.drop_in(self.encoder(tokens)), hidden)
-        return self.decoder(self.drop_out(output)), hidden
-
-
-class InputStructuredDecoder(nn.Module):
-    """``Dropout -> Linear`` with the dropout structured: only the kept input columns are multiplied.
-
-    Holds the original Linear's Parameters under the same names (``weight``, ``bias``); the work is
-    :class:`fxdrop.modules.StructuredChain`'s (one pattern per forward, or per row class with ``rows``).
-    """
-
-    def __init__(self, linear: nn.Linear, site: Site):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.site = site
-        self.chain = StructuredChain([site], family=site.family, activations=[], has_bias=[linear.bias is not None],
-                                     input_dropout=True, output_dropout=False, scale=site.scale,
-                                     linears=["decoder"])
-
-    def fxdrop_sites(self) -> list[Site]:
-        return [self.site]
-
-    def forward(self, x):
-        if not self.training:
-            return F.linear(x, self.weight, self.bias)
-        return self.chain(x, self.weight, *([self.bias] if self.bias is not None else []))
-
-
-class StructuredWordLM(nn.Module):
-    """:class:`WordLM` with all three dropouts structured, built by hand; same Parameters, same keys."""
-
-    def __init__(self, model: WordLM, *, p: float, family: str, seed: int, max_dp: int | str = "auto",
-                 scale: str = "kept", granularity: str = "rows"):
-        super().__init__()
-        self.encoder = model.encoder
-        self.rnn = structure_lstm(model.rnn, name="rnn", p=p, input_name="drop_in", input_p=p, family=family,
-                                  max_dp=max_dp, seed=seed, scale=scale)
-        site = Site.create("drop_out", p, family, max_dp=max_dp, seed=derive_seed(seed, 1 << 20), scale=scale,
-                           units=model.decoder.in_features, producer="rnn", consumer="decoder",
-                           granularity=granularity)
-        self.decoder = InputStructuredDecoder(model.decoder, site)
-
-    def forward(self, tokens, hidden=None):
-        output, hidden = self.rnn(self.encoder(tokens), hidden)
-        return self.decoder(output), hidden
-
+from fxdrop.harness.audit_cli import max_dp_arg
+from fxdrop.harness.models import WordLM
+from fxdrop.harness.ptb import batches, batchify, load_corpus, num_batches, perplexity, train_step
 
 EXPECTED_SITES = {"drop_in", "rnn.layer0", "drop_out"}
 
 
 def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str = "kept", max_dp: int | str = "auto",
-                 conversion: str = "auto", granularity: str = "rows") -> nn.Module:
-    """The fxdrop twin of ``model`` (shares its Parameters): ``fxdrop.convert`` when it converts every site.
-
-    ``granularity="rows"`` (default here): the decoder's input site draws a pattern per token row;
-    the LSTM sites draw one per forward (locked dropout) either way.
-    """
-    if conversion in ("auto", "convert") and hasattr(fxdrop, "convert"):
-        try:
-            converted = fxdrop.convert(model, p=p, pattern=family, seed=seed, scale=scale, max_dp=max_dp,
-                                       granularity=granularity)
-            names = {site.name for site in fxdrop.sites(converted)}
-        except Exception as err:  # noqa: BLE001  (auto: fall back, and say why)
-            if conversion == "convert":
-                raise
-            names, reason = set(), f"{type(err).__name__}: {err}"
-        else:
-            reason = f"converted sites {sorted(names)}"
-        expected = EXPECTED_SITES if model.rnn.num_layers == 2 else (
-            {"drop_in", "drop_out"} | {f"rnn.layer{i}" for i in range(model.rnn.num_layers - 1)})
-        if names >= expected:
-            converted.fxdrop_conversion = "fxdrop.convert"
-            return converted
-        if conversion == "convert":
-            raise RuntimeError(f"fxdrop.convert did not convert every dropout of the model ({reason})")
-        print(f"[fxdrop.convert does not structure every dropout yet ({reason}); building the model by hand]")
-    twin = StructuredWordLM(model, p=p, family=family, seed=seed, scale=scale, max_dp=max_dp,
-                            granularity=granularity)
-    twin.fxdrop_conversion = "manual (StructuredLSTM + fxdrop.ops.chain decoder)"
-    return twin
-
-
-# ---------------------------------------------------------------- data
-
-def load_corpus():
-    """The three splits as int64 token-id tensors and the vocabulary size (``fxdrop.data.load_ptb``)."""
-    from fxdrop.data import load_ptb
-
-    ptb = load_ptb()
-    return {"train": ptb.train, "valid": ptb.valid, "test": ptb.test}, ptb.vocab_size
-
-
-def batchify(ids: torch.Tensor, batch: int) -> torch.Tensor:
-    """``(N,)`` -> ``(N // batch, batch)``: column ``b`` is the ``b``-th contiguous slice of the corpus."""
-    steps = ids.numel() // batch
-    return ids[: steps * batch].view(batch, steps).t().contiguous()
-
-
-def batches(data: torch.Tensor, bptt: int, limit: int | None = None):
-    count = 0
-    for start in range(0, data.shape[0] - 1, bptt):
-        if limit is not None and count >= limit:
-            return
-        length = min(bptt, data.shape[0] - 1 - start)
-        yield data[start: start + length], data[start + 1: start + 1 + length]
-        count += 1
-
-
-def num_batches(data: torch.Tensor, bptt: int, limit: int | None) -> int:
-    total = math.ceil((data.shape[0] - 1) / bptt)
-    return total if limit is None else min(total, limit)
-
-
-# ---------------------------------------------------------------- training
-
-def detach(hidden):
-    return None if hidden is None else tuple(h.detach() for h in hidden)
-
-
-def train_step(model, optimizer, inputs, targets, hidden, clip: float):
-    """One SGD step on the loss summed over time, averaged over the batch (Zaremba et al.)."""
-    optimizer.zero_grad(set_to_none=True)
-    logits, hidden = model(inputs, hidden)
-    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
-    (loss * inputs.shape[0]).backward()
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return float(loss.detach()), detach(hidden)
-
-
-@torch.no_grad()
-def perplexity(model, data, bptt: int, limit: int | None = None) -> float:
-    model.eval()
-    total, tokens, hidden = 0.0, 0, None
-    for inputs, targets in batches(data, bptt, limit):
-        logits, hidden = model(inputs, hidden)
-        total += float(F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
-        tokens += targets.numel()
-    model.train()
-    return math.exp(total / tokens)
+                 granularity: str = "rows", row_classes: int = 2) -> nn.Module:
+    """``fxdrop.convert`` of ``model`` (shares its Parameters), checked to have structured every dropout."""
+    converted = fxdrop.convert(model, p=p, pattern=family, seed=seed, scale=scale, max_dp=max_dp,
+                               granularity=granularity, row_classes=row_classes)
+    names = {site.name for site in fxdrop.sites(converted)}
+    expected = {"drop_in", "drop_out"} | {f"rnn.layer{i}" for i in range(model.rnn.num_layers - 1)}
+    if not names >= expected:
+        raise RuntimeError(f"fxdrop.convert structured {sorted(names)}, not every dropout {sorted(expected)}")
+    return converted
 
 
 def machine() -> dict:
@@ -244,7 +92,7 @@ def parse_args(argv=None):
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="fxdrop.allocator.retain_freed_memory() first (glibc keeps freed memory for reuse, so "
                              "fresh activations do not page-fault; both models run in this process alike)")
-    parser.add_argument("--conversion", choices=("auto", "convert", "manual"), default="auto")
+    parser.add_argument("--row-classes", type=int, default=2, help="row classes with --granularity rows (default 2)")
     parser.add_argument("--out", type=Path, default=Path("runs/ptb_lstm"))
     return parser.parse_args(argv)
 
@@ -270,10 +118,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     standard = WordLM(vocab, args.hidden, args.layers, args.p)
     structured = fxdrop_model(copy.deepcopy(standard), p=args.p, family=args.family, seed=args.seed,
-                              scale=args.scale, max_dp=args.max_dp, conversion=args.conversion,
-                              granularity=args.granularity)
-    console.print(f"fxdrop model: {structured.fxdrop_conversion}; sites: "
-                  f"{[site.name for site in fxdrop.sites(structured)] if hasattr(fxdrop, 'sites') else '?'}")
+                              scale=args.scale, max_dp=args.max_dp, granularity=args.granularity,
+                              row_classes=args.row_classes)
+    console.print(f"fxdrop sites: {[site.name for site in fxdrop.sites(structured)]}")
     runs = {"standard": {"model": standard}, "fxdrop": {"model": structured}}
     for run in runs.values():
         run.update(optimizer=torch.optim.SGD(run["model"].parameters(), lr=args.lr), seconds=0.0, epochs=[])
@@ -337,9 +184,7 @@ def summarize(args, runs, vocab: int, per_epoch: int) -> dict:
     std, fx = runs["standard"], runs["fxdrop"]
     target = std["epochs"][-1]["val_ppl"]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    config.update(vocab=vocab, batches_per_epoch=per_epoch, conversion=fx["model"].fxdrop_conversion)
-    if args.granularity == "rows":
-        config["row_classes"] = ROW_CLASSES
+    config.update(vocab=vocab, batches_per_epoch=per_epoch)
     return {
         "command": "python examples/ptb_lstm.py " + " ".join(sys.argv[1:]),
         "config": config,

@@ -27,7 +27,6 @@ measures quality, not speed. Writes ``<out>/<mode>.json`` with per-epoch validat
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -38,13 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxdrop.audit_cli import max_dp_arg
+from fxdrop.harness import ptb
+from fxdrop.harness.audit_cli import max_dp_arg
+from fxdrop.harness.models import WordLM
 from fxdrop.patterns import unit_mask
 from fxdrop.search import search_distribution
-
-_spec = importlib.util.spec_from_file_location("ptb_lstm", Path(__file__).with_name("ptb_lstm.py"))
-ptb = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ptb)
 
 GRANULARITIES = ("bernoulli", "shared", "sample", "row", "time", "chunk")
 
@@ -97,7 +94,7 @@ class PatternTable:
 class MaskedLM(nn.Module):
     """WordLM's computation with single-layer LSTMs and an explicit mask at every dropout."""
 
-    def __init__(self, model: "ptb.WordLM", mode: str, p: float, family: str, max_dp, scale: str, seed: int):
+    def __init__(self, model: WordLM, mode: str, p: float, family: str, max_dp, scale: str, seed: int):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
         rnn = model.rnn
@@ -144,7 +141,7 @@ def run(args, mode: str, splits, vocab: int) -> dict:
     valid = ptb.batchify(splits["valid"], args.eval_batch)
     test = ptb.batchify(splits["test"], args.eval_batch)
     torch.manual_seed(args.seed)
-    base = ptb.WordLM(vocab, args.hidden, args.layers, args.p)
+    base = WordLM(vocab, args.hidden, args.layers, args.p)
     model = MaskedLM(base, mode, args.p, args.family, args.max_dp, args.scale, seed=args.seed + 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     epochs, seconds = [], 0.0

@@ -9,6 +9,7 @@ from .patterns import Pattern
 from .scheduler import PatternScheduler
 from .search import PatternDistribution, search_distribution
 from .convert import convert, load_state_dict, set_p, sites, state_dict
+from .audit import AuditReport, audit, ideal_speedup
 
 import sys as _sys
 
@@ -19,5 +20,6 @@ if "torch._dynamo" in _sys.modules:
     from . import backend as _backend  # noqa: F401
 
 __all__ = ["backend_info", "DropoutConfig", "FxdropError", "Pattern", "PatternDistribution", "PatternScheduler",
-           "search_distribution", "convert", "sites", "set_p", "state_dict", "load_state_dict"]
+           "search_distribution", "convert", "sites", "set_p", "state_dict", "load_state_dict", "audit",
+           "AuditReport", "ideal_speedup"]
 __version__ = "0.2.0"

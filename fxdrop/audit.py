@@ -1,42 +1,43 @@
-"""``fxdrop.audit(model, example_inputs)``: what :func:`fxdrop.convert` would do, and what it would save.
+"""``fxdrop.audit(model, example_inputs)``: what :func:`fxdrop.convert` does to a model, and what it saves.
 
-Without changing the model, lists every dropout site (name, kind, p, producer, consumer, decision,
-reason) and, given example inputs, the FLOPs of the GEMMs each site makes structured, their share
-of a training step and the predicted ideal step speedup: Amdahl over GEMM FLOPs (forward and
-backward: the forward GEMM, the input-gradient GEMM where the input needs a gradient, and the
-weight-gradient GEMM where the weight has one), with the expected work of a GEMM scaled by
-``(1 - p)`` per structured side. Elementwise work is not counted: the number is an upper bound of
-what structure can buy, not a measurement.
+The audit *is* a conversion (on a clone of the model, which is left unchanged): the same discovery,
+planner and installation, so every site's decision and reason are convert's own. Given example inputs
+it also counts the FLOPs of a training step:
 
-Shapes come from running a clone of the model in eval mode without gradients (:class:`ShapeProp`
-on each traced region; forward hooks on the leaf modules of parts that do not trace).
-Imports torch, networkx, rich and fxdrop's convert and passes.
+* the dense step: every GEMM-like op (``mm``, ``addmm``, ``bmm``, convolutions, attention) of one forward
+  and backward, counted by ``torch.utils.flop_counter`` (backward as it really runs: no input gradient
+  for data, no weight gradient for frozen weights), plus the GEMMs of ``nn.LSTM``/``nn.GRU``/``nn.RNN``
+  layers, counted from their shapes (their fused kernels are invisible to the counter);
+* what each converted site shrinks: the Linear GEMMs of its chain (expected work per GEMM
+  ``fxdrop.layout.ChainLayout.expected_keep``: ``(1 - p)`` per structured side), the tiles of a tile
+  Linear, the input projection of the RNN layer it feeds;
+
+and reports the FLOP-only ideal step speedup, ``dense / expected``, an upper bound of what structure
+buys (elementwise work, the optimizer and memory traffic do not shrink).
+
+Imports torch, rich (for printing), the config, convert and the runtime modules.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import operator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-import networkx as nx
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .convert import _check_options, as_input_tuple, plan_model
-from .passes.find import DropoutSite, NormalisedGraph, site_family, site_rate
-from .passes.trace import SkippedModule, get_path
-
-# ---------------------------------------------------------------- report
+from .config import DropoutConfig
+from .convert import RegionRecord, as_input_tuple, check_model, plan_and_install
+from .modules.structured import StructuredChain, TileLinear, probing
+from .passes.trace import SkippedModule
 
 
 @dataclass
 class SiteAudit:
-    """One dropout site: the plan record plus its GEMM FLOPs (dense, forward + backward, per step)."""
+    """One dropout site: the plan record plus the GEMM FLOPs it makes structured (dense, forward + backward)."""
 
     name: str
     kind: str
@@ -58,9 +59,10 @@ class AuditReport:
     options: dict[str, Any]
     sites: list[SiteAudit] = field(default_factory=list)
     skipped: list[SkippedModule] = field(default_factory=list)
+    regions: list[RegionRecord] = field(default_factory=list)
     step_flops: float | None = None  # GEMM FLOPs of one dense training step (forward + backward)
     expected_flops: float | None = None  # the same after conversion, in expectation
-    ideal_speedup: float | None = None
+    ideal_speedup: float | None = None  # step_flops / expected_flops
 
     @property
     def converted(self) -> list[SiteAudit]:
@@ -69,8 +71,8 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "inputs": self.inputs, "options": self.options,
                 "sites": [asdict(s) for s in self.sites], "skipped": [asdict(s) for s in self.skipped],
-                "step_flops": self.step_flops, "expected_flops": self.expected_flops,
-                "ideal_speedup": self.ideal_speedup}
+                "regions": [asdict(r) for r in self.regions], "step_flops": self.step_flops,
+                "expected_flops": self.expected_flops, "ideal_speedup": self.ideal_speedup}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -96,12 +98,13 @@ class AuditReport:
         if self.step_flops is not None:
             parts.append(Text(f"training step GEMM FLOPs: {_flops(self.step_flops)} dense, "
                               f"{_flops(self.expected_flops)} expected after conversion; "
-                              f"ideal step speedup (Amdahl over FLOPs): {self.ideal_speedup:.3f}x"))
+                              f"ideal step speedup (FLOPs only): {self.ideal_speedup:.3f}x"))
         else:
             parts.append(Text("give example inputs for FLOPs, shares and the predicted speedup", style="dim"))
         if self.skipped:
-            skipped = Table(title="modules that do not trace (left as they are; their children were tried)")
-            for column in ("module", "type", "tracer message"):
+            skipped = Table(title="modules that do not trace or did not convert (left as they are; their children "
+                                  "were tried)")
+            for column in ("module", "type", "message"):
                 skipped.add_column(column, overflow="fold")
             for s in self.skipped:
                 skipped.add_row(s.name, s.type, s.message)
@@ -137,302 +140,201 @@ def _flops(value: float | None) -> str:
     return f"{value:.0f}"
 
 
-# ---------------------------------------------------------------- GEMM accounting
+# ---------------------------------------------------------------- counting
+
+
+class _Reattach(torch.autograd.Function):
+    """Outputs of a module run outside the FLOP counter, connected to its inputs by a backward that also
+    runs outside it (the module's GEMMs are counted from shapes instead)."""
+
+    @staticmethod
+    def forward(ctx, real_outputs, *inputs):
+        # The real outputs travel outside the arguments: as inputs of this node, the engine would walk their
+        # graph (already freed by the inner backward) once more.
+        ctx.real = (inputs, real_outputs)
+        return tuple(o.detach().clone() for o in real_outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        inputs, outputs = ctx.real
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        with _disable_current_modes(), torch.enable_grad():
+            got = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True) \
+                if pairs else [None] * len(inputs)
+        return (None, *got)
+
+
+def _rnn_layers(module: nn.RNNBase, rows: int, input_needs_grad: bool) -> list[dict[str, float]]:
+    """Per layer: the input projection's and the recurrence's step FLOPs (forward + backward)."""
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    directions = 2 if module.bidirectional else 1
+    hidden, out = module.hidden_size, (getattr(module, "proj_size", 0) or module.hidden_size)
+    layers = []
+    for layer in range(module.num_layers):
+        width = module.input_size if layer == 0 else directions * out
+        ih = 2.0 * rows * width * gates * hidden * directions
+        hh = 2.0 * rows * out * gates * hidden * directions
+        proj = 2.0 * rows * hidden * out * directions if out != hidden else 0.0
+        passes_ih = 3 if (layer > 0 or input_needs_grad) else 2
+        layers.append({"ih": ih * passes_ih, "hh": (hh + proj) * 3, "ih_passes": passes_ih, "ih_forward": ih})
+    return layers
 
 
 @dataclass
-class Gemm:
-    """One GEMM of the training step: forward FLOPs and how many of (fwd, grad input, grad weight) run."""
+class _Count:
+    dense: float = 0.0
+    saved: float = 0.0
+    per_site: dict[str, float] = field(default_factory=dict)
 
-    forward: float
-    passes: int = 3
-    keep: float = 1.0  # expected fraction of the work that remains after conversion
-
-    @property
-    def step(self) -> float:
-        return self.forward * self.passes
+    def touch(self, names: list[str], flops: float) -> None:
+        for name in set(names):
+            self.per_site[name] = self.per_site.get(name, 0.0) + flops
 
 
-def _numel(shape) -> int:
-    return int(math.prod(shape))
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
 
 
-def _meta_shape(node: Any):
-    if isinstance(node, fx.Node):
-        meta = node.meta.get("tensor_meta")
-        if meta is not None and hasattr(meta, "shape"):
-            return tuple(meta.shape)
-    return None
+def count_step(work: nn.Module, inputs: tuple, kwargs: Mapping[str, Any]) -> _Count:
+    """The FLOPs of one training step of ``work`` (converted) on these inputs, dense and saved per site."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from .modules.rnn import StructuredRNN
+
+    count = _Count()
+    rnn_calls: list[tuple[nn.RNNBase, int, bool]] = []
+    patched: list[nn.Module] = []
+
+    def uncounted(module: nn.RNNBase):
+        original = module.forward
+
+        def forward(*args, **kw):
+            flat, _ = tree_flatten((args, kw))
+            tensors = [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+            x = args[0].data if isinstance(args[0], nn.utils.rnn.PackedSequence) else args[0]
+            rnn_calls.append((module, _rows(x), x.requires_grad))
+            with _disable_current_modes():
+                out = original(*args, **kw)
+            flat_out, spec = tree_flatten(out)
+            positions = [i for i, t in enumerate(flat_out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            attached = _Reattach.apply(tuple(flat_out[i] for i in positions), *tensors)
+            for i, t in zip(positions, attached):
+                flat_out[i] = t
+            return tree_unflatten(flat_out, spec)
+
+        module.forward = forward
+        patched.append(module)
+
+    for module in work.modules():
+        if isinstance(module, nn.RNNBase):
+            uncounted(module)
+    modes = {m: m.training for m in work.modules()}
+    params = [p for p in work.parameters() if p.requires_grad]
+    try:
+        work.eval()  # dense ops, no state updates (BatchNorm statistics), no .grad written
+        with FlopCounterMode(display=False) as counter, probing() as records, torch.random.fork_rng():
+            out = work(*inputs, **dict(kwargs))
+            flat, _ = tree_flatten(out)
+            loss = sum(t.float().sum() for t in flat if isinstance(t, torch.Tensor) and t.requires_grad)
+            if isinstance(loss, torch.Tensor):
+                torch.autograd.grad(loss, params, allow_unused=True)
+        count.dense = float(counter.get_total_flops())
+    finally:
+        for module in patched:
+            del module.forward
+        for module, training in modes.items():
+            module.training = training
+
+    for module, rows, needs_grad in rnn_calls:
+        layers = _rnn_layers(module, rows, needs_grad)
+        count.dense += sum(layer["ih"] + layer["hh"] for layer in layers)
+        if isinstance(module, StructuredRNN):
+            for layer, site in enumerate(module.layer_sites):
+                ih = layers[layer + 1]["ih"]
+                count.saved += ih * site.p
+                count.touch([site.name], ih)
+    rnn_input_of = {}
+    for kind, owner, data in records:
+        if kind == "chain":
+            _count_chain(count, owner, data)
+        elif kind == "tile":
+            x, weight = data["x"], data["weight"]
+            out_f, in_f = (weight.shape[1], weight.shape[0]) if owner.transposed else tuple(weight.shape)
+            passes = 1 + int(x.requires_grad) + int(weight.requires_grad)
+            dense = 2.0 * _rows(x) * in_f * out_f * passes
+            count.saved += dense * owner.site.p
+            count.touch([owner.site.name], dense)
+        elif kind == "rnn_input":
+            rnn_input_of[id(owner.rnn)] = owner.site
+    for module, rows, needs_grad in rnn_calls:
+        site = rnn_input_of.get(id(module))
+        if site is not None:
+            ih = _rnn_layers(module, rows, needs_grad)[0]["ih"]
+            count.saved += ih * site.p
+            count.touch([site.name], ih)
+    return count
 
 
-def _lstm_gemms(lstm: nn.LSTM, rows: int) -> dict[tuple, Gemm]:
-    """Per layer: the input-projection GEMM (``ih``) and the recurrent one (``hh``), all directions."""
-    directions = 2 if lstm.bidirectional else 1
-    out_width = lstm.proj_size or lstm.hidden_size
-    gemms = {}
-    for layer in range(lstm.num_layers):
-        width = lstm.input_size if layer == 0 else directions * out_width
-        gemms[(layer, "ih")] = Gemm(2.0 * rows * width * 4 * lstm.hidden_size * directions)
-        gemms[(layer, "hh")] = Gemm(2.0 * rows * out_width * 4 * lstm.hidden_size * directions)
-    return gemms
-
-
-def _module_gemms(module: nn.Module, inputs: tuple, output: Any) -> dict[tuple, Gemm]:
-    x = inputs[0] if inputs else None
-    if isinstance(module, nn.Linear) and isinstance(x, torch.Tensor):
-        return {(): Gemm(2.0 * (x.numel() // module.in_features) * module.in_features * module.out_features)}
-    if isinstance(module, nn.modules.conv._ConvNd) and isinstance(output, torch.Tensor):
-        per_output = module.in_channels // module.groups * _numel(module.kernel_size)
-        return {(): Gemm(2.0 * output.numel() * per_output)}
-    if isinstance(module, nn.LSTM) and isinstance(x, torch.Tensor):
-        return _lstm_gemms(module, x.numel() // x.shape[-1])
-    if isinstance(module, nn.MultiheadAttention) and isinstance(x, torch.Tensor):
-        tokens, e = x.numel() // x.shape[-1], module.embed_dim
-        return {("proj",): Gemm(2.0 * tokens * e * 4 * e), ("attention",): Gemm(4.0 * tokens * tokens * e)}
-    return {}
-
-
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.mm}
-
-
-def _node_gemms(g: NormalisedGraph, node: fx.Node) -> dict[tuple, Gemm]:
-    if node in g.linears:
-        linear = g.linears[node]
-        shape = _meta_shape(linear.input)
-        out_shape = _meta_shape(node)
-        if shape is None or out_shape is None:
-            return {}
-        return {(): Gemm(2.0 * _numel(shape) * out_shape[-1])}
-    if node.op == "call_module":
-        module = g.module(node)
-        if isinstance(module, nn.LSTM):
-            shape = _meta_shape(node.args[0])
-            return _lstm_gemms(module, _numel(shape[:-1])) if shape else {}
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.MultiheadAttention)):
-            shape, out = _meta_shape(node.args[0]), node.meta.get("tensor_meta")
-            fake_in = torch.empty(shape, device="meta") if shape else None
-            out_shape = _meta_shape(node) if not isinstance(out, (tuple, list)) else None
-            fake_out = torch.empty(out_shape, device="meta") if out_shape else None
-            return _module_gemms(module, (fake_in,), fake_out) if fake_in is not None else {}
-        return {}
-    if node.op == "call_function" and node.target in (F.conv1d, F.conv2d, F.conv3d):
-        weight, out = g.value(node.args[1]), _meta_shape(node)
-        weight_shape = _meta_shape(weight) if isinstance(weight, fx.Node) else getattr(weight, "shape", None)
-        return {(): Gemm(2.0 * _numel(out) * _numel(weight_shape[1:]))} if out and weight_shape else {}
-    if (node.op == "call_function" and node.target in _MATMULS) or (node.op == "call_method"
-                                                                     and node.target in ("matmul", "bmm", "mm")):
-        a, out = _meta_shape(node.args[0]), _meta_shape(node)
-        return {(): Gemm(2.0 * _numel(out) * a[-1])} if a and out else {}
-    return {}
-
-
-def _needs_grad_nodes(g: NormalisedGraph) -> set[fx.Node]:
-    """Nodes whose value depends on a trainable parameter (reachability on the def-use graph)."""
-    sources = []
-    for node in g.graph.nodes:
-        if node.op == "get_attr":
-            value = g.value(node)
-            if isinstance(value, torch.Tensor) and value.requires_grad:
-                sources.append(node)
-        elif node.op == "call_module":
-            module = g.module(node)
-            if module is not None and any(p.requires_grad for p in module.parameters()):
-                sources.append(node)
-    reached: set[fx.Node] = set(sources)
-    for source in sources:
-        reached |= nx.descendants(g.def_use, source)
-    return reached
-
-
-def _weight_trainable(g: NormalisedGraph, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        module = g.module(node)
-        return module is not None and any(p.requires_grad for p in module.parameters(recurse=True))
-    if node in g.linears:
-        weight = g.value(g.linears[node].weight) if isinstance(g.linears[node].weight, fx.Node) else None
-        return isinstance(weight, torch.Tensor) and weight.requires_grad
-    return False
+def _count_chain(count: _Count, chain: StructuredChain, data: dict[str, Any]) -> None:
+    x, weights = data["x"], data["weights"]
+    rows = _rows(x)
+    rates = [site.p for site in chain.sites]
+    layout = chain.layout
+    for layer, weight in enumerate(weights):
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if chain.transposed[layer] else tuple(weight.shape)
+        needs_input_grad = x.requires_grad if layer == 0 else True
+        passes = 1 + int(needs_input_grad) + int(weight.requires_grad)
+        dense = 2.0 * rows * in_f * out_f * passes
+        count.saved += dense * (1.0 - layout.expected_keep(layer, rates))
+        names = [chain.sites[s].name for s in (layout.in_site(layer), layout.out_site(layer)) if s is not None]
+        count.touch(names, dense)
 
 
 # ---------------------------------------------------------------- audit
 
 
-def audit(model: nn.Module, example_inputs: Any = None, *, p: Any = None, pattern: Any = "row",
-          max_dp: int | str = "auto", seed: int | None = None, scale: str = "kept", tile: int = 32) -> AuditReport:
-    """Report every dropout site of ``model`` and what :func:`fxdrop.convert` with these options would do.
+def audit(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Mapping[str, Any] | None = None,
+          config: DropoutConfig | None = None, **options: Any) -> AuditReport:
+    """Report every dropout site of ``model`` and what :func:`fxdrop.convert` with these options does.
 
-    ``model`` is not changed. With ``example_inputs`` (a tensor or tuple), also FLOPs, shares and
-    the predicted ideal step speedup.
+    ``model`` is not changed. With ``example_inputs`` (a tensor or tuple; ``example_kwargs`` for keyword
+    arguments), also FLOPs, shares and the predicted ideal step speedup.
     """
-    _check_options(model, p, pattern, max_dp, seed, scale, tile)
+    config = DropoutConfig.from_options(options, where="fxdrop.audit") if config is None else \
+        DropoutConfig.from_options(options, config=config, where="fxdrop.audit")
+    check_model(model, "fxdrop.audit")
     inputs = as_input_tuple(example_inputs)
-    work, regions, skipped = plan_model(model, p=p, pattern=pattern,
-                                        example_inputs=inputs if example_inputs is not None else None)
-    records: list[DropoutSite] = [s for region in regions for s in region.plan.sites]
-    records += _lstm_records(work, p, pattern, {r.name for r in regions}, records)
+    has_inputs = example_inputs is not None or bool(example_kwargs)
+    work, conversion = plan_and_install(model, config, example_inputs=example_inputs if has_inputs else None,
+                                        example_kwargs=example_kwargs)
     report = AuditReport(model=type(model).__name__,
                          inputs=[list(x.shape) for x in inputs if isinstance(x, torch.Tensor)],
-                         options={"p": p if isinstance(p, (float, int, type(None))) else repr(p),
-                                  "pattern": pattern if isinstance(pattern, str) else repr(pattern),
-                                  "max_dp": max_dp, "scale": scale, "tile": tile},
-                         skipped=list(skipped))
-    site_audits = {id(r): SiteAudit(r.name, r.kind, r.p, r.producer, r.consumer, r.decision, r.plan, r.family,
-                                    r.reason) for r in records}
-    report.sites = [site_audits[id(r)] for r in records]
-    if example_inputs is None:
+                         options=config.describe(), skipped=list(conversion.skipped),
+                         regions=list(conversion.regions))
+    report.sites = [SiteAudit(r.name, r.kind, r.p, r.producer, r.consumer, r.decision, r.plan, r.family, r.reason)
+                    for r in conversion.sites]
+    if not has_inputs:
         return report
-
-    gemms, touched = _measure(work, regions, inputs)
-    rates = {r.name: r.p for r in records if r.converted}
-    for key, sides in touched.items():
-        if key in gemms:
-            for side, name in sides:
-                gemms[key].keep *= 1.0 - rates[name]
-    report.step_flops = sum(gemm.step for gemm in gemms.values())
-    report.expected_flops = sum(gemm.step * gemm.keep for gemm in gemms.values())
-    report.ideal_speedup = report.step_flops / report.expected_flops if report.expected_flops else None
-    per_site: dict[str, float] = {}
-    for key, sides in touched.items():
-        for name in {name for _, name in sides}:
-            if key in gemms:
-                per_site[name] = per_site.get(name, 0.0) + gemms[key].step
-    for record in records:
-        audit_row = site_audits[id(record)]
-        if record.converted:
-            audit_row.gemm_flops = per_site.get(record.name, 0.0)
-            audit_row.share = audit_row.gemm_flops / report.step_flops if report.step_flops else None
+    count = count_step(work, inputs, example_kwargs or {})
+    report.step_flops = count.dense
+    report.expected_flops = max(count.dense - count.saved, 0.0)
+    report.ideal_speedup = count.dense / report.expected_flops if report.expected_flops else None
+    for row in report.sites:
+        if row.decision == "converted":
+            row.gemm_flops = count.per_site.get(row.name, 0.0)
+            row.share = row.gemm_flops / count.dense if count.dense else None
     return report
 
 
-def ideal_speedup(model: nn.Module, example_inputs: Any, **convert_options: Any) -> float:
-    """The predicted ideal training-step speedup of ``convert(model, **convert_options)`` (Amdahl over FLOPs)."""
+def ideal_speedup(model: nn.Module, example_inputs: Any, **options: Any) -> float:
+    """The predicted ideal training-step speedup of ``convert(model, **options)`` (FLOPs only)."""
     if example_inputs is None:
         raise ValueError("ideal_speedup needs example_inputs (shapes decide the FLOPs)")
-    speedup = audit(model, example_inputs, **convert_options).ideal_speedup
-    return 1.0 if speedup is None else speedup
+    speedup = audit(model, example_inputs, **options).ideal_speedup
+    return 1.0 if speedup is None or math.isnan(speedup) else speedup
 
 
-def _lstm_records(work: nn.Module, p: Any, pattern: Any, regions: set[str],
-                  records: list[DropoutSite]) -> list[DropoutSite]:
-    """What convert does to LSTMs with inter-layer dropout (it converts them wherever they are)."""
-    from .lstm import lstm_blocker
-
-    input_sites = {r.consumer for r in records if r.plan == "lstm_input"}
-    out = []
-    for name, module in work.named_modules():
-        if not isinstance(module, nn.LSTM) or module.num_layers < 2 or module.dropout == 0:
-            continue
-        rate = site_rate(p, name, module.dropout)
-        family = site_family(pattern, name)
-        blocker = lstm_blocker(module)
-        if blocker is None and family == "tile":
-            blocker = "an LSTM dropout masks units: the tile family does not apply"
-        if blocker is None and rate == 0 and name not in input_sites:
-            blocker = "p = 0: nothing is dropped, nothing to save"
-        if blocker is not None:
-            out.append(DropoutSite(f"{name}.dropout", rate, "lstm", f"{name} (layer output)",
-                                   f"{name} (next layer)", False, blocker))
-            continue
-        for layer in range(module.num_layers - 1):
-            out.append(DropoutSite(f"{name}.layer{layer}", rate, "lstm", f"{name} layer {layer}",
-                                   f"{name}.weight_ih_l{layer + 1}", rate > 0,
-                                   "inter-layer dropout of an LSTM: the next layer's input GEMM shrinks",
-                                   plan="lstm" if rate > 0 else None, family=family))
-    return out
-
-
-def _measure(work: nn.Module, regions, inputs: tuple) -> tuple[dict[tuple, Gemm], dict[tuple, list]]:
-    """GEMMs of the step (keyed by place) and, per GEMM, the structured sides ``[(side, site name)]``."""
-    gemms: dict[tuple, Gemm] = {}
-    touched: dict[tuple, list] = {}
-    region_names = {r.name for r in regions}
-    by_name = {r.name: r for r in regions}
-    captured: dict[str, tuple] = {}
-    handles = []
-    modes = {m: m.training for m in work.modules()}
-    work.eval()
-
-    def inside_region(name: str) -> bool:
-        return any(name == r or name.startswith(r + ".") or r == "" for r in region_names)
-
-    try:
-        # Region inputs by pre-hooks (nested regions too); leaves outside every region by forward hooks.
-        for name, module in work.named_modules():
-            if name in region_names:
-                def capture(m, args, name=name):
-                    captured.setdefault(name, args)  # a region called again has the same shapes
-                handles.append(module.register_forward_pre_hook(capture))
-            elif not inside_region(name) and not list(module.children()):
-                def hook(m, args, output, name=name):
-                    for key, gemm in _module_gemms(m, args, output).items():
-                        place = ("module", name) + key
-                        if place in gemms:
-                            gemms[place].forward += gemm.forward
-                        else:
-                            gemms[place] = gemm
-                handles.append(module.register_forward_hook(hook))
-        with torch.no_grad():
-            work(*inputs)
-        for handle in handles:
-            handle.remove()
-        for name, args in captured.items():
-            region = by_name[name]
-            gm = region.module
-            gm.eval()
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*args)
-            g = NormalisedGraph(gm.graph, gm)
-            needs_grad = _needs_grad_nodes(g)
-            for node in gm.graph.nodes:
-                for key, gemm in _node_gemms(g, node).items():
-                    source = node.args[0] if node.args else None
-                    gemm.passes = 1 + int(source in needs_grad) + int(_weight_trainable(g, node))
-                    gemms[("node", name, node.name) + key] = gemm
-            _sides(region, touched)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    _lstm_sides(work, regions, gemms, touched)
-    return gemms, touched
-
-
-def _sides(region, touched: dict[tuple, list]) -> None:
-    name = region.name
-    plan = region.plan
-    for chain in plan.chains:
-        sites = iter(chain.sites)
-        keys = [("node", name, linear.node.name) for linear in chain.linears]
-        if chain.input_dropout:
-            touched.setdefault(keys[0], []).append(("in", next(sites).name))
-        for i in range(len(keys) - 1):
-            site = next(sites).name
-            touched.setdefault(keys[i], []).append(("out", site))
-            touched.setdefault(keys[i + 1], []).append(("in", site))
-        if chain.output_dropout:
-            touched.setdefault(keys[-1], []).append(("out", next(sites).name))
-    for tile in plan.tiles:
-        touched.setdefault(("node", name, tile.linear.node.name), []).append(("weight", tile.site.name))
-    for lstm_input in plan.lstm_inputs:
-        touched.setdefault(("node", name, lstm_input.lstm.name, 0, "ih"), []).append(("in", lstm_input.site.name))
-
-
-def _lstm_sides(work: nn.Module, regions, gemms: dict[tuple, Gemm], touched: dict[tuple, list]) -> None:
-    """Inter-layer site ``<lstm>.layer{l}`` shrinks layer ``l + 1``'s input GEMM, wherever the LSTM runs."""
-    by_module: dict[str, list[tuple]] = {}
-    for region in regions:
-        for node in region.module.graph.nodes:
-            if node.op == "call_module" and isinstance(get_path(region.module, node.target), nn.LSTM):
-                full = f"{region.name}.{node.target}" if region.name else node.target
-                by_module.setdefault(full, []).append(("node", region.name, node.name))
-    for place in gemms:
-        if place[0] == "module" and isinstance(get_path(work, place[1]), nn.LSTM):
-            by_module.setdefault(place[1], []).append(("module", place[1]))
-    for name, prefixes in by_module.items():
-        lstm = get_path(work, name)
-        if lstm.num_layers < 2 or lstm.dropout == 0:
-            continue
-        for prefix in set(prefixes):
-            for layer in range(lstm.num_layers - 1):
-                touched.setdefault(prefix + (layer + 1, "ih"), []).append(("in", f"{name}.layer{layer}"))
+__all__ = ["AuditReport", "SiteAudit", "audit", "count_step", "ideal_speedup"]

@@ -60,6 +60,9 @@ class Conversion:
     skipped: list[SkippedModule] = field(default_factory=list)
     regions: list[RegionRecord] = field(default_factory=list)
     config: DropoutConfig | None = None
+    # Parameters whose only use in the traced code is one Linear of one chain (qualified names): the
+    # DDP comm hook may reduce just the kept block of their gradients (fxdrop.distributed).
+    chain_only: set[str] = field(default_factory=set)
 
     @property
     def converted(self) -> list[DropoutSite]:
@@ -321,9 +324,40 @@ def plan_and_install(model: nn.Module, config: DropoutConfig, *, example_inputs:
                 record.reason = f"its region was not converted: {why}" if why else "its region was not converted"
             conversion.sites.append(record)
     _apply_rate_overrides(work, config, conversion.sites)
+    conversion.chain_only = _chain_only_parameters(work, planned)
     for site in sites(work):
         site.sync()
     return work, conversion
+
+
+def _chain_only_parameters(work: nn.Module, planned) -> set[str]:
+    """Parameters used by exactly one chain Linear and nothing else in the largest traced regions."""
+    names = {id(p): name for name, p in work.named_parameters()}
+    chain_uses: dict[int, int] = {}
+    other: set[int] = set()
+    covered: set[int] = set()
+    for region, g, plan in planned:
+        covered.update(id(p) for p in region.module.parameters())
+        chain_nodes = {n for chain in plan.chains for linear in chain.linears for n in linear.nodes}
+        for node in g.graph.nodes:
+            if node.op == "call_module":
+                params = [id(p) for p in region.module.get_submodule(node.target).parameters()]
+                if node in chain_nodes:
+                    for pid in params:
+                        chain_uses[pid] = chain_uses.get(pid, 0) + 1
+                else:
+                    other.update(params)
+            elif node.op == "get_attr":
+                try:
+                    value = region.module.get_parameter(node.target)
+                except AttributeError:
+                    continue
+                if all(user in chain_nodes for user in node.users):
+                    chain_uses[id(value)] = chain_uses.get(id(value), 0) + len(node.users)
+                else:
+                    other.add(id(value))
+    return {names[pid] for pid, uses in chain_uses.items()
+            if uses == 1 and pid not in other and pid in covered and pid in names}
 
 
 def _install_one(work: nn.Module, target: InstallRegion, config: DropoutConfig, conversion: Conversion

@@ -1,10 +1,11 @@
 """Converted models under ``torch.distributed``: pattern seeding per rank, checkpoints, a DDP comm hook, FSDP2.
 
-Patterns are **independent per rank by default**: after :func:`prepare`, site ``i`` on rank ``r`` draws
-from ``derive_seed(base_i, r)``, so every rank drops different units, like ordinary dropout under DDP.
-``prepare(model, sync=True)`` **shares** them instead: every rank draws from ``base_i`` and sees the
-identical pattern at every step. ``base_i`` is agreed on rank 0 (``derive_seed(seed, i)``, or rank 0's
-current site seeds when ``seed`` is None), so no rank depends on its own global RNG.
+Patterns are **independent per rank by default**: after :func:`prepare`, site ``s`` on rank ``r`` draws
+from ``derive_seed(base_s, r)``, so every rank drops different units, like ordinary dropout under DDP.
+``prepare(model, sync=True)`` **shares** them instead: every rank draws from ``base_s`` and sees the
+identical pattern at every step. ``base_s`` is agreed on rank 0 (the seed ``fxdrop.convert(seed=seed)``
+gives the site of that name, or rank 0's current site seeds when ``seed`` is None), so no rank depends
+on its own global RNG.
 
 With shared patterns, the weight gradient of every structured Linear is zero outside the kept rows and
 columns on every rank, so :func:`register_comm_hook` can all-reduce only the kept block of each
@@ -12,7 +13,8 @@ columns on every rank, so :func:`register_comm_hook` can all-reduce only the kep
 rank by :func:`state_dict` and restored by :func:`load_state_dict`, so a resumed run draws the patterns
 it would have drawn. :func:`fully_shard` is FSDP2 for converted models (the whole model as one unit).
 
-Imports torch, torch.distributed and fxdrop's convert, modules, patterns and scheduler.
+Which block of a weight a chain's step uses is :class:`fxdrop.layout.ChainLayout`'s (``weight_support``).
+Imports torch, torch.distributed and fxdrop's config, convert, layout, modules and scheduler.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import fx, nn
+from torch import nn
 
+from .config import DropoutConfig
+from .convert import conversion
+from .convert import load_state_dict as _load_site_states
+from .convert import regions as _regions
 from .convert import sites as _sites
 from .convert import state_dict as _site_states
-from .convert import load_state_dict as _load_site_states
-from .modules import StructuredChain, TileLinear, UnitDropout
-from .patterns import kept_slice
+from .modules.structured import StructuredChain, TileLinear, UnitDropout
 from .scheduler import derive_seed
 
 SHARING_ATTR = "_fxdrop_pattern_sharing"
@@ -79,11 +83,11 @@ def _converted_sites(model: nn.Module, where: str):
 def prepare(model: nn.Module, *, sync: bool = False, seed: int | None = None, group: Any = None) -> nn.Module:
     """Seed a converted model's sites for this rank; call it on every rank, before wrapping in DDP.
 
-    ``sync=False`` (default): **independent** patterns, site ``i`` of rank ``r`` draws from
-    ``derive_seed(base_i, r)``. ``sync=True``: **shared** patterns, every rank draws from ``base_i`` and
-    so drops the same units at every step (required by :func:`register_comm_hook`).
-    ``base_i = derive_seed(seed, i)`` over ``fxdrop.sites(model)`` order, or rank 0's current seed of
-    site ``i`` when ``seed`` is None. Draw counters are taken from rank 0, so every rank starts at the
+    ``sync=False`` (default): **independent** patterns, site ``s`` of rank ``r`` draws from
+    ``derive_seed(base_s, r)``. ``sync=True``: **shared** patterns, every rank draws from ``base_s`` and
+    so drops the same units at every step (required by :func:`register_comm_hook`). ``base_s`` is the
+    seed ``fxdrop.convert(model, seed=seed)`` gives site ``s`` (by its name), or rank 0's current seed of
+    the site when ``seed`` is None. Draw counters are taken from rank 0, so every rank starts at the
     same step. A collective (``all_gather_object``) on ``group``; every rank must pass the same ``sync``
     and ``seed`` and hold the same sites, else every rank raises ``ValueError``. Without an initialised
     process group it seeds as rank 0 of 1. Returns ``model`` (modified in place).
@@ -107,7 +111,8 @@ def prepare(model: nn.Module, *, sync: bool = False, seed: int | None = None, gr
     if seed is None:
         base = [int(state[0]) for state in first["states"]]
     else:
-        base = [derive_seed(seed, i) for i in range(len(found))]
+        seeds = DropoutConfig(seed=seed)
+        base = [seeds.seed_for(site.name) for site in found]
     for site, base_seed, state in zip(found, base, first["states"]):
         site.scheduler.state.copy_(state)
         site.scheduler.state[0] = base_seed if sync else derive_seed(base_seed, rank)
@@ -182,83 +187,74 @@ class _Support:
 _DENSE_CODE = [-2] * 6
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+_FXDROP_CALLABLES = (StructuredChain, TileLinear, UnitDropout)
 
 
-_FXDROP_MODULES = (StructuredChain, TileLinear, UnitDropout)
+def _programs(model: nn.Module):
+    """``(region, program)`` for every program a region of ``model`` has built."""
+    for region in _regions(model):
+        for program in region.programs.values():
+            if not isinstance(program, str):
+                yield region, program
 
 
 def _chain_only_parameters(model: nn.Module) -> set[int]:
-    """Parameters whose only use in ``model`` is as weight/bias argument of a StructuredChain.
+    """Parameters whose only use in ``model``'s training step is as weight/bias argument of one chain call.
 
-    Any other use (another graph node, a module the graph calls, an eager module outside the traced
-    regions, a second chain) adds gradient outside the chain's kept block, so such parameters stay dense.
+    Any other use (another node of a program, a module a program calls, a module outside every region,
+    a second chain, or any use in the largest traced code around the region: ``Conversion.chain_only``)
+    adds gradient outside the chain's kept block, so such parameters stay dense. Code that fx cannot
+    trace around a region is not seen: a parameter such code also uses must not go to this hook.
     """
     chain_uses: dict[int, int] = {}
     other: set[int] = set()
-    graph_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, fx.GraphModule)]
-    inside = tuple(f"{name}." if name else "" for name, _ in graph_modules)
-    for name, module in model.named_modules():
-        if isinstance(module, fx.GraphModule) or isinstance(module, _FXDROP_MODULES):
-            continue
-        if not any(name.startswith(prefix) for prefix in inside):  # eager, outside every traced region
-            other.update(id(p) for p in module.parameters(recurse=False))
-    for _, gm in graph_modules:
-        for node in gm.graph.nodes:
-            if node.op == "call_module":
-                called = _resolve(gm, node.target)
-                if not isinstance(called, _FXDROP_MODULES):
-                    other.update(id(p) for p in called.parameters())
+    inside: set[int] = set()
+    for region in _regions(model):
+        inside.update(id(p) for p in region.module.parameters())
+    other.update(id(p) for p in model.parameters() if id(p) not in inside)  # eager, outside every region
+    for region, program in _programs(model):
+        structured = program.self_._structured
+        for node in program.graph.nodes:
+            if node.op == "call_module" and node.target not in structured:
+                called = region.module.get_submodule(node.target)
+                other.update(id(p) for p in called.parameters())
             elif node.op == "get_attr":
-                value = _resolve(gm, node.target)
-                if not isinstance(value, nn.Parameter):
+                try:
+                    value = region.module.get_parameter(node.target)
+                except AttributeError:
                     continue
                 users = list(node.users)
-                if all(u.op == "call_module" and isinstance(_resolve(gm, u.target), StructuredChain)
+                if all(u.op == "call_module" and isinstance(structured.get(u.target), StructuredChain)
                        and node not in u.kwargs.values() and list(u.args).count(node) == 1 for u in users):
                     chain_uses[id(value)] = chain_uses.get(id(value), 0) + len(users)
                 else:
                     other.add(id(value))
-    return {pid for pid, uses in chain_uses.items() if uses == 1 and pid not in other}
+    report = conversion(model)
+    traced = {id(p) for name, p in model.named_parameters() if report is not None and name in report.chain_only}
+    return {pid for pid, uses in chain_uses.items() if uses == 1 and pid not in other and pid in traced}
 
 
-def _chain_supports(module: StructuredChain, args: Sequence[Any]) -> list[tuple[torch.Tensor, _Support | None]]:
-    """Each weight/bias argument of a chain call with its gradient's kept block for this step's patterns.
-
-    The layout is the chain op's contract: Linear ``l`` reads the units of the site before it (the
-    input site for ``l = 0``) and writes those of the site after it (the output site for the last).
-    """
-    x, params = args[0], list(args[1:])
+def _chain_supports(chain: StructuredChain, args: Sequence[Any]) -> list[tuple[torch.Tensor, _Support | None]]:
+    """Each weight/bias argument of a chain call with its gradient's kept block for this step's patterns
+    (:meth:`fxdrop.layout.ChainLayout.weight_support`); None where the gradient is dense (a
+    ``granularity="rows"`` chain: every row class keeps its own units; a transposed weight)."""
+    params = list(args[1:])
     out: list[tuple[torch.Tensor, _Support | None]] = []
-    # With granularity="rows" every group of rows keeps its own units: the gradient is dense.
-    patterns = ([site.last_pattern for site in module.sites]
-                if module.training and module.granularity == "forward" else None)
-    site_index = 0
-    cols = None
-    if module.input_dropout and patterns is not None:
-        cols = kept_slice(module.family, x.shape[-1], *patterns[0])
-        site_index = 1
+    granular = any(site.granularity == "rows" for site in chain.sites)
+    patterns = None if granular else [tuple(site.last_pattern) if site.active and site.last_pattern else (1, 0)
+                                      for site in chain.sites]
     i = 0
-    layers = len(module.has_bias)
-    for layer, has_bias in enumerate(module.has_bias):
+    for layer, has_bias in enumerate(chain.has_bias):
         weight = params[i]
         bias = params[i + 1] if has_bias else None
         i += 1 + int(has_bias)
-        if patterns is None:
+        if patterns is None or chain.transposed[layer]:
             out += [(weight, None)] + ([(bias, None)] if bias is not None else [])
             continue
-        rows = None
-        if layer < layers - 1 or module.output_dropout:
-            rows = kept_slice(module.family, weight.shape[0], *patterns[site_index])
-            site_index += 1
+        rows, cols = chain.layout.weight_support(layer, tuple(weight.shape), chain.family, patterns)
         out.append((weight, _Support(rows, cols)))
         if bias is not None:
             out.append((bias, _Support(rows, None)))
-        cols = rows
     return out
 
 
@@ -294,9 +290,9 @@ class StructuredAllReduce:
         self._eligible = [p for p in model.parameters() if id(p) in eligible]
         self._eligible_ids = {id(p) for p in self._eligible}
 
-    def record(self, module: StructuredChain, args: tuple, output: Any) -> None:
-        """Forward hook of each StructuredChain: remember this step's kept block of each parameter."""
-        for tensor, support in _chain_supports(module, args):
+    def record(self, chain: StructuredChain, args: tuple) -> None:
+        """Observer of each StructuredChain call: remember this step's kept block of each parameter."""
+        for tensor, support in _chain_supports(chain, args):
             if id(tensor) not in self._eligible_ids:
                 continue
             # A second forward before the reduce (no_sync accumulation, a no_grad forward in training
@@ -326,9 +322,10 @@ class StructuredAllReduce:
                 "fxdrop.distributed.load_state_dict)")
 
     def remove(self) -> None:
-        """Remove the forward hooks (the DDP comm hook itself cannot be unregistered)."""
-        for handle in self._handles:
-            handle.remove()
+        """Stop observing the chains (the DDP comm hook itself cannot be unregistered)."""
+        for chain in self._handles:
+            if self.record in chain.observers:
+                chain.observers.remove(self.record)
         self._handles.clear()
 
 
@@ -399,41 +396,57 @@ def register_comm_hook(ddp: nn.parallel.DistributedDataParallel, *, group: Any =
                          "do not line up)")
     state = StructuredAllReduce(group=group, verify=verify)
     state.track(model)
-    for module in model.modules():
-        if isinstance(module, StructuredChain):
-            state._handles.append(module.register_forward_hook(state.record))
+    for chain in chains(model):
+        chain.observers.append(state.record)
+        state._handles.append(chain)
     ddp.register_comm_hook(state, _structured_allreduce_hook)
     return state
+
+
+def chains(model: nn.Module) -> list[StructuredChain]:
+    """Every StructuredChain in the programs ``model``'s regions have built."""
+    return [c for _, program in _programs(model) for c in program.self_._structured.values()
+            if isinstance(c, StructuredChain)]
 
 
 # ---------------------------------------------------------------- FSDP2
 
 def _bypassed_owners(model: nn.Module) -> dict[str, list[str]]:
-    """Submodules whose parameters a converted graph reads by ``get_attr`` without calling them."""
+    """Submodules whose parameters a region's program reads directly (fused into a structured op)."""
     read: dict[int, str] = {}
-    for gm_name, gm in model.named_modules():
-        if not isinstance(gm, fx.GraphModule):
-            continue
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and isinstance(_resolve(gm, node.target), nn.Parameter):
-                read[id(_resolve(gm, node.target))] = f"{gm_name}.{node.target}" if gm_name else node.target
+    names = {id(m): name for name, m in model.named_modules()}
+    for region, program in _programs(model):
+        prefix = names.get(id(region.module), "")
+        for node in program.graph.nodes:
+            if node.op == "get_attr":
+                try:
+                    value = region.module.get_parameter(node.target)
+                except AttributeError:
+                    continue
+                read[id(value)] = f"{prefix}.{node.target}" if prefix else node.target
     bypassed: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if not name or isinstance(module, fx.GraphModule):
+        if not name or installed_region(module):
             continue
-        names = [read[id(p)] for p in module.parameters() if id(p) in read]
-        if names:
-            bypassed[name] = names
+        found = [read[id(p)] for p in module.parameters() if id(p) in read]
+        if found:
+            bypassed[name] = found
     return bypassed
+
+
+def installed_region(module: nn.Module) -> bool:
+    from .modules.region import RegionForward
+
+    return any(isinstance(v, RegionForward) for v in vars(module).values())
 
 
 def fully_shard(model: nn.Module, **kwargs: Any) -> nn.Module:
     """FSDP2 for a converted model: ``torch.distributed.fsdp.fully_shard(model, **kwargs)``, checked.
 
-    The converted graph reads the Linears' weights directly (``get_attr``) and never calls the Linear
-    modules, so FSDP2's per-module hooks on them would never all-gather their shards. Shard the converted
-    model (or a module whose forward the graph calls) as one unit; a model where a bypassed submodule
-    was already passed to ``fully_shard`` raises ``ValueError`` naming it. Convert first, shard second:
+    A converted region's program reads the fused Linears' weights directly and never calls those Linear
+    modules in training, so FSDP2's per-module hooks on them would never all-gather their shards. Shard
+    the converted model (or a region module) as one unit; a model where a bypassed submodule was already
+    passed to ``fully_shard`` raises ``ValueError`` naming it. Convert first, shard second:
     ``fxdrop.convert`` of a model that already went through ``fully_shard`` fails while cloning it.
     Patterns may be independent (default) or shared, as under DDP; gradients are reduce-scattered whole.
     """
@@ -454,7 +467,7 @@ def check_fully_shard(model: nn.Module) -> None:
         module = model.get_submodule(name)
         if isinstance(module, FSDPModule):
             raise ValueError(
-                f"fully_shard({name}) cannot work on a converted model: the converted graph reads "
-                f"{', '.join(params)} directly and never calls {name}, so FSDP2 never all-gathers those "
+                f"fully_shard({name}) cannot work on a converted model: a converted region reads "
+                f"{', '.join(params)} directly and never calls {name} in training, so FSDP2 never all-gathers those "
                 "shards (the chain op then fails with 'mixed torch.Tensor and DTensor'). Apply fully_shard "
                 "to the converted model as a whole: fxdrop.distributed.fully_shard(model)")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import fxdrop
 from fxdrop.audit import AuditReport, audit, ideal_speedup
@@ -91,7 +92,7 @@ def test_tile_family_expected_work():
 def test_lstm_sites_and_gemms():
     report = audit(zoo.LSTMLanguageModel(), torch.randint(0, 50, (6, 3)))
     rows = {s.name: s for s in report.sites}
-    assert rows["rnn.layer0"].plan == "lstm" and rows["drop_in"].plan == "lstm_input"
+    assert rows["rnn.layer0"].plan == "rnn" and rows["drop_in"].plan == "rnn_input"
     t_b, d, h = 18, 16, 24
     layer1_ih = 3 * 2.0 * t_b * h * 4 * h
     assert rows["rnn.layer0"].gemm_flops == pytest.approx(layer1_ih)
@@ -102,7 +103,7 @@ def test_lstm_sites_and_gemms():
 def test_partial_model_reports_skipped_modules_in_json():
     report = audit(zoo.DataDependent(), torch.randn(5, 16))
     data = json.loads(report.to_json())
-    assert data["skipped"][0]["name"] == "<root>" and "TraceError" in data["skipped"][0]["message"]
+    assert data["skipped"][0]["name"] == "<root>" and "control flow" in data["skipped"][0]["message"]
     assert [s["name"] for s in data["sites"]] == ["head.net.2", "head.net.5"]
     assert data["ideal_speedup"] > 1.0
 
@@ -122,3 +123,69 @@ def test_errors():
         audit(zoo.MLP(), torch.randn(6, 3))
     with pytest.raises(ValueError, match="pattern="):
         audit(zoo.MLP(), pattern="zigzag")
+
+
+def test_tile_family_on_an_lstm_lm_reports_each_site():
+    """pattern='tile' on an LSTM LM: the RNN sites are left with a reason, the decoder's converts."""
+    report = audit(zoo.LSTMLanguageModel(), torch.randint(0, 50, (6, 3)), pattern="tile")
+    rows = {s.name: s for s in report.sites}
+    assert rows["drop_out"].plan == "tile_linear"
+    assert rows["rnn.dropout"].decision == "left as is" and "tile family does not apply" in rows["rnn.dropout"].reason
+    assert rows["drop_in"].decision == "left as is" and "tile family does not apply" in rows["drop_in"].reason
+
+
+class ConvHead(nn.Module):
+    """Convolutions inside a traced region count: the head's share is its share of the whole step."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5),
+                                        nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def test_convolutions_and_grus_count_in_the_dense_step():
+    report = audit(ConvHead(), torch.randn(2, 3, 16, 16))
+    conv = 2.0 * 2 * 16 * 16 * 16 * 3 * 3 * 3 * 2  # forward + weight gradient (its input is data)
+    linears = 2.0 * 2 * (64 * 32 + 32 * 10) * 3
+    assert report.step_flops == pytest.approx(conv + linears, rel=0.01)
+    assert report.ideal_speedup < 1.1  # the convolutions dominate: a small, honest prediction
+
+    class GRUModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(8, 16, num_layers=2, dropout=0.5)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.rnn(x)[0])
+
+    report = audit(GRUModel(), torch.randn(5, 3, 8))
+    rows = {s.name: s for s in report.sites}
+    t_b = 15
+    layer1_ih = 3 * 2.0 * t_b * 16 * 3 * 16
+    assert rows["rnn.layer0"].plan == "rnn" and rows["rnn.layer0"].gemm_flops == pytest.approx(layer1_ih)
+    gru = 2.0 * t_b * 3 * 16 * (8 * 2 + 16 * 3 + 16 * 3 + 16 * 3)  # ih0 (2 passes), hh0, ih1, hh1 (3 passes)
+    assert report.step_flops == pytest.approx(gru + 2.0 * t_b * 16 * 4 * 2)
+
+
+def test_keyword_arguments_reach_the_model():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = zoo.MLP((8, 16, 4))
+
+        def forward(self, x, *, position_ids=None):
+            return self.mlp(x if position_ids is None else x + position_ids)
+
+    report = audit(Keywords(), torch.randn(3, 8), example_kwargs={"position_ids": torch.ones(3, 8)})
+    assert report.step_flops > 0 and [s.decision for s in report.sites] == ["converted"]
+
+
+def test_a_zero_rate_site_promises_nothing():
+    model = zoo.MLP((20, 48, 40, 10), p=0.0)
+    report = audit(model, torch.randn(6, 20))
+    assert all(s.decision == "converted" for s in report.sites) and report.ideal_speedup == pytest.approx(1.0)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from fxdrop import audit_cli
+from fxdrop.harness import audit_cli
 
 ZOO_FILE = os.path.join(os.path.dirname(__file__), "zoo.py")
 
@@ -71,7 +71,7 @@ def test_errors_are_one_line(argv, message, capsys):
 
 
 def test_through_the_fxdrop_command(capsys):
-    from fxdrop import cli
+    from fxdrop.harness import cli
 
     assert cli.main(["audit", f"{ZOO_FILE}:MLP", "--input", "8x20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "MLP"

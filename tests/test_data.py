@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from fxdrop import data
+from fxdrop.harness import data
 
 
 # ---------------------------------------------------------------- the real data (installed in CI)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from fxdrop import demo
-from fxdrop.data import load_mnist
+from fxdrop.harness import demo, models
+from fxdrop.harness.data import load_mnist
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def identity_convert(model, **_options):
 
 
 def test_mnist_mlp_shape():
-    model = demo.mnist_mlp(32, 0.3)
+    model = models.mnist_mlp(32, 0.3)
     kinds = [type(m) for m in model]
     assert kinds == [nn.Linear, nn.ReLU, nn.Dropout] * 3 + [nn.Linear]
     assert [m.out_features for m in model if isinstance(m, nn.Linear)] == [32, 32, 32, 10]
@@ -70,7 +70,7 @@ def test_config_errors_name_the_argument():
 
 
 def test_cli_help_lists_the_flags(capsys):
-    from fxdrop.cli import build_parser
+    from fxdrop.harness.cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--help"])
@@ -80,7 +80,7 @@ def test_cli_help_lists_the_flags(capsys):
 
 
 def test_cli_run_writes_json_and_skips_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
-    from fxdrop.cli import main
+    from fxdrop.harness.cli import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code = main(["demo", "--width", "8", "--epochs", "1", "--batch", "128", "--train-limit", "256",

@@ -275,21 +275,20 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_cached_library_loads_at_import_without_compiling(compiled):
+    """Loading is a dlopen: ``import fxdrop`` neither compiles nor imports the builder (no timing asserted)."""
     result = _python("""
-        import time, warnings
+        import warnings
         warnings.simplefilter("error")
         import torch
-        start = time.perf_counter()
         import fxdrop
-        elapsed = time.perf_counter() - start
         info = fxdrop.backend_info()
         import sys
         assert "torch.utils.cpp_extension" not in sys.modules, "import compiled or imported the builder"
-        print(info["cpu"], f"{elapsed:.3f}")
+        assert "torch._dynamo" not in sys.modules, "import loaded Dynamo (seconds); the backend registers lazily"
+        print(info["cpu"])
     """)
     assert result.returncode == 0, result.stderr
-    state, seconds = result.stdout.split()
-    assert state == "compiled" and float(seconds) < 2.0
+    assert result.stdout.split() == ["compiled"]
 
 
 def test_wheel_ships_the_sources(tmp_path):

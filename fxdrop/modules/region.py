@@ -39,7 +39,7 @@ from ..passes.rewrite import apply_plan, tuple_outputs
 from ..passes.spec import CallSpec
 from ..passes.trace import FORWARD_ATTR, TraceError, get_path, trace_with_retries
 from ..site import CallerOwner, ModuleOwner, Site
-from .structured import HookWatch, RNNInput, StructuredChain, TileLinear, UnitDropout
+from .structured import PROBE, HookWatch, RNNInput, StructuredChain, TileLinear, UnitDropout
 
 _COUNTER = itertools.count()
 
@@ -204,7 +204,7 @@ class RegionForward:
     # ------------------------------------------------------------------ the call
 
     def __call__(self, *args, **kwargs):
-        if not any(site.active for site in self.sites.values()):
+        if not PROBE.active and not any(site.active for site in self.sites.values()):
             return self.original(self.module, *args, **kwargs)
         spec = CallSpec.of(self.signature, args, kwargs)
         program = self.programs.get(spec) if not isinstance(spec, str) else spec

@@ -11,9 +11,10 @@ training: that is said once, naming the site. Imports torch, fxdrop.ops and fxdr
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,26 @@ from .. import ops
 from ..layout import ChainLayout
 from ..ops import activations as act
 from ..site import Site
+
+
+class _Probe:
+    """While :func:`probing` runs, region programs run even in eval mode and the structured callables record
+    their GEMMs' shapes (computing the original ops): what ``fxdrop.audit`` counts FLOPs from."""
+
+    active = False
+    records: list[tuple[str, Any, dict[str, Any]]] = []
+
+
+PROBE = _Probe()
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[list[tuple[str, Any, dict[str, Any]]]]:
+    PROBE.active, PROBE.records = True, []
+    try:
+        yield PROBE.records
+    finally:
+        PROBE.active = False
 
 
 def _split(params: Sequence[torch.Tensor], has_bias: Sequence[bool]):
@@ -108,6 +129,7 @@ class StructuredChain:
         self.transposed = list(transposed) or [False] * layout.layers
         self.share_input = bool(share_input)
         self.watch = watch
+        self.observers: list = []  # called with (self, (x, *params)) after each structured call (the DDP comm hook)
 
     def fxdrop_sites(self) -> list[Site]:
         return list(self.sites)
@@ -115,7 +137,9 @@ class StructuredChain:
     def __call__(self, x: torch.Tensor, *params: torch.Tensor):
         _check_local(params, f"fxdrop chain of {', '.join(self.linears) or 'Linears'}")
         weights, biases = _split(params, self.has_bias)
-        if not any(site.active for site in self.sites):
+        if PROBE.active:
+            PROBE.records.append(("chain", self, dict(x=x, weights=weights)))
+        if PROBE.active or not any(site.active for site in self.sites):
             y = self._original(x, weights, biases)
             return (y, x) if self.share_input else y
         if self.watch is not None:
@@ -127,6 +151,8 @@ class StructuredChain:
         y = ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,
                       input_dropout=self.layout.input_dropout, output_dropout=self.layout.output_dropout,
                       scale=self.scale, rates=rates)
+        for observe in self.observers:
+            observe(self, (x, *params))
         if not self.share_input:
             return y
         return y, ops.unit_dropout(x, draws[0], family=self.family, scale=self.scale, p=rates[0])
@@ -164,7 +190,9 @@ class TileLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         _check_local((weight, bias), f"fxdrop tile Linear {self.linear or self.site.name}")
         site = self.site
-        if not site.active:
+        if PROBE.active:
+            PROBE.records.append(("tile", self, dict(x=x, weight=weight)))
+        if PROBE.active or not site.active:
             return _linear(x, weight, bias, self.transposed)
         if self.watch is not None:
             self.watch.check()
@@ -208,6 +236,8 @@ class RNNInput:
         return [self.site]
 
     def __call__(self, x, *args, **kwargs):
+        if PROBE.active:
+            PROBE.records.append(("rnn_input", self, dict(x=x)))
         with self.rnn.input_site_for_call(self.site):
             return self.rnn(x, *args, **kwargs)
 

@@ -3,7 +3,7 @@
 A step is forward, cross-entropy, backward and an SGD update. For every hidden width h, drop rate p
 and pattern family, the original model (``nn.Dropout``) and ``fxdrop.convert`` of it alternate step by
 step, and the speedup is reported twice: the median of the paired ratios after warm-up, and the ratio of
-total times (the speedup of a training run; see :mod:`fxdrop.timing` for why they differ).
+total times (the speedup of a training run; see :mod:`fxdrop.harness.timing` for why they differ).
 Next to each speedup stands the ideal from FLOPs (``fxdrop.audit``; see :func:`ideal_speedup`) and
 their ratio, the efficiency; and the peak memory of one step of each. Results go to
 ``benchmarks/results/mlp.json`` (``mlp_quick.json`` with ``--quick``) with the machine recorded, a
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import allocator
-from .demo import mnist_mlp
+from .. import allocator
+from .models import mnist_mlp
 from .timing import machine_info, paired_timing, peak_step_memory
 
 WIDTHS = (1024, 2048, 4096)
@@ -38,7 +38,7 @@ MEMORY_STEPS = 5
 QUICK = {"widths": (1024,), "pairs": 5, "warmup": 1}
 # Song et al. (DATE 2019), MNIST MLP training speedup on GPU at dropout 0.3-0.7.
 PAPER_MNIST_MLP_SPEEDUP = (1.18, 2.16)
-DEFAULT_OUT = Path("benchmarks") / "results"
+DEFAULT_OUT = Path("fxdrop-bench")  # relative to the working directory; benchmarks/run.py passes its own
 
 
 def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
@@ -55,36 +55,10 @@ def training_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return step
 
 
-def flop_ideal_speedup(model: nn.Module, example_inputs: tuple, p: float) -> float:
-    """Fallback ideal for a plain MLP (a Sequential of Linear/act/Dropout): Amdahl over the Linears' GEMM FLOPs.
-
-    A Linear does 3 GEMMs per step (forward, input grad, weight grad), 2 when its input needs no grad;
-    each dropout it reads from or feeds keeps a fraction (1 - p) of that side in expectation.
-    """
-    modules = list(model.children())
-    total = expected = 0.0
-    rows = example_inputs[0].shape[0]
-    input_needs_grad = example_inputs[0].requires_grad
-    for i, module in enumerate(modules):
-        if not isinstance(module, nn.Linear):
-            continue
-        dropout_before = any(isinstance(m, nn.Dropout) for m in modules[max(0, i - 2):i]) and i > 0
-        following = modules[i + 1:i + 3]
-        dropout_after = any(isinstance(m, nn.Dropout) for m in following)
-        gemms = 3 if (i > 0 or input_needs_grad) else 2
-        flops = gemms * 2 * rows * module.in_features * module.out_features
-        keep = (1 - p) ** (int(dropout_before) + int(dropout_after))
-        total += flops
-        expected += flops * keep
-    return total / expected if expected else 1.0
-
-
 def ideal_speedup(model: nn.Module, example_inputs: tuple, *, p: float, pattern: str) -> tuple[float, str]:
-    """The predicted ideal step speedup and where it came from: ``fxdrop.audit`` when available, else FLOPs here."""
-    try:
-        from .audit import ideal_speedup as audit_ideal
-    except ImportError:
-        return flop_ideal_speedup(model, example_inputs, p), "bench FLOP model"
+    """The predicted ideal step speedup (FLOPs only) and where it came from: ``fxdrop.audit``."""
+    from ..audit import ideal_speedup as audit_ideal
+
     return audit_ideal(model, example_inputs, p=p, pattern=pattern), "fxdrop.audit"
 
 

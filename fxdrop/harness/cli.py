@@ -11,9 +11,9 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "audit": ("fxdrop.audit_cli", "report every dropout site of a model and what fxdrop would do"),
-    "demo": ("fxdrop.demo", "train the paper's MNIST MLP with standard dropout and with fxdrop"),
-    "bench": ("fxdrop.bench", "whole-training-step benchmarks, original against converted"),
+    "audit": ("fxdrop.harness.audit_cli", "report every dropout site of a model and what fxdrop would do"),
+    "demo": ("fxdrop.harness.demo", "train the paper's MNIST MLP with standard dropout and with fxdrop"),
+    "bench": ("fxdrop.harness.bench", "whole-training-step benchmarks, original against converted"),
 }
 
 

@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-from .search import AUTO, check_max_dp
+from ..search import AUTO, check_max_dp
 
 _DTYPES = {"float": torch.float32, "float32": torch.float32, "float64": torch.float64, "double": torch.float64,
            "half": torch.float16, "bfloat16": torch.bfloat16, "long": torch.long, "int64": torch.long,
@@ -107,7 +107,7 @@ def load_target(target: str) -> nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from ..audit import audit
 
     try:
         inputs = tuple(parse_shape(text) for text in args.input)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:  # `python -m fxdrop.audit_cli`
+def main(argv: list[str] | None = None) -> int:  # `python -m fxdrop.harness.audit_cli`
     parser = argparse.ArgumentParser(prog="fxdrop audit")
     add_arguments(parser)
     return run(parser.parse_args(argv))

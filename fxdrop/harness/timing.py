@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from . import allocator
+from .. import allocator
 
 
 @dataclass

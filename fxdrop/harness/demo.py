@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .audit_cli import max_dp_arg
+from .models import mnist_mlp
 
 DEFAULT_WIDTH = 1024
 DEFAULT_EPOCHS = 2
@@ -33,22 +34,6 @@ DEFAULT_BATCH = 128
 DEFAULT_LR = 0.01
 DEFAULT_MOMENTUM = 0.9
 EVAL_BATCH = 2000
-
-
-def mnist_mlp(width: int, p: float, *, hidden_layers: int = 3, in_features: int = 784,
-              classes: int = 10) -> nn.Sequential:
-    """The paper's MNIST MLP: ``in → width (× hidden_layers) → classes``, ReLU + Dropout(p) after each hidden layer."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be an int >= 1, got {width!r}")
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be a drop rate in [0, 1), got {p!r}")
-    layers: list[nn.Module] = []
-    features = in_features
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(features, width), nn.ReLU(), nn.Dropout(p)]
-        features = width
-    layers.append(nn.Linear(features, classes))
-    return nn.Sequential(*layers)
 
 
 @dataclass
@@ -199,7 +184,7 @@ def compare(config: DemoConfig, data=None, *, convert: Callable[..., nn.Module] 
             progress=None) -> dict:
     """Train the standard-dropout model and its fxdrop conversion, epochs alternating; the JSON-ready result.
 
-    ``data``: default :func:`fxdrop.data.load_mnist`. ``convert``: stand-in for :func:`fxdrop.convert` (tests).
+    ``data``: default :func:`fxdrop.harness.data.load_mnist`. ``convert``: stand-in for :func:`fxdrop.convert` (tests).
     """
     config.check()
     if data is None:

@@ -1,0 +1,74 @@
+"""The Penn Treebank language-model workload: corpus splits, batching, the training step and perplexity.
+
+Zaremba et al. (2014): BPTT over contiguous slices of the corpus, the loss summed over time steps
+(mean over the batch), gradient norm clipping, SGD. Used by ``examples/ptb_lstm.py``, its mask study and
+the LSTM benchmark. Imports torch and :mod:`.data`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_corpus():
+    """The three splits as int64 token-id tensors and the vocabulary size (:func:`fxdrop.harness.data.load_ptb`)."""
+    from .data import load_ptb
+
+    ptb = load_ptb()
+    return {"train": ptb.train, "valid": ptb.valid, "test": ptb.test}, ptb.vocab_size
+
+
+def batchify(ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(N,)`` -> ``(N // batch, batch)``: column ``b`` is the ``b``-th contiguous slice of the corpus."""
+    steps = ids.numel() // batch
+    return ids[: steps * batch].view(batch, steps).t().contiguous()
+
+
+def batches(data: torch.Tensor, bptt: int, limit: int | None = None):
+    """``(inputs, targets)`` windows of ``bptt`` time steps, at most ``limit`` of them."""
+    count = 0
+    for start in range(0, data.shape[0] - 1, bptt):
+        if limit is not None and count >= limit:
+            return
+        length = min(bptt, data.shape[0] - 1 - start)
+        yield data[start: start + length], data[start + 1: start + 1 + length]
+        count += 1
+
+
+def num_batches(data: torch.Tensor, bptt: int, limit: int | None) -> int:
+    total = math.ceil((data.shape[0] - 1) / bptt)
+    return total if limit is None else min(total, limit)
+
+
+def detach(hidden):
+    return None if hidden is None else tuple(h.detach() for h in hidden)
+
+
+def train_step(model, optimizer, inputs, targets, hidden, clip: float):
+    """One optimizer step on the loss summed over time, averaged over the batch (Zaremba et al.)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits, hidden = model(inputs, hidden)
+    loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+    (loss * inputs.shape[0]).backward()
+    if clip:
+        nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return float(loss.detach()), detach(hidden)
+
+
+@torch.no_grad()
+def perplexity(model, data, bptt: int, limit: int | None = None) -> float:
+    """exp(mean cross-entropy per token) over ``data`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, tokens, hidden = 0.0, 0, None
+    for inputs, targets in batches(data, bptt, limit):
+        logits, hidden = model(inputs, hidden)
+        total += float(F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        tokens += targets.numel()
+    model.train(was_training)
+    return math.exp(total / max(tokens, 1))
