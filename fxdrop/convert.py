@@ -323,11 +323,32 @@ def plan_and_install(model: nn.Module, config: DropoutConfig, *, example_inputs:
                 record.converted, record.plan = False, None
                 record.reason = f"its region was not converted: {why}" if why else "its region was not converted"
             conversion.sites.append(record)
+    _list_unreached_dropouts(work, conversion)
     _apply_rate_overrides(work, config, conversion.sites)
     conversion.chain_only = _chain_only_parameters(work, planned)
     for site in sites(work):
         site.sync()
     return work, conversion
+
+
+_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _list_unreached_dropouts(work: nn.Module, conversion: Conversion) -> None:
+    """Every Dropout module no traced code reached is listed too, with the module that kept it out of reach."""
+    listed = {s.owner for s in conversion.sites if not s.functional} | {s.name.partition(":")[0] for s in conversion.sites}
+    skipped = {s.name: s for s in conversion.skipped}
+    for name, module in work.named_modules():
+        if not isinstance(module, _DROPOUT_TYPES) or name in listed:
+            continue
+        parts = name.split(".")
+        holder = next((skipped[".".join(parts[:i])] for i in range(len(parts) - 1, 0, -1)
+                       if ".".join(parts[:i]) in skipped), skipped.get("<root>"))
+        if holder is not None:
+            reason = f"inside {holder.name} ({holder.type}), which does not trace: {holder.message}"
+        else:
+            reason = "no traced forward calls it (or its module's forward is not traced)"
+        conversion.sites.append(DropoutSite(name, float(module.p), "dropout", None, None, False, reason, owner=name))
 
 
 def _chain_only_parameters(work: nn.Module, planned) -> set[str]:

@@ -29,7 +29,7 @@ from fxdrop.backend import fxdrop_backend, make_backend
 from fxdrop.backend import sites as backend_sites
 from fxdrop.site import CallerOwner, Site
 
-from masking import masked
+from fxdrop.harness.masking import masked
 
 
 @pytest.fixture(autouse=True)

@@ -46,16 +46,35 @@ def test_call_specs_bake_constants_and_slot_tensors():
 
     sig = inspect.signature(forward)
     t = torch.ones(2)
+    tensor = (TENSOR, torch.float32, "cpu")
     spec = CallSpec.of(sig, (t,), {"flag": True, "scale": 2.0, "extra": t})
-    assert spec.entries == (("param", "x", TENSOR), ("param", "mask", None), ("kwonly", "flag", True),
-                            ("kwarg", "extra", TENSOR), ("kwarg", "scale", 2.0))
+    assert spec.entries == (("param", "x", tensor), ("param", "mask", ("const", None)), ("kwonly", "flag", ("const", True)),
+                            ("kwarg", "extra", tensor), ("kwarg", "scale", ("const", 2.0)))
     assert spec == CallSpec.of(sig, (), {"x": t, "flag": True, "extra": t, "scale": 2.0})  # keyword or not
     assert spec != CallSpec.of(sig, (t, t), {"flag": True, "scale": 2.0, "extra": t})
-    args, kwargs = spec.call(["X", "E"])
-    assert args == ("X", None) and kwargs == {"flag": True, "extra": "E", "scale": 2.0}
+    assert spec != CallSpec.of(sig, (t.double(),), {"flag": True, "scale": 2.0, "extra": t})  # another dtype
+    args, kwargs = spec.call(["X", "E"])  # parameters by keyword: wrappers may add to kwargs
+    assert args == () and kwargs == {"x": "X", "mask": None, "flag": True, "extra": "E", "scale": 2.0}
     assert spec.tensors(sig, (t,), {"flag": True, "scale": 2.0, "extra": t})[1] is t
-    assert "is a list" in CallSpec.of(sig, (t, [t]), {})
     assert "does not fit" in CallSpec.of(sig, (), {})
+
+
+def test_call_specs_slot_tuples_and_objects():
+    def forward(self, x, hidden=None, cache=None):
+        pass
+
+    class Cache:
+        pass
+
+    sig = inspect.signature(forward)
+    h, c, cache = torch.ones(2), torch.zeros(2), Cache()
+    spec = CallSpec.of(sig, (h, (h, c), cache), {})
+    assert spec.tensor_names == ["x", "hidden_0", "hidden_1", "cache"]
+    values = spec.tensors(sig, (h, (h, c), cache), {})
+    assert values[1] is h and values[2] is c and values[3] is cache
+    _, kwargs = spec.call(["X", "H", "C", "K"])
+    assert kwargs["hidden"] == ("H", "C") and kwargs["cache"] == "K"
+    assert spec.erased() == CallSpec.of(sig, (h.double(), (h, c.half()), cache), {}).erased()
 
 
 # ---------------------------------------------------------------- tracing
@@ -104,7 +123,20 @@ def test_functional_dropout_flags_read_the_callers_mode_at_run_time():
 
 
 class Fragile(nn.Module):
-    """A norm fx cannot trace (it branches on a parameter's dtype), between two traceable parts."""
+    """A norm fx cannot trace (it branches on a tensor's value), between two traceable parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        if x.abs().max() > 1e4:
+            x = x.clamp(-1e4, 1e4)
+        return x * self.weight
+
+
+class DtypeBranch(nn.Module):
+    """T5LayerNorm's shape: a branch on a parameter's dtype, which the tracer answers (so it traces)."""
 
     def __init__(self):
         super().__init__()
@@ -114,6 +146,20 @@ class Fragile(nn.Module):
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             x = x.to(self.weight.dtype)
         return x * self.weight
+
+
+def test_branches_on_dtypes_trace_and_the_spec_keys_them():
+    module = DtypeBranch()
+    spec = CallSpec.of(inspect.signature(DtypeBranch.forward), (torch.ones(3, 4),), {})
+    trace = trace_region(module, spec)
+    assert not trace.specialized  # a parameter's dtype: valid for any input dtype
+
+    class InputDtype(nn.Module):
+        def forward(self, x):
+            return x.float() if x.dtype == torch.float16 else x * 2
+
+    trace = trace_region(InputDtype(), CallSpec.of(inspect.signature(InputDtype.forward), (torch.ones(2),), {}))
+    assert trace.specialized and not any(n.target == "float" for n in trace.graph.nodes)
 
 
 class WithFragile(nn.Module):

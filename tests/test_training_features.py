@@ -19,7 +19,7 @@ import fxdrop
 from fxdrop.convert import conversion
 
 import zoo
-from masking import masked
+from fxdrop.harness.masking import masked
 from test_convert import check_training_contract
 
 

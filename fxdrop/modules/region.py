@@ -22,6 +22,7 @@ Imports torch, the passes and the structured callables.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -74,9 +75,15 @@ class Program:
     self_: _ProgramSelf
     code: str
     verified: bool = False
+    output_type: type | None = None
+    specialized: bool = False  # valid for its spec's tensor dtypes only (else for any dtype)
 
     def __call__(self, *tensors):
-        return self.function(self.self_, *tensors)
+        out = self.function(self.self_, *tensors)
+        if type(out) is dict and self.output_type is not None and self.output_type is not dict \
+                and issubclass(self.output_type, dict):
+            return self.output_type(**out)  # a ModelOutput, as the module returns it
+        return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -85,7 +92,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return list(a.keys()) == list(b.keys()) and all(_same(a[k], b[k]) for k in a)
+        return type(a) is type(b) and list(a.keys()) == list(b.keys()) and all(_same(a[k], b[k]) for k in a)
     if dataclasses.is_dataclass(a) and type(a) is type(b):
         return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
     return type(a) is type(b) and (a is b or a == b)
@@ -207,7 +214,7 @@ class RegionForward:
         if not PROBE.active and not any(site.active for site in self.sites.values()):
             return self.original(self.module, *args, **kwargs)
         spec = CallSpec.of(self.signature, args, kwargs)
-        program = self.programs.get(spec) if not isinstance(spec, str) else spec
+        program = self._lookup(spec) if not isinstance(spec, str) else spec
         if program is None:
             program = self.prepare(spec, (args, kwargs))
         if isinstance(program, str):
@@ -220,6 +227,16 @@ class RegionForward:
                 self._warn(problem)
                 return self.original(self.module, *args, **kwargs)
         return program(*spec.tensors(self.signature, args, kwargs))
+
+    def _lookup(self, spec: CallSpec) -> Program | str | None:
+        """The program for ``spec``: built for it, or for its dtype-erased form by a trace that never asked a
+        dtype (valid for any)."""
+        found = self.programs.get(spec)
+        if found is None:
+            found = self.programs.get(spec.erased())
+            if isinstance(found, Program) and found.specialized:
+                found = None
+        return found
 
     def _warn(self, reason: str) -> None:
         if reason in self._warned or torch.compiler.is_compiling():
@@ -246,6 +263,8 @@ class RegionForward:
             if problem is not None:
                 program = problem
         self.programs[spec] = program
+        if isinstance(program, Program) and not program.specialized:
+            self.programs.setdefault(spec.erased(), program)
         if not isinstance(program, str) and not self.records:
             self.records = program.plan.sites
         return program
@@ -275,19 +294,25 @@ class RegionForward:
         linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
         namespace = dict(code.globals)
         exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 (fx's generated code, as GraphModule)
-        return Program(spec, plan, graph, namespace["forward"], _ProgramSelf(self.module, structured), code.src)
+        return Program(spec, plan, graph, namespace["forward"], _ProgramSelf(self.module, structured), code.src,
+                       output_type=trace.output_type, specialized=trace.specialized)
 
     def _verify(self, program: Program, args: tuple, kwargs: dict) -> str | None:
-        """None when the program computes what the module computes on this call (eval, bit for bit)."""
+        """None when the program computes what the module computes on this call (eval, bit for bit).
+
+        Objects the call passes (a cache, say) are copied for each of the two runs, so the check changes
+        none of the caller's state."""
         modes = {m: m.training for m in self.module.modules()}
         try:
             for m in modes:
                 m.training = False
             with torch.no_grad(), torch.random.fork_rng(devices=_devices(args, kwargs)):
                 torch.manual_seed(0)
-                expected = self.original(self.module, *args, **kwargs)
+                call_args, call_kwargs = _copy_objects(args, kwargs)
+                expected = self.original(self.module, *call_args, **call_kwargs)
                 torch.manual_seed(0)
-                got = program(*program.spec.tensors(self.signature, args, kwargs))
+                call_args, call_kwargs = _copy_objects(args, kwargs)
+                got = program(*program.spec.tensors(self.signature, call_args, call_kwargs))
         except Exception as err:  # the user's model raises whatever it raises
             text = str(err).strip().splitlines()[0] if str(err).strip() else ""
             return f"its traced program fails on this call ({type(err).__name__}: {text})"
@@ -307,6 +332,20 @@ class RegionForward:
         state["programs"] = {}  # rebuilt (and checked again) at the first call that needs one
         state["config"] = _picklable(self.config, self.sites)
         return state
+
+
+def _copy_objects(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Deep copies of the non-tensor, non-constant arguments (tensors and constants are passed as they are)."""
+    def copy_one(value):
+        if isinstance(value, (torch.Tensor, type(None), bool, int, float, str, torch.dtype, torch.device)):
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(copy_one(v) for v in value)
+        try:
+            return copy.deepcopy(value)
+        except Exception:  # noqa: BLE001  (not copyable: the check uses it as it is)
+            return value
+    return tuple(copy_one(a) for a in args), {k: copy_one(v) for k, v in kwargs.items()}
 
 
 def _devices(args: tuple, kwargs: dict) -> list[int]:

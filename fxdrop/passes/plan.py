@@ -291,7 +291,15 @@ def _why_no_linear(g: NormalisedGraph, dropout: DropoutCall, users: list[fx.Node
     if source.op == "call_module" and isinstance(g.module(source), nn.MultiheadAttention):
         return ("produced by nn.MultiheadAttention, whose output projection runs inside "
                 "F.multi_head_attention_forward, and consumed by no Linear: nothing to shrink")
+    producer = g.module(source) if source.op == "call_module" else None
+    if producer is not None and not _is_torch_module(producer):
+        return (f"produced by {g.qualify(source.target)} ({type(producer).__name__}), which runs as a call (it does "
+                "not trace, or has hooks), so its last Linear is out of reach; consumed by no Linear")
     return "no Linear produces or consumes it: nothing to shrink"
+
+
+def _is_torch_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -79,6 +80,52 @@ class TraceError(Exception):
         self.culprit = culprit
 
 
+class _MetaProxy(fx.Proxy):
+    """A proxy that answers ``.dtype`` and ``.device`` with the values the tracer propagated (from the call
+    spec's tensors and the module's parameters), so code that branches on them traces; anything else is
+    fx's own proxy. A wrong answer cannot go unnoticed: every program is checked against the real call."""
+
+    def __getattr__(self, name: str):
+        if name in ("node", "tracer") or name.startswith("__"):
+            raise AttributeError(name)  # not set yet (copying, pickling): never a graph attribute
+        if name in ("dtype", "device"):
+            value = self.node.meta.get(f"fxdrop_{name}")
+            if value is not None:
+                self.tracer.specialized |= bool(self.node.meta.get("fxdrop_from_spec"))
+                return value if name == "dtype" else torch.device(value)
+        return super().__getattr__(name)
+
+    def is_floating_point(self):
+        dtype = self.node.meta.get("fxdrop_dtype")
+        if dtype is not None:
+            self.tracer.specialized |= bool(self.node.meta.get("fxdrop_from_spec"))
+            return dtype.is_floating_point
+        return self.tracer.create_proxy("call_method", "is_floating_point", (self,), {})
+
+
+_DTYPE_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16,
+                "long": torch.int64, "int": torch.int32, "bool": torch.bool}
+_BOOL_RESULTS = {"eq", "ne", "lt", "le", "gt", "ge", "isinf", "isnan", "logical_not", "logical_and", "logical_or"}
+
+
+def _raw_attr(root: nn.Module, target: str) -> Any:
+    """``root.<target>`` through the modules' own dictionaries (None where there is nothing)."""
+    obj: Any = root
+    for atom in target.split(".") if target else ():
+        if isinstance(obj, nn.Module):
+            found = None
+            for table in ("_parameters", "_buffers", "_modules"):
+                found = obj.__dict__.get(table, {}).get(atom)
+                if found is not None:
+                    break
+            obj = found if found is not None else obj.__dict__.get(atom)
+        else:
+            obj = getattr(obj, atom, None)
+        if obj is None:
+            return None
+    return obj
+
+
 class FxdropTracer(fx.Tracer):
     """Leaf calls: natural leaves, modules with hooks, and the modules in ``leaves`` (by identity)."""
 
@@ -88,6 +135,55 @@ class FxdropTracer(fx.Tracer):
         self.spec = spec
         self.failed: str | None = None
         self.calls: dict[str, tuple[tuple, dict]] = {}  # first call of each traced-through module
+        self.output_type: type | None = None
+        self.specialized = False  # the trace asked a tensor's dtype or device (so the program is valid for those)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _MetaProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if kind != "placeholder" and "fxdrop_dtype" not in node.meta:
+            dtype, device = self._propagate(kind, target, node)
+            node.meta["fxdrop_dtype"], node.meta["fxdrop_device"] = dtype, device
+            # Whether the answer comes from the call spec (a placeholder's dtype) rather than from a parameter.
+            inputs = [n for n in node.all_input_nodes if n.meta.get("fxdrop_dtype") is not None]
+            module = _raw_attr(self.root, target) if kind == "call_module" else None
+            own = kind == "get_attr" or (isinstance(module, nn.Module) and any(
+                p.is_floating_point() for p in module.parameters()))
+            node.meta["fxdrop_from_spec"] = not own and bool(inputs) and bool(inputs[0].meta.get("fxdrop_from_spec"))
+        return proxy
+
+    def _propagate(self, kind: str, target: Any, node: fx.Node) -> tuple[Any, Any]:
+        """The dtype and device type of a new node's value, where a simple rule knows them (else None)."""
+        if kind == "get_attr":
+            value = _raw_attr(self.root, target)  # not getattr: fx patches it while tracing
+            return (value.dtype, value.device.type) if isinstance(value, torch.Tensor) else (None, None)
+        inputs = [n for n in node.all_input_nodes if n.meta.get("fxdrop_dtype") is not None]
+        first = (inputs[0].meta["fxdrop_dtype"], inputs[0].meta["fxdrop_device"]) if inputs else (None, None)
+        if kind == "call_module":
+            module = _raw_attr(self.root, target)
+            if not isinstance(module, nn.Module):
+                return None, None
+            if isinstance(module, nn.Embedding):
+                return module.weight.dtype, module.weight.device.type
+            params = [p for p in module.parameters() if p.is_floating_point()]
+            if params and first[0] is not None and first[0].is_floating_point:
+                return params[0].dtype if not torch.is_autocast_enabled() else None, params[0].device.type
+            return first
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if name in _DTYPE_CASTS:
+            return _DTYPE_CASTS[name], first[1]
+        if name in _BOOL_RESULTS or (kind == "call_function" and target in (operator.eq, operator.ne, operator.lt,
+                                                                            operator.le, operator.gt, operator.ge)):
+            return torch.bool, first[1]
+        if name in ("to", "type", "type_as", "view_as_real", "view_as_complex", "argmax", "argmin", "nonzero",
+                    "size", "dim", "numel", "new_tensor", "tensor", "arange", "zeros", "ones", "full", "empty"):
+            return None, None  # dtype-changing, not a tensor, or not known from the inputs
+        if kind == "call_function" and target is getattr:
+            return None, None
+        return first
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.leaves or _has_hooks(m):
@@ -95,7 +191,10 @@ class FxdropTracer(fx.Tracer):
         return natural_leaf(m)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # a module made inside forward (a loss, say): its code is traced through
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
         self.calls.setdefault(name, (args, kwargs))
@@ -110,11 +209,19 @@ class FxdropTracer(fx.Tracer):
         if self.spec is None:
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         spec = self.spec
-        placeholders = [self.create_proxy("placeholder", name, (), {}) for name in spec.tensor_names]
+        placeholders = []
+        for name, (dtype, device) in zip(spec.tensor_names, spec.placeholder_meta()):
+            proxy = self.create_proxy("placeholder", name, (), {})
+            proxy.node.meta["fxdrop_dtype"], proxy.node.meta["fxdrop_device"] = dtype, device
+            proxy.node.meta["fxdrop_from_spec"] = True
+            placeholders.append(proxy)
 
         def run(root, *values):
             args, kwargs = spec.call(list(values))
-            return root_fn(root, *args, **kwargs)
+            out = root_fn(root, *args, **kwargs)
+            if not isinstance(out, fx.Proxy):  # fx returns a dict subclass (a ModelOutput) as a plain dict
+                self.output_type = type(out)
+            return out
 
         return run, [self.root, *placeholders]
 
@@ -199,8 +306,10 @@ def node_scope(node: fx.Node) -> str:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first sentence of an error's message (fx appends paragraphs of advice)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line.split(". ")[0].rstrip(".") if ". " in line else line
 
 
 def _trace_once(module: nn.Module, method: str, spec: CallSpec, leaves: frozenset[int], training: bool
@@ -247,6 +356,8 @@ _DIFFERENT = "forward depends on self.training beyond True/False flags (differen
 class Trace:
     graph: fx.Graph
     calls: dict[str, tuple[tuple, dict]]  # first call of each traced-through module (relative names)
+    output_type: type | None = None  # what the forward returned (a dict subclass comes back from fx as a dict)
+    specialized: bool = False  # it depends on the spec's tensor dtypes/devices (else valid for any)
 
 
 def trace_region(module: nn.Module, spec: CallSpec, *, method: str = "forward",
@@ -259,7 +370,7 @@ def trace_region(module: nn.Module, spec: CallSpec, *, method: str = "forward",
     modes = {m: m.training for m in module.modules()}
     try:
         train, tracer = _trace_once(module, method, spec, leaves, True)
-        evaluation, _ = _trace_once(module, method, spec, leaves, False)
+        evaluation, eval_tracer = _trace_once(module, method, spec, leaves, False)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -288,7 +399,7 @@ def trace_region(module: nn.Module, spec: CallSpec, *, method: str = "forward",
                 node.args = _replace_at(node.args, path, mode)
             else:
                 node.kwargs = _replace_at(node.kwargs, path, mode)
-    return Trace(train, tracer.calls)
+    return Trace(train, tracer.calls, tracer.output_type, tracer.specialized or eval_tracer.specialized)
 
 
 def trace_with_retries(module: nn.Module, spec: CallSpec, *, method: str = "forward",

@@ -90,13 +90,15 @@ def _masked_rnn(rnn: nn.Module, name: str, masks):
     lstm = isinstance(rnn, nn.LSTM)
 
     def forward(x, hx=None):
-        assert hx is None and not rnn.bidirectional and not getattr(rnn, "proj_size", 0)
+        assert not rnn.bidirectional and not getattr(rnn, "proj_size", 0), "a unidirectional RNN without projections"
         h_n, c_n = [], []
         for layer in range(rnn.num_layers):
             ref = (nn.LSTM if lstm else nn.GRU)(x.shape[-1], rnn.hidden_size, batch_first=rnn.batch_first)
             for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 setattr(ref, f"{kind}_l0", getattr(rnn, f"{kind}_l{layer}"))
-            x, state = ref(x)
+            rows = slice(layer, layer + 1)
+            state = None if hx is None else ((hx[0][rows], hx[1][rows]) if lstm else hx[rows])
+            x, state = ref(x, state)
             if lstm:
                 h_n.append(state[0])
                 c_n.append(state[1])
