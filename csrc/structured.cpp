@@ -11,7 +11,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
 #include <sstream>
+#include <unordered_map>
+#include <vector>
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -96,22 +100,79 @@ TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int6
   return t;
 }
 
-// Fresh gradient buffers of many MiB are new pages every step (the allocator unmaps them when the
-// optimizer drops the old gradients); the kernel faults them in and zeroes them 4 KiB at a time, which
-// cost an fxdrop step at h = 4096 more than its shrunken GEMMs. Transparent huge pages (when the system
-// leaves them to madvise) take 512 times fewer faults. A hint: the memory is the same either way.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kPage = 4096;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  if (!t.device().is_cpu() || bytes < (uintptr_t{8} << 20)) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t start = (begin + kPage - 1) & ~(kPage - 1), stop = (begin + bytes) & ~(kPage - 1);
-  if (stop > start) madvise(reinterpret_cast<void*>(start), stop - start, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
+// Fresh gradient buffers of many MiB are new pages every step: with zero_grad(set_to_none=True) the
+// optimizer drops last step's gradients, glibc unmaps blocks that large, and the kernel faults the
+// next step's back in and zeroes them 4 KiB at a time, which cost an fxdrop step at h = 4096 more than
+// its shrunken GEMMs. So weight gradients of 8 MiB or more, and the compact weight copies and products
+// of that size each step makes, come from a small pool of this library's own: a freed buffer goes back
+// to the pool (its pages stay resident, on transparent huge pages where the system leaves them to
+// madvise) and the next step's buffer of that size reuses it. The pool holds at most as many bytes as
+// were ever handed out at once, so it never grows past what those buffers need at their peak. It is
+// never destroyed: a tensor freed after static destruction still finds it.
+namespace {
+
+constexpr size_t kPooledBytes = size_t{8} << 20;
+constexpr size_t kHugePage = size_t{2} << 20;
+
+struct ResidentPool {
+  std::mutex lock;
+  std::unordered_map<size_t, std::vector<void*>> free;
+  size_t held = 0, outstanding = 0, peak = 0;
+};
+
+ResidentPool& resident_pool() {
+  static ResidentPool* pool = new ResidentPool();  // intentionally leaked (see above)
+  return *pool;
 }
+
+void give_back(void* ptr, size_t bytes) {
+  auto& pool = resident_pool();
+  std::lock_guard<std::mutex> guard(pool.lock);
+  pool.outstanding -= bytes;
+  if (pool.held + bytes <= pool.peak) {
+    pool.free[bytes].push_back(ptr);
+    pool.held += bytes;
+  } else {
+    std::free(ptr);
+  }
+}
+
+}  // namespace
+
+at::Tensor resident_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (auto s : sizes) numel *= s;
+  const size_t want = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (!options.device().is_cpu() || want < kPooledBytes) return at::empty(sizes, options);
+  const size_t bytes = (want + kHugePage - 1) / kHugePage * kHugePage;
+  void* ptr = nullptr;
+  {
+    auto& pool = resident_pool();
+    std::lock_guard<std::mutex> guard(pool.lock);
+    auto found = pool.free.find(bytes);
+    if (found != pool.free.end() && !found->second.empty()) {
+      ptr = found->second.back();
+      found->second.pop_back();
+      pool.held -= bytes;
+    }
+    pool.outstanding += bytes;
+    pool.peak = std::max(pool.peak, pool.outstanding);
+  }
+  if (ptr == nullptr) {
+    ptr = std::aligned_alloc(kHugePage, bytes);
+    if (ptr == nullptr) {
+      auto& pool = resident_pool();
+      std::lock_guard<std::mutex> guard(pool.lock);
+      pool.outstanding -= bytes;
+      return at::empty(sizes, options);
+    }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(ptr, bytes, MADV_HUGEPAGE);
+#endif
+  }
+  return at::from_blob(ptr, sizes, [bytes](void* p) { give_back(p, bytes); }, options);
+}
+
 
 namespace {
 
@@ -234,7 +295,10 @@ at::Tensor kept_rows(const at::Tensor& t, const Mask* m) {
 at::Tensor kept_columns(const at::Tensor& t, const Mask* m) {
   if (m == nullptr || m->full()) return t;
   auto view = t.slice(1, m->start, m->stop, m->step);
-  return m->contiguous() ? view : view.contiguous();
+  if (m->contiguous()) return view;
+  auto compact = resident_empty(view.sizes(), view.options());  // a weight's columns: big, every step
+  compact.copy_(view);
+  return compact;
 }
 
 // A view of t (rows, cols) that strides only along rows/cols by a step: the columns must be a unit stride.
@@ -255,7 +319,7 @@ void gemm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double 
 }
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha) {
-  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  auto out = resident_empty({a.size(0), b.size(1)}, a.options());  // compact weight-gradient products
   gemm_into(out, a, b, alpha);
   return out;
 }
@@ -280,8 +344,7 @@ void scatter_product_into(const Kernels& k, at::Tensor& full, const Mask* rows, 
 at::Tensor scatter_product(const Kernels& k, at::IntArrayRef shape, const at::TensorOptions& options,
                            const Mask* rows, const Mask* cols, const at::Tensor& a, const at::Tensor& b,
                            double alpha) {
-  auto full = at::empty(shape, options);
-  advise_huge_pages(full);
+  auto full = resident_empty(shape, options);
   scatter_product_into(k, full, rows, cols, a, b, alpha);
   return full;
 }
@@ -295,7 +358,7 @@ void accumulate_product(at::Tensor& full, const Mask* rows, const Mask* cols, co
   if (cols == nullptr || cols->contiguous()) {
     r.addmm_(a, b, /*beta=*/1, /*alpha=*/alpha);
   } else {
-    r.add_(at::mm(a, b), alpha);
+    r.add_(gemm(a, b, 1.0), alpha);
   }
 }
 
@@ -526,8 +589,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> chain_b
   } else {
     for (int64_t l = 0; l < layers; ++l) {
       // Written whole by the first class with rows (its region, zeros elsewhere); the others add.
-      grad_weights[l] = at::empty_like(weights[l], at::MemoryFormat::Contiguous);
-      advise_huge_pages(grad_weights[l]);  // as scatter_product does for the one-pattern gradients
+      grad_weights[l] = resident_empty(weights[l].sizes(), weights[l].options());
       if (biases[l].defined()) grad_biases[l] = at::zeros_like(biases[l]);
     }
     bool first = true;

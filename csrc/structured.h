@@ -36,8 +36,9 @@ struct TilePlan {
 TilePlan tile_plan(int64_t out_features, int64_t in_features, int64_t tile, int64_t dp, int64_t offset,
                    const std::string& scale, double p);
 
-// madvise(MADV_HUGEPAGE) on a fresh CPU buffer of 8 MiB or more (a hint; a no-op elsewhere).
-void advise_huge_pages(const at::Tensor& t);
+// An uninitialised tensor; on the CPU, of 8 MiB or more, from fxdrop's resident pool (structured.cpp):
+// weight gradients and compact weight copies land on pages a freed one left resident, not fresh ones.
+at::Tensor resident_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Everything but the GEMMs, per device (cpu/kernels.cpp, cuda/kernels.cu).
 struct Kernels {

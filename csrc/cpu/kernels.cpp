@@ -352,7 +352,7 @@ struct CpuKernels final : Kernels {
                                                   const at::Tensor& weight, const TilePlan& t) const override {
     const int64_t batch = x2.size(0), out_f = weight.size(0), in_f = weight.size(1);
     auto grad_x = at::empty({batch, in_f}, x2.options());
-    auto grad_w = at::empty({out_f, in_f}, weight.options());
+    auto grad_w = resident_empty({out_f, in_f}, weight.options());
     std::vector<char> covered(in_f, 0);  // input columns some group writes
     for (const auto& grp : groups(t, out_f, in_f)) {
       for (auto [a, b] : grp.cols) std::fill(covered.begin() + a, covered.begin() + b, 1);
