@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ class AuditReport:
     step_flops: float | None = None  # GEMM FLOPs of one dense training step (forward + backward)
     expected_flops: float | None = None  # the same after conversion, in expectation
     ideal_speedup: float | None = None  # step_flops / expected_flops
+    optimizer: str | None = None
+    roofline: dict[str, Any] | None = None  # machine, dense and converted step costs (fxdrop.roofline)
+    roofline_speedup: float | None = None  # dense step time / converted step time, both modelled
 
     @property
     def converted(self) -> list[SiteAudit]:
@@ -72,7 +75,8 @@ class AuditReport:
         return {"model": self.model, "inputs": self.inputs, "options": self.options,
                 "sites": [asdict(s) for s in self.sites], "skipped": [asdict(s) for s in self.skipped],
                 "regions": [asdict(r) for r in self.regions], "step_flops": self.step_flops,
-                "expected_flops": self.expected_flops, "ideal_speedup": self.ideal_speedup}
+                "expected_flops": self.expected_flops, "ideal_speedup": self.ideal_speedup,
+                "optimizer": self.optimizer, "roofline": self.roofline, "roofline_speedup": self.roofline_speedup}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -99,6 +103,13 @@ class AuditReport:
             parts.append(Text(f"training step GEMM FLOPs: {_flops(self.step_flops)} dense, "
                               f"{_flops(self.expected_flops)} expected after conversion; "
                               f"ideal step speedup (FLOPs only): {self.ideal_speedup:.3f}x"))
+            if self.roofline and "unavailable" in self.roofline:
+                parts.append(Text(f"no roofline speedup: {self.roofline['unavailable']}", style="dim"))
+            if self.roofline_speedup is not None:
+                machine = self.roofline["machine"]
+                parts.append(Text(f"roofline step speedup with the {self.optimizer} optimizer (GEMMs at "
+                                  f"{machine['gemm_gflops']:.0f} GFLOP/s, memory at {machine['bandwidth_gb_s']:.1f} "
+                                  f"GB/s, measured here): {self.roofline_speedup:.3f}x"))
         else:
             parts.append(Text("give example inputs for FLOPs, shares and the predicted speedup", style="dim"))
         if self.skipped:
@@ -197,7 +208,8 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
 
 
-def count_step(work: nn.Module, inputs: tuple, kwargs: Mapping[str, Any]) -> _Count:
+def count_step(work: nn.Module, inputs: tuple, kwargs: Mapping[str, Any],
+               loss: Callable[[Any], torch.Tensor] | None = None) -> _Count:
     """The FLOPs of one training step of ``work`` (converted) on these inputs, dense and saved per site."""
     from torch.utils.flop_counter import FlopCounterMode
     from torch.utils._python_dispatch import _disable_current_modes
@@ -236,11 +248,9 @@ def count_step(work: nn.Module, inputs: tuple, kwargs: Mapping[str, Any]) -> _Co
     try:
         work.eval()  # dense ops, no state updates (BatchNorm statistics), no .grad written
         with FlopCounterMode(display=False) as counter, probing() as records, torch.random.fork_rng():
-            out = work(*inputs, **dict(kwargs))
-            flat, _ = tree_flatten(out)
-            loss = sum(t.float().sum() for t in flat if isinstance(t, torch.Tensor) and t.requires_grad)
-            if isinstance(loss, torch.Tensor):
-                torch.autograd.grad(loss, params, allow_unused=True)
+            value = _loss(work(*inputs, **dict(kwargs)), loss)
+            if value is not None:
+                torch.autograd.grad(value, params, allow_unused=True)
         count.dense = float(counter.get_total_flops())
     finally:
         for module in patched:
@@ -297,12 +307,20 @@ def _count_chain(count: _Count, chain: StructuredChain, data: dict[str, Any]) ->
 
 
 def audit(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Mapping[str, Any] | None = None,
+          optimizer: str | None = "momentum", roofline: bool = True, loss: Callable[[Any], torch.Tensor] | None = None,
           config: DropoutConfig | None = None, **options: Any) -> AuditReport:
     """Report every dropout site of ``model`` and what :func:`fxdrop.convert` with these options does.
 
     ``model`` is not changed. With ``example_inputs`` (a tensor or tuple; ``example_kwargs`` for keyword
-    arguments), also FLOPs, shares and the predicted ideal step speedup.
+    arguments), also FLOPs, shares, the FLOP-only ideal step speedup and (``roofline=True``) the roofline
+    speedup of a training step with ``optimizer`` (``"sgd"``, ``"momentum"``, ``"adamw"`` or None):
+    :mod:`fxdrop.roofline`. ``loss``: the step's loss from the model's output (default: the sum of its
+    floating outputs); give the real one where it costs (a 10,000-way softmax).
     """
+    from .roofline import OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"fxdrop.audit: optimizer={optimizer!r}; expected one of sgd, momentum, adamw or None")
     config = DropoutConfig.from_options(options, where="fxdrop.audit") if config is None else \
         DropoutConfig.from_options(options, config=config, where="fxdrop.audit")
     check_model(model, "fxdrop.audit")
@@ -318,7 +336,7 @@ def audit(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Mappi
                     for r in conversion.sites]
     if not has_inputs:
         return report
-    count = count_step(work, inputs, example_kwargs or {})
+    count = count_step(work, inputs, example_kwargs or {}, loss)
     report.step_flops = count.dense
     report.expected_flops = max(count.dense - count.saved, 0.0)
     report.ideal_speedup = count.dense / report.expected_flops if report.expected_flops else None
@@ -326,7 +344,50 @@ def audit(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Mappi
         if row.decision == "converted":
             row.gemm_flops = count.per_site.get(row.name, 0.0)
             row.share = row.gemm_flops / count.dense if count.dense else None
+    report.optimizer = optimizer
+    if roofline:
+        try:
+            report.roofline = roofline_step(model, work, inputs, example_kwargs or {}, optimizer, loss)
+        except Exception as err:  # noqa: BLE001  (the user's training step raises whatever it raises)
+            text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            report.roofline = {"unavailable": f"a training step of the model fails ({type(err).__name__}: {text})"}
+        else:
+            report.roofline_speedup = report.roofline["dense"]["seconds"] / report.roofline["converted"]["seconds"]
     return report
+
+
+def _loss(out: Any, loss: Callable[[Any], torch.Tensor] | None):
+    if loss is not None:
+        return loss(out)
+    flat, _ = tree_flatten(out)
+    total = sum(t.float().sum() for t in flat if isinstance(t, torch.Tensor) and t.requires_grad)
+    return total if isinstance(total, torch.Tensor) else None
+
+
+def roofline_step(model: nn.Module, converted: nn.Module, inputs: tuple, kwargs: Mapping[str, Any],
+                  optimizer: str | None, loss: Callable[[Any], torch.Tensor] | None = None) -> dict[str, Any]:
+    """The roofline cost of one training step of ``model`` and of ``converted`` (deep copies, in training
+    mode: their BatchNorm statistics and gradients never reach the originals)."""
+    import copy
+
+    from .roofline import CostMode, measure_machine, optimizer_seconds
+
+    machine = measure_machine()
+    out = {"machine": machine.to_dict()}
+    for name, source in (("dense", model), ("converted", converted)):
+        twin = copy.deepcopy(source).train()
+        params = [p for p in twin.parameters() if p.requires_grad]
+        with torch.random.fork_rng():  # a copy's first call rebuilds and checks its programs: not a step's cost
+            value = _loss(twin(*inputs, **dict(kwargs)), loss)
+            if value is not None:
+                torch.autograd.grad(value, params, allow_unused=True)
+        with CostMode(machine) as mode, torch.random.fork_rng():
+            value = _loss(twin(*inputs, **dict(kwargs)), loss)
+            if value is not None:
+                torch.autograd.grad(value, params, allow_unused=True)
+        mode.cost.optimizer = optimizer_seconds(params, optimizer, machine)
+        out[name] = mode.cost.to_dict()
+    return out
 
 
 def ideal_speedup(model: nn.Module, example_inputs: Any, **options: Any) -> float:

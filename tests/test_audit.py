@@ -189,3 +189,23 @@ def test_a_zero_rate_site_promises_nothing():
     model = zoo.MLP((20, 48, 40, 10), p=0.0)
     report = audit(model, torch.randn(6, 20))
     assert all(s.decision == "converted" for s in report.sites) and report.ideal_speedup == pytest.approx(1.0)
+
+
+def test_roofline_prediction_counts_what_does_not_shrink():
+    """The roofline speedup sits between 1 and the FLOP-only ideal, and falls as the optimizer costs more;
+    a bad optimizer is named; a model whose training step fails reports why instead of a figure."""
+    model, x = zoo.MLP((64, 256, 256, 10), p=0.7), torch.randn(32, 64)
+    plain = audit(model, x, optimizer=None, pattern="block")
+    adamw = audit(model, x, optimizer="adamw", pattern="block")
+    assert 1.0 < adamw.roofline_speedup < plain.roofline_speedup
+    assert plain.roofline_speedup < plain.ideal_speedup
+    dense, converted = adamw.roofline["dense"], adamw.roofline["converted"]
+    assert dense["optimizer_s"] == pytest.approx(converted["optimizer_s"]) and dense["optimizer_s"] > 0
+    assert converted["flops"] < dense["flops"]
+    assert "roofline step speedup with the adamw optimizer" in str(adamw)
+    assert json.loads(adamw.to_json())["roofline_speedup"] == pytest.approx(adamw.roofline_speedup)
+    with pytest.raises(ValueError, match="optimizer='lamb'"):
+        audit(model, x, optimizer="lamb")
+    failing = audit(zoo.InplaceDropout(), torch.randn(5, 16))  # ReLU_ then Dropout_: PyTorch's backward raises
+    assert failing.roofline_speedup is None and "inplace" in failing.roofline["unavailable"]
+    assert "no roofline speedup" in str(failing)

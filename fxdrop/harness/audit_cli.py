@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
                         help="largest pattern period, or 'auto' (the tightest that reaches p; default)")
     parser.add_argument("--tile", type=int, default=32, help="tile size for the tile family (default 32)")
+    parser.add_argument("--optimizer", choices=("sgd", "momentum", "adamw", "none"), default="momentum",
+                        help="the optimizer of the roofline step prediction (default momentum)")
 
 
 def max_dp_arg(text: str) -> int | str:
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_target(args.target)
         try:
             report = audit(model, inputs if inputs else None, p=args.p, pattern=args.pattern, max_dp=args.max_dp,
-                           tile=args.tile)
+                           tile=args.tile, optimizer=None if args.optimizer == "none" else args.optimizer)
         except (ValueError, TypeError) as err:
             raise CliError(str(err)) from err
     except CliError as err:

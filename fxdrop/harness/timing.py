@@ -152,6 +152,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _allocator() -> str:
+    """The C allocator the process runs on: a preloaded one (jemalloc, tcmalloc) or the C library's."""
+    preload = os.environ.get("LD_PRELOAD", "").strip()
+    if preload:
+        return f"LD_PRELOAD={preload}"
+    name, version = platform.libc_ver()
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return f"{name or 'libc'} {version} malloc" + (f" (GLIBC_TUNABLES={tunables})" if tunables else "")
+
+
 def machine_info() -> dict:
     """What a benchmark figure depends on: platform, CPU, cores, threads, versions, and the load when measured."""
     import fxdrop
@@ -169,6 +179,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "fxdrop": fxdrop.__version__,
         "fxdrop_backend": backend if isinstance(backend, (str, int, float, dict, list)) else repr(backend),
+        "allocator": _allocator(),
         "retain_freed_memory": allocator.retained(),
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,0 +1,200 @@
+"""A roofline model of a training step: what the audit predicts when memory traffic and the optimizer count too.
+
+Every op of one training step (forward, loss, backward) is recorded by a dispatch mode with its FLOPs
+(``torch.utils.flop_counter``'s formulas) and the bytes of the tensors it reads and writes; its time is
+``max(FLOPs / gemm_flops, bytes / bandwidth)`` with this machine's measured large-GEMM FLOP/s and copy
+bandwidth (:func:`measure_machine`, once per process and thread count). fxdrop's own ops are costed from
+their layout at the sites' expected keep fractions (``1 - p`` per structured side): compact GEMMs and
+activations, and the dense weight-gradient writes. The optimizer step adds its parameter count times the
+optimizer's measured cost per element (one step of PyTorch's default implementation on a large
+parameter: CPU AdamW's temporaries make it several times slower than its bytes at copy bandwidth). The
+model ignores what it cannot see (per-op overheads, cache effects, small-GEMM inefficiency), so it is an
+estimate to compare with measured training runs, not a measurement. Imports torch and the layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .layout import ChainLayout
+
+OPTIMIZERS = (None, "sgd", "momentum", "adamw")
+
+
+@dataclass(frozen=True)
+class Machine:
+    gemm_flops: float  # FLOP/s of a large fp32 GEMM
+    bandwidth: float  # bytes/s of a large copy (read + write)
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gemm_gflops": self.gemm_flops / 1e9, "bandwidth_gb_s": self.bandwidth / 1e9, "threads": self.threads}
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(threads: int) -> Machine:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    out = torch.empty(2048, 2048)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    gemm = 2.0 * 2048**3 / best
+    src = torch.randn(32 << 20)  # 128 MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return Machine(gemm, 2.0 * src.numel() * 4 / best, threads)
+
+
+def measure_machine() -> Machine:
+    """This machine's large-GEMM FLOP/s and copy bandwidth at the current thread count (measured once)."""
+    return _measure(torch.get_num_threads())
+
+
+@dataclass
+class StepCost:
+    """The roofline time of one step, and its parts (seconds)."""
+
+    compute: float = 0.0  # ops bound by FLOPs
+    memory: float = 0.0  # ops bound by bytes
+    optimizer: float = 0.0
+    flops: float = 0.0
+    bytes: float = 0.0
+    ops: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return self.compute + self.memory + self.optimizer
+
+    def add(self, flops: float, nbytes: float, machine: Machine) -> None:
+        t_compute, t_memory = flops / machine.gemm_flops, nbytes / machine.bandwidth
+        if t_compute >= t_memory:
+            self.compute += t_compute
+        else:
+            self.memory += t_memory
+        self.flops += flops
+        self.bytes += nbytes
+        self.ops += 1
+
+    def to_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds, "compute_s": self.compute, "memory_s": self.memory,
+                "optimizer_s": self.optimizer, "flops": self.flops, "bytes": self.bytes, "ops": self.ops}
+
+
+def _nbytes(values) -> float:
+    flat, _ = tree_flatten(values)
+    seen, total = set(), 0.0
+    for t in flat:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
+
+
+_SKIP = {"detach", "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select",
+         "unsqueeze", "squeeze", "as_strided", "alias", "split", "chunk", "unbind", "empty", "empty_like",
+         "new_empty", "sample_pattern", "sample_classes", "_to_copy_meta"}
+
+
+class CostMode(TorchDispatchMode):
+    """Adds every dispatched op's roofline time to a :class:`StepCost`; fxdrop's ops by their layout."""
+
+    def __init__(self, machine: Machine):
+        super().__init__()
+        self.machine = machine
+        self.cost = StepCost()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        if func.namespace == "fxdrop":
+            self._fxdrop(name, args, out)
+            return out
+        if name in _SKIP or name.endswith("_view"):
+            return out
+        from torch.utils.flop_counter import flop_registry
+
+        formula = flop_registry.get(func._overloadpacket)
+        # The registry's formulas take the op's own arguments and output (FlopCounterMode's calling convention).
+        flops = float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
+        self.cost.add(flops, _nbytes(args) + _nbytes(out), self.machine)
+        return out
+
+    def _fxdrop(self, name: str, args, out) -> None:
+        if name in ("chain", "chain_backward"):
+            backward = name == "chain_backward"
+            x, weights = args[1 if backward else 0], args[2 if backward else 1]
+            flags = (args[9], args[10]) if backward else (args[7], args[8])
+            rates = list(args[12] if backward else args[10])
+            layout = ChainLayout(len(weights), bool(flags[0]), bool(flags[1]))
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            for layer, weight in enumerate(weights):
+                in_site, out_site = layout.in_site(layer), layout.out_site(layer)
+                keep_in = 1.0 - rates[in_site] if in_site is not None else 1.0
+                keep_out = 1.0 - rates[out_site] if out_site is not None else 1.0
+                out_f, in_f = weight.shape
+                size = weight.element_size()
+                gemm = 2.0 * rows * in_f * out_f * keep_in * keep_out
+                block = in_f * out_f * keep_in * keep_out * size
+                activations = rows * (in_f * keep_in + out_f * keep_out * (2 if out_site is not None else 1)) * size
+                if backward:  # input- and weight-gradient GEMMs; the dense weight gradient is written whole
+                    self.cost.add(2 * gemm, 2 * (block + activations) + weight.numel() * size, self.machine)
+                else:
+                    self.cost.add(gemm, block + activations, self.machine)
+            return
+        self.cost.add(0.0, _nbytes(args) + _nbytes(out), self.machine)
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer_rate(optimizer: str, threads: int) -> float:
+    """Seconds per parameter element of one ``optimizer`` step, measured on a 64 MiB fp32 parameter (the
+    size of a large layer's weight: the step's temporaries are as big, and are allocated as they are in a
+    training run)."""
+    param = torch.nn.Parameter(torch.randn(16 << 20))
+    param.grad = torch.randn_like(param)
+    if optimizer == "sgd":
+        step = torch.optim.SGD([param], lr=1e-3)
+    elif optimizer == "momentum":
+        step = torch.optim.SGD([param], lr=1e-3, momentum=0.9)
+    else:
+        step = torch.optim.AdamW([param], lr=1e-3)
+    for _ in range(2):
+        step.step()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        step.step()
+        best = min(best, time.perf_counter() - start)
+    return best / param.numel()
+
+
+def optimizer_seconds(params, optimizer: str | None, machine: Machine) -> float:
+    """The optimizer step's time: parameter elements times this machine's measured per-element cost of
+    ``optimizer`` (PyTorch's default implementation at the current thread count)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of sgd, momentum, adamw or None")
+    if optimizer is None:
+        return 0.0
+    elements = sum(p.numel() for p in params if p.requires_grad)
+    return elements * _optimizer_rate(optimizer, machine.threads)
+
+
+__all__ = ["CostMode", "Machine", "OPTIMIZERS", "StepCost", "measure_machine", "optimizer_seconds"]
