@@ -563,3 +563,26 @@ def inspect_options(fn):
 
     names = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     return [n for n in names if n != "config"] + list(OPTIONS)
+
+
+def test_a_single_linear_after_dropout_compiles_with_row_classes():
+    """Dropout -> Linear -> ReLU (AlexNet's head) in rows mode: the chain saves nothing, and Inductor must not
+    see unbacked sizes it never gets (a fake kernel that made them broke the backend)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 4))
+    x = torch.randn(6, 16)
+    for make in (lambda: torch.compile(fxdrop.convert(model, seed=0, granularity="rows", example_inputs=(x,)),
+                                       fullgraph=True),
+                 lambda: torch.compile(copy.deepcopy(model), backend="fxdrop",
+                                       options={"seed": 0, "granularity": "rows"})):
+        torch._dynamo.reset()
+        compiled = make().train()
+        out = compiled(x)
+        out.sum().backward()
+        assert out.shape == (6, 4) and torch.isfinite(out).all()
+        compiled.eval()
+        with torch.no_grad():
+            assert torch.equal(compiled(x), model.eval()(x))
+        model.train()

@@ -68,7 +68,7 @@ def _chain_fake(x, weights, biases, has_bias, patterns, family, activations, inp
     ctx = torch.library.get_ctx()
     saved = []
     from . import activations as act
-    for _ in range(max(count, 1)):
+    for _ in range(max(count, 1) if activations else 0):  # nothing saved (no unbacked sizes) without activations
         rows = (x.numel() // x.shape[-1] if x.shape[-1] else 0) if count == 0 else ctx.new_dynamic_size()
         for name in activations:
             kept = ctx.new_dynamic_size()
