@@ -5,11 +5,14 @@ Every op of one training step (forward, loss, backward) is recorded by a dispatc
 ``max(FLOPs / gemm_flops, bytes / bandwidth)`` with this machine's measured large-GEMM FLOP/s and copy
 bandwidth (:func:`measure_machine`, once per process and thread count). fxdrop's own ops are costed from
 their layout at the sites' expected keep fractions (``1 - p`` per structured side): compact GEMMs and
-activations, and the dense weight-gradient writes. The optimizer step adds its parameter count times the
-optimizer's measured cost per element (one step of PyTorch's default implementation on a large
-parameter: CPU AdamW's temporaries make it several times slower than its bytes at copy bandwidth). The
-model ignores what it cannot see (per-op overheads, cache effects, small-GEMM inefficiency), so it is an
-estimate to compare with measured training runs, not a measurement. Imports torch and the layout.
+activations (each row class reads its own kept weight block), and the dense weight-gradient writes. The
+optimizer step adds its parameter count times the optimizer's measured cost per element (one step of
+PyTorch's default implementation on a 64 MiB parameter: CPU AdamW's temporaries make it several times
+slower than its bytes at copy bandwidth). The model ignores what it cannot see (per-op overheads,
+small-GEMM inefficiency, page faults of fresh gradient buffers, cache effects), so it is an estimate to
+compare with measured training runs, not a measurement. A per-shape GEMM rate and a fresh-page term were
+tried and fitted the measured MLP runs worse (README's speed section says how far the model is off).
+Imports torch and the layout.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ OPTIMIZERS = (None, "sgd", "momentum", "adamw")
 
 @dataclass(frozen=True)
 class Machine:
-    gemm_flops: float  # FLOP/s of a large fp32 GEMM
+    gemm_flops: float  # FLOP/s of a large square fp32 GEMM
     bandwidth: float  # bytes/s of a large copy (read + write)
     threads: int
 
@@ -39,26 +42,24 @@ class Machine:
         return {"gemm_gflops": self.gemm_flops / 1e9, "bandwidth_gb_s": self.bandwidth / 1e9, "threads": self.threads}
 
 
+def _best(fn, repeats: int = 3) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.lru_cache(maxsize=None)
 def _measure(threads: int) -> Machine:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    out = torch.empty(2048, 2048)
-    torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    gemm = 2.0 * 2048**3 / best
+    gemm = 2.0 * 2048**3 / _best(lambda: torch.mm(a, b))
     src = torch.randn(32 << 20)  # 128 MiB
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return Machine(gemm, 2.0 * src.numel() * 4 / best, threads)
+    bandwidth = 2.0 * src.numel() * 4 / _best(lambda: dst.copy_(src))
+    return Machine(gemm, bandwidth, threads)
 
 
 def measure_machine() -> Machine:
@@ -145,18 +146,23 @@ class CostMode(TorchDispatchMode):
             flags = (args[9], args[10]) if backward else (args[7], args[8])
             rates = list(args[12] if backward else args[10])
             layout = ChainLayout(len(weights), bool(flags[0]), bool(flags[1]))
+            patterns = args[5 if backward else 4]
+            classes = patterns.shape[0] if patterns.dim() == 3 else 1
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
             for layer, weight in enumerate(weights):
                 in_site, out_site = layout.in_site(layer), layout.out_site(layer)
                 keep_in = 1.0 - rates[in_site] if in_site is not None else 1.0
                 keep_out = 1.0 - rates[out_site] if out_site is not None else 1.0
                 out_f, in_f = weight.shape
+                in_k, out_k = max(round(in_f * keep_in), 1), max(round(out_f * keep_out), 1)
                 size = weight.element_size()
-                gemm = 2.0 * rows * in_f * out_f * keep_in * keep_out
-                block = in_f * out_f * keep_in * keep_out * size
-                activations = rows * (in_f * keep_in + out_f * keep_out * (2 if out_site is not None else 1)) * size
+                gemm = 2.0 * rows * in_k * out_k
+                block = classes * in_k * out_k * size  # each row class reads its own kept block
+                activations = rows * (in_k + out_k * (2 if out_site is not None else 1)) * size
                 if backward:  # input- and weight-gradient GEMMs; the dense weight gradient is written whole
-                    self.cost.add(2 * gemm, 2 * (block + activations) + weight.numel() * size, self.machine)
+                    if layer > 0 or args[13]:  # the first layer's input gradient only when the input needs one
+                        self.cost.add(gemm, block + activations, self.machine)
+                    self.cost.add(gemm, block + activations + weight.numel() * size, self.machine)
                 else:
                     self.cost.add(gemm, block + activations, self.machine)
             return
