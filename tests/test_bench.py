@@ -1,4 +1,4 @@
-"""fxdrop.harness.timing and fxdrop.harness.bench: paired timing, peak memory, table and plot on a tiny model."""
+"""fxdrop.harness.timing (paired timing, peak memory) and ``fxdrop bench`` (training runs) on a tiny model."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from fxdrop.harness import bench, models
 from fxdrop.harness.timing import PairedTiming, machine_info, paired_timing, peak_step_memory
 
 
@@ -69,44 +68,50 @@ def test_peak_step_memory_counts_live_tensors():
 
 
 @pytest.fixture(scope="module")
-def tiny_result():
-    return bench.run_suite(widths=(32,), rates=(0.5,), families=("row", "block"), batch=16, pairs=2, warmup=1)
-
-
-def test_measure_rows_have_every_figure(tiny_result):
-    assert [row["family"] for row in tiny_result["rows"]] == ["row", "block"]
-    for row in tiny_result["rows"]:
-        assert row["speedup"] > 0 and row["ideal"] > 1.0
-        assert row["efficiency"] == pytest.approx(row["speedup_total"] / row["ideal"])
-        assert row["speedup_total"] == pytest.approx(sum(row["baseline_s"]) / sum(row["fxdrop_s"]))
-        assert row["baseline_peak_bytes"] > 0 and row["fxdrop_peak_bytes"] > 0
-        assert len(row["ratios"]) == 2
-    for key in ("platform", "cpu", "torch", "torch_threads", "cpu_count"):
-        assert key in tiny_result["machine"]
-    json.loads(json.dumps(tiny_result))
-
-
-def test_markdown_table_has_one_line_per_row(tiny_result):
-    text = bench.markdown_table(tiny_result)
-    lines = text.splitlines()
-    assert lines[0].startswith("| h | p | family |") and "peak MiB fxdrop" in lines[0]
-    assert lines[2].startswith("| 32 | 0.5 | row |") and lines[3].startswith("| 32 | 0.5 | block |")
-    assert "1.18–2.16×" in text
-
-
-def test_plot_marks_the_paper_range(tiny_result, tmp_path):
-    pytest.importorskip("matplotlib")
-    assert bench.plot_speedup(tiny_result, tmp_path / "speedup.png").stat().st_size > 1000
-
-
-def test_cli_table_renders_an_existing_json(tiny_result, tmp_path, capsys):
+def tiny_result(tmp_path_factory):
+    """``fxdrop bench`` on a tiny MLP: two variants, two optimizers, one round each."""
     from fxdrop.harness.cli import main
 
-    path = tmp_path / "mlp.json"
-    path.write_text(json.dumps(tiny_result))
-    assert main(["bench", "--table", str(path)]) == 0
-    assert capsys.readouterr().out.startswith("| h | p | family |")
-    assert main(["bench", "--table", str(tmp_path / "missing.json")]) == 2
+    out = tmp_path_factory.mktemp("bench") / "runs.json"
+    assert main(["bench", "--widths", "32", "--rates", "0.5", "--optimizers", "sgd,adamw", "--steps", "2",
+                 "--warmup", "1", "--repeats", "1", "--variant", "pattern=block", "--variant",
+                 "pattern=row,granularity=rows", "--out", str(out)]) == 0
+    return out, json.loads(out.read_text())
+
+
+def test_bench_rows_have_every_figure(tiny_result):
+    _, result = tiny_result
+    assert [(r["workload"]["optimizer"], r["workload"]["convert"]) for r in result["rows"]] == [
+        ("sgd", {"granularity": "rows", "pattern": "row"}), ("sgd", {"pattern": "block"}),
+        ("adamw", {"granularity": "rows", "pattern": "row"}), ("adamw", {"pattern": "block"})]
+    for row in result["rows"]:
+        assert row["speedup"] == pytest.approx(row["standard_ms"][0] / row["fxdrop_ms"][0])
+        assert row["ideal_flops"] > 1.0 and row["ideal_roofline"] > 0
+        assert row["workload"]["steps"] == 2 * 4096 // 32  # narrow layers get proportionally more steps
+    for key in ("platform", "cpu", "torch", "torch_threads", "cpu_count", "allocator"):
+        assert key in result["machine"]
+    assert result["command"] == "fxdrop bench"
+
+
+def test_bench_merge_replaces_only_the_rows_it_measures(tiny_result, tmp_path):
+    from fxdrop.harness.cli import main
+
+    path, result = tiny_result
+    copy = tmp_path / "runs.json"
+    copy.write_text(json.dumps(result))
+    assert main(["bench", "--widths", "32", "--rates", "0.5", "--optimizers", "sgd", "--steps", "1", "--warmup", "0",
+                 "--repeats", "1", "--variant", "pattern=block", "--out", str(copy), "--merge"]) == 0
+    merged = json.loads(copy.read_text())["rows"]
+    assert len(merged) == 4 and [r["workload"]["steps"] for r in merged] == [256, 128, 256, 256]
+
+
+def test_bench_rejects_bad_flags(capsys):
+    from fxdrop.harness.cli import main
+
+    assert main(["bench", "--optimizers", "lamb"]) == 2
+    assert "'lamb'" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "--variant", "pattern"])
 
 
 def test_machine_info_records_versions():
