@@ -1,0 +1,58 @@
+"""fxdrop.harness.quality: variants, paired differences, the share of dropout's gain, and one real run."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fxdrop.harness.quality import MnistRun, fxdrop_options, paired_differences, summarize, train_mnist
+
+
+def _result(variant, seed, accuracy, diverged=False):
+    return {"run": {"variant": variant, "seed": seed}, "accuracy": accuracy, "diverged": diverged}
+
+
+def test_variant_names_are_convert_options():
+    assert fxdrop_options("standard") is None and fxdrop_options("none") is None
+    assert fxdrop_options("block/rows/8") == {"pattern": "block", "granularity": "rows", "row_classes": 8}
+    assert fxdrop_options("row") == {"pattern": "row", "granularity": "forward"}
+
+
+def test_paired_differences_and_share_of_gain():
+    results = [_result("none", s, a) for s, a in enumerate([0.80, 0.82, 0.84])]
+    results += [_result("standard", s, a) for s, a in enumerate([0.90, 0.90, 0.92])]
+    results += [_result("block/rows/8", s, a) for s, a in enumerate([0.85, 0.87, 0.88])]
+    results += [_result("block/forward", 0, float("nan"), diverged=True)]
+    gain = paired_differences(results, "standard", "none")
+    assert gain["mean"] == pytest.approx((0.10 + 0.08 + 0.08) / 3) and gain["n"] == 3
+    assert gain["se"] == pytest.approx(math.sqrt(((0.10 - 0.0867) ** 2 + (0.08 - 0.0867) ** 2 + (0.08 - 0.0867) ** 2)
+                                                 / 2 / 3), rel=1e-2)
+    summary = summarize(results, ["none", "standard", "block/rows/8", "block/forward"])
+    row = summary["block/rows/8"]
+    assert row["vs_standard"]["mean"] == pytest.approx(-0.04)
+    assert row["share_of_standard_gain"] == pytest.approx((0.0467) / 0.0867, rel=1e-2)
+    assert summary["block/forward"]["diverged"] == 1 and summary["block/forward"]["vs_standard"]["n"] == 0
+    assert summary["standard"]["vs_none"] == gain
+
+
+def test_a_run_trains_from_the_same_weights_for_every_variant():
+    """Tiny synthetic data: standard dropout and an fxdrop variant both learn; bad optimizers are named."""
+    torch.manual_seed(0)
+    centers = torch.rand(10, 784)
+    labels = torch.arange(200) % 10
+    images = (centers[labels] + 0.05 * torch.rand(200, 784)).clamp(0, 0.999)
+    data = SimpleNamespace(train_images=images, train_labels=labels, test_images=images[:100],
+                           test_labels=labels[:100])
+    out = {}
+    for variant in ("standard", "block/rows/4"):
+        run = MnistRun(variant=variant, p=0.5, lr=0.05, train_images=None, epochs=3, batch=32, width=64,
+                       average_last=2)
+        out[variant] = train_mnist(run, data)
+        assert not out[variant]["diverged"] and out[variant]["accuracy"] > 0.5
+        assert len(out[variant]["train_loss"]) == 3
+    assert out["standard"]["key"] == "full/momentum/lr0.05/p0.5/standard/s0"
+    with pytest.raises(ValueError, match="'lamb'"):
+        train_mnist(MnistRun(optimizer="lamb", width=8, epochs=1, train_images=None), data)
