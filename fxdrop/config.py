@@ -46,17 +46,22 @@ class DropoutConfig:
     support of ``P(dp)`` that reaches the rate) or the largest period. ``seed``: per-site streams derive
     from it and the site's name (None: drawn from the global RNG at conversion). ``scale``: ``"kept"``
     (kept units times ``dp``) or ``"rate"`` (times ``1 / (1 - p)``). ``tile``: the tile family's tile
-    size. ``granularity``: ``"forward"`` (one pattern per site per forward, the paper's) or ``"rows"``
-    (Linear sites draw one pattern per row class, row ``r`` in class ``r mod row_classes``).
+    size. ``granularity``: ``"rows"`` (Linear sites draw one pattern per row class, row ``r`` in class
+    ``r mod row_classes``) or ``"forward"`` (one pattern per site per forward, the paper's method).
+
+    The defaults (``block``, ``rows``, 2 classes) are measured: one pattern per forward shares the mask
+    across the batch and diverged or fell far behind standard dropout at p = 0.7 and at lr 0.05 on MNIST,
+    where row classes stayed within 0.3 points (README, "Quality where dropout matters"); ``block`` is the
+    fastest family on CPU.
     """
 
     p: RateOption = None
-    pattern: FamilyOption = "row"
+    pattern: FamilyOption = "block"
     max_dp: int | str = AUTO
     seed: int | None = None
     scale: str = "kept"
     tile: int = DEFAULT_TILE
-    granularity: str = "forward"
+    granularity: str = "rows"
     row_classes: int = 2
 
     def __post_init__(self) -> None:

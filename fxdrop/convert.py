@@ -248,8 +248,9 @@ def convert(model: nn.Module, *, example_inputs: Any = None, example_kwargs: Map
 
     Options (:class:`fxdrop.config.DropoutConfig`): ``p`` (None keeps each site's rate; a float, a dict
     of site name -> rate or a callable overrides it), ``pattern`` (``row``, ``block``, ``tile``; globally,
-    as a dict or a callable), ``max_dp``, ``seed``, ``scale``, ``tile``, ``granularity`` (``"forward"``:
-    one pattern per site per forward call; ``"rows"``: patterns per row class), ``row_classes``.
+    as a dict or a callable; default ``block``), ``max_dp``, ``seed``, ``scale``, ``tile``, ``granularity``
+    (default ``"rows"``: patterns per row class; ``"forward"``: one pattern per site per forward call, the
+    paper's method), ``row_classes`` (default 2).
     ``example_inputs`` (and ``example_kwargs``): a call of ``model``; each region is then traced for the
     way it is really called and checked against that call now (otherwise at its first training call).
     The result shares ``model``'s Parameters; ``model`` itself is left untouched.

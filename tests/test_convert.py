@@ -182,7 +182,7 @@ def test_one_chain_for_the_mlp():
 
 
 def test_sites_fields_and_masks():
-    converted = convert(zoo.MLP(p=0.5), seed=0)
+    converted = convert(zoo.MLP(p=0.5), seed=0, pattern="row", granularity="forward")
     listed = sites(converted)
     assert [s.name for s in listed] == ["net.2", "net.5", "net.8"]
     assert all(s.last_pattern is None and s.last_mask is None for s in listed)
@@ -409,3 +409,23 @@ def test_rows_granularity_errors_and_tile_sites():
         convert(_Seq(), granularity="rows", row_classes=3)
     converted = convert(_Seq(), pattern="tile", granularity="rows")  # tile masks the weight: one per forward
     assert {site.granularity for site in sites(converted)} == {"forward"}
+
+
+def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_stays_available():
+    """convert's default (block, granularity="rows", 2 classes: measured to train where one pattern per forward
+    diverges) gives the rows of a batch different masks; pattern="row", granularity="forward" is the paper's."""
+    torch.manual_seed(0)
+    model = zoo.MLP(p=0.5)
+    default = convert(model, seed=0).train()
+    differ = 0
+    for _ in range(10):
+        default(torch.randn(8, 20))
+        for site in sites(default):
+            assert site.family == "block" and site.granularity == "rows" and site.last_mask.shape == (2, site.units)
+            differ += not torch.equal(site.last_mask[0], site.last_mask[1])
+    assert differ > 0  # the two row classes draw different patterns
+    x = torch.randn(8, 20, requires_grad=True)
+    paper = convert(model, seed=0, pattern="row", granularity="forward").train()
+    paper(x)
+    assert all(site.family == "row" and site.granularity == "forward" for site in sites(paper))
+    assert all(site.last_mask.shape == (site.units,) for site in sites(paper))

@@ -194,22 +194,25 @@ def test_a_functional_rate_changes_through_set_p():
     assert site.p == 0.6 and site.scheduler.distribution.p == 0.6
 
 
+@pytest.mark.parametrize("granularity", ["forward", "rows"])
 @pytest.mark.parametrize("family", ["row", "block"])
 @pytest.mark.parametrize("width,p", [(1, 0.5), (3, 0.7), (10, 0.7)])
-def test_narrow_sites_drop_each_unit_at_exactly_p(family, width, p):
-    """Widths below the pattern period: the measured per-unit drop rate and mean multiplier match p and 1."""
+def test_narrow_sites_drop_each_unit_at_exactly_p(family, width, p, granularity):
+    """Widths below the pattern period: the measured per-unit drop rate and mean multiplier match p and 1
+    (in rows mode for every row class)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Dropout(p), nn.Linear(width, 2))
-    converted = fxdrop.convert(model, seed=1, pattern=family)
+    converted = fxdrop.convert(model, seed=1, pattern=family, granularity=granularity)
     (site,) = fxdrop.sites(converted)
     draws = 4000
-    dropped = torch.zeros(width, dtype=torch.float64)
-    mean = torch.zeros(width, dtype=torch.float64)
+    classes = 2 if granularity == "rows" else 1
+    dropped = torch.zeros(classes, width, dtype=torch.float64)
+    mean = torch.zeros(classes, width, dtype=torch.float64)
     x = torch.randn(2, 4)
     with torch.no_grad():
         for _ in range(draws):
             converted(x)
-            mask = site.last_mask.double()
+            mask = site.last_mask.double().reshape(classes, width)
             dropped += mask == 0
             mean += mask
     se = (p * (1 - p) / draws) ** 0.5

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an example input, e.g. 64x784 or 35x20:long (repeat for several inputs)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--p", type=float, default=None, help="override every site's drop rate")
-    parser.add_argument("--pattern", default="row", help="pattern family: row, block or tile (default row)")
+    parser.add_argument("--pattern", default=None, help="pattern family: row, block or tile (default: convert's, block)")
+    parser.add_argument("--granularity", choices=("rows", "forward"), default=None,
+                        help="rows (patterns per row class; convert's default) or forward (one per forward)")
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
                         help="largest pattern period, or 'auto' (the tightest that reaches p; default)")
     parser.add_argument("--tile", type=int, default=32, help="tile size for the tile family (default 32)")
@@ -115,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = tuple(parse_shape(text) for text in args.input)
         model = load_target(args.target)
         try:
-            report = audit(model, inputs if inputs else None, p=args.p, pattern=args.pattern, max_dp=args.max_dp,
+            chosen = {k: v for k, v in (("pattern", args.pattern), ("granularity", args.granularity)) if v is not None}
+            report = audit(model, inputs if inputs else None, p=args.p, max_dp=args.max_dp, **chosen,
                            tile=args.tile, optimizer=None if args.optimizer == "none" else args.optimizer)
         except (ValueError, TypeError) as err:
             raise CliError(str(err)) from err

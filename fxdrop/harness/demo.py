@@ -31,7 +31,7 @@ from .models import mnist_mlp
 DEFAULT_WIDTH = 1024
 DEFAULT_EPOCHS = 2
 DEFAULT_BATCH = 128
-DEFAULT_LR = 0.01
+DEFAULT_LR = 0.05
 DEFAULT_MOMENTUM = 0.9
 EVAL_BATCH = 2000
 
@@ -42,6 +42,7 @@ class DemoConfig:
 
     p: float = 0.5
     pattern: str = "block"
+    granularity: str = "rows"  # fxdrop.convert's default: patterns per row class
     width: int = DEFAULT_WIDTH
     epochs: int = DEFAULT_EPOCHS
     batch: int = DEFAULT_BATCH
@@ -141,7 +142,7 @@ def build_pair(config: DemoConfig, convert: Callable[..., nn.Module] | None = No
     torch.manual_seed(config.seed)
     standard = mnist_mlp(config.width, config.p)
     converted = convert(copy.deepcopy(standard), p=config.p, pattern=config.pattern, seed=config.seed,
-                        scale=config.scale, max_dp=config.max_dp)
+                        scale=config.scale, max_dp=config.max_dp, granularity=config.granularity)
     return standard, converted
 
 
@@ -262,6 +263,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p", type=float, default=0.5, help="drop rate of every dropout (default 0.5)")
     parser.add_argument("--pattern", choices=("row", "block"), default="block",
                         help="fxdrop pattern family (default block: contiguous kept units, no gathers)")
+    parser.add_argument("--granularity", choices=("rows", "forward"), default="rows",
+                        help="patterns per row class (default, as fxdrop.convert) or one per forward (the paper's)")
     parser.add_argument("--scale", choices=("kept", "rate"), default="kept",
                         help="scale of kept units: n/kept (default) or 1/(1-p)")
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    config = DemoConfig(p=args.p, pattern=args.pattern, width=args.width, epochs=args.epochs, batch=args.batch,
+    config = DemoConfig(p=args.p, pattern=args.pattern, granularity=args.granularity, width=args.width, epochs=args.epochs, batch=args.batch,
                         seed=args.seed, lr=args.lr, scale=args.scale, max_dp=args.max_dp,
                         train_limit=args.train_limit)
     try:
