@@ -4,10 +4,11 @@
    reference run in float64 on the CPU with the same inputs (relative error of outputs and of every
    gradient: fp32 < 1e-4, fp16 < 1e-2, bf16 < 5e-2, or up to 3x what the dense reference itself
    reaches in that dtype on the GPU; NaN never passes). Fresh random inputs per case.
-2. Whole bf16 training step (forward, cross-entropy, backward, SGD step) of the MLP
-   784 -> 8192 -> 8192 -> 8192 -> 10, batch 1024, ReLU, dropout p after each hidden layer:
-   standard dropout (eager and torch.compile'd) vs fxdrop.ops.chain (compiled and composite
-   kernels, row and block families). CUDA-event timing, median of many steps after warm-up.
+2. Training runs, bf16, AdamW, of the MLP 784 -> 8192 -> 8192 -> 8192 -> 10, batch 1024, ReLU,
+   dropout p after each hidden layer, p = 0.5 and 0.7: standard dropout (eager, and torch.compile'd)
+   against fxdrop.convert (block, and block with granularity="rows"), blocks of 30 consecutive
+   steps after warm-up, alternating in ABBA order over 3 rounds; the median ratio.
+   ``--dry-run`` runs step 2 on the CPU at a small width (checks the script, times nothing real).
 
 Writes one JSON file (--out) and prints a short table last.
 """
@@ -168,96 +169,95 @@ def correctness(backend: str) -> dict:
     return {"worst_rel_error": worst, "failures": failures}
 
 
-# ---------------------------------------------------------------- training-step benchmark
+# ---------------------------------------------------------------- training-run benchmark
 
 WIDTHS = [784, 8192, 8192, 8192, 10]
 
 
-def make_mlp(p: float) -> nn.Sequential:
+def make_mlp(p: float, widths) -> nn.Sequential:
     torch.manual_seed(0)
     layers = []
-    for i, (a, b) in enumerate(zip(WIDTHS, WIDTHS[1:])):
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
         layers.append(nn.Linear(a, b))
-        if i < len(WIDTHS) - 2:
+        if i < len(widths) - 2:
             layers += [nn.ReLU(), nn.Dropout(p)]
     return nn.Sequential(*layers).to(DEV, torch.bfloat16).train()
 
 
-def dense_step(model, opt, x, y):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
-
-
-def fxdrop_step(model, opt, x, y, family, p):
-    linears = [m for m in model if isinstance(m, nn.Linear)]
-    weights = [m.weight for m in linears]
-    biases = [m.bias for m in linears]
-    sites = len(linears) - 1
-    schedulers = [PatternScheduler(search_distribution(p), seed=i) for i in range(sites)]
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        patterns = torch.stack([s.sample_tensor() for s in schedulers])
-        out = ops.chain(x, weights, biases, patterns, family=family, activations=["relu"] * sites,
-                        rates=[p] * sites)
-        F.cross_entropy(out, y).backward()
-        opt.step()
-    return step
-
-
-def time_steps(step, warmup: int = 10, iters: int = 60) -> float:
-    """Median ms per step, CUDA events around each step."""
-    for _ in range(warmup):
-        step()
+def _sync() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+
+def block(model, x, y, steps: int, warmup: int, compiled: bool = False) -> float:
+    """ms per step of ``steps`` consecutive AdamW training steps (zero_grad, forward, loss, backward, step)
+    after ``warmup``, with a fresh optimizer: the training-run protocol of benchmarks/training_runs.py."""
+    run = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(run(x), y).backward()
+        opt.step()
+
+    for _ in range(warmup):
         step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return 1e3 * (time.perf_counter() - start) / steps
 
 
-def benchmark(compile_baseline: bool) -> dict:
-    x = torch.randn(1024, WIDTHS[0], device=DEV, dtype=torch.bfloat16)
-    y = torch.randint(0, WIDTHS[-1], (1024,), device=DEV)
+def benchmark(compile_baseline: bool, widths=WIDTHS, batch: int = 1024, steps: int = 30, warmup: int = 5,
+              rounds: int = 3) -> dict:
+    """Standard dropout against fxdrop.convert (block; block with granularity="rows"), bf16, AdamW: whole
+    blocks alternate in ABBA order, the speedup is the median over rounds (every round recorded)."""
+    x = torch.randn(batch, widths[0], device=DEV, dtype=torch.bfloat16)
+    y = torch.randint(0, widths[-1], (batch,), device=DEV)
     rows = []
     for p in (0.5, 0.7):
-        model = make_mlp(p)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        row = {"p": p, "dropout_eager_ms": time_steps(dense_step(model, opt, x, y))}
+        sides = {"standard": lambda: block(make_mlp(p, widths), x, y, steps, warmup)}
+        for name, options in (("block", {"pattern": "block"}),
+                              ("block_rows", {"pattern": "block", "granularity": "rows"})):
+            sides[name] = (lambda options=options: block(fxdrop.convert(make_mlp(p, widths), example_inputs=(x,),
+                                                                          **options), x, y, steps, warmup))
         if compile_baseline:
-            try:
-                compiled = torch.compile(model)
-                row["dropout_compiled_ms"] = time_steps(dense_step(compiled, opt, x, y), warmup=5)
-            except Exception as error:  # noqa: BLE001 - report, keep going
-                row["dropout_compiled_error"] = repr(error)[:300]
-        for family in ("block", "row"):
-            row[f"fxdrop_{family}_ms"] = time_steps(fxdrop_step(model, opt, x, y, family, p))
-            with extension.composite_kernels("CUDA"):
-                row[f"fxdrop_{family}_composite_ms"] = time_steps(fxdrop_step(model, opt, x, y, family, p))
-        best = min(row["fxdrop_block_ms"], row["fxdrop_row_ms"])
-        row["speedup_vs_dropout"] = row["dropout_eager_ms"] / best
-        if "dropout_compiled_ms" in row:
-            row["speedup_vs_compiled"] = row["dropout_compiled_ms"] / best
-        row["target"] = 2.5 if p == 0.5 else 4.0
+            sides["standard_compiled"] = lambda: block(make_mlp(p, widths), x, y, steps, warmup, compiled=True)
+        times = {name: [] for name in sides}
+        for round_ in range(rounds):
+            for name in (list(sides) if round_ % 2 == 0 else list(sides)[::-1]):
+                try:
+                    times[name].append(sides[name]())
+                except Exception as error:  # noqa: BLE001 - report, keep going
+                    times[name].append(float("nan"))
+                    print(f"p={p} {name}: {error!r}"[:400], flush=True)
+        row = {"p": p, "optimizer": "adamw", "dtype": "bfloat16", "batch": batch, "steps": steps, "warmup": warmup,
+               "ms": times}
+        for name in sides:
+            if name != "standard":
+                ratios = [a / b for a, b in zip(times["standard"], times[name])]
+                row[f"speedup_{name}"] = statistics.median(ratios)
+                row[f"ratios_{name}"] = ratios
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {"rows": rows}
+    return {"protocol": "training runs: blocks of consecutive AdamW steps per side, ABBA rounds, median ratio",
+            "widths": list(widths), "rows": rows}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu.json"))
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="the benchmark only, on the CPU, tiny widths")
     args = parser.parse_args()
+    if args.dry_run:
+        global DEV
+        DEV = "cpu"
+        result = benchmark(False, widths=[32, 64, 64, 64, 10], batch=16, steps=2, warmup=1, rounds=2)
+        print(json.dumps(result)[:2000])
+        return 0
     assert torch.cuda.is_available(), "no GPU"
     extension.ensure_loaded()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -288,11 +288,8 @@ def main() -> int:
     if "correctness_error" in result:
         print(result["correctness_error"])
     for row in result.get("benchmark", {}).get("rows", []):
-        print(f"p={row['p']}: dropout {row['dropout_eager_ms']:.2f} ms, compiled-baseline "
-              f"{row.get('dropout_compiled_ms', float('nan')):.2f} ms, fxdrop block {row['fxdrop_block_ms']:.2f} / "
-              f"row {row['fxdrop_row_ms']:.2f} ms (composite {row['fxdrop_block_composite_ms']:.2f} / "
-              f"{row['fxdrop_row_composite_ms']:.2f}); speedup {row['speedup_vs_dropout']:.2f}x "
-              f"(target {row['target']}x), vs compiled {row.get('speedup_vs_compiled', float('nan')):.2f}x")
+        print(f"p={row['p']} bf16 AdamW: standard {statistics.median(row['ms']['standard']):.2f} ms/step; "
+              + ", ".join(f"{k[8:]} {v:.2f}x" for k, v in row.items() if k.startswith("speedup_")))
     if "benchmark_error" in result:
         print(result["benchmark_error"])
     ok = "correctness_error" not in result and not result.get("correctness_compiled", {}).get("failures")

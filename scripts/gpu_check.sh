@@ -7,9 +7,9 @@
 # 1. builds the CUDA extension through fxdrop's loader (ptxas report in $OUT/build.log),
 # 2. checks every op on CUDA (compiled kernels, and the composite ones) against the float64 dense
 #    reference: row/block/tile, dp 1-8, odd sizes, fp32/bf16/fp16, with/without bias, gradients,
-# 3. times the whole bf16 training step of the MLP 784 -> 8192 -> 8192 -> 8192 -> 10, batch 1024,
-#    p = 0.5 and 0.7: fxdrop (compiled and composite kernels) vs standard dropout, eager and
-#    torch.compile'd; targets >= 2.5x at p = 0.5 and >= 4x at p = 0.7 against standard dropout.
+# 3. training runs (bf16, AdamW, blocks of consecutive steps, ABBA) of the MLP 784 -> 8192x3 -> 10, batch 1024,
+#    p = 0.5 and 0.7: fxdrop.convert (block; block + granularity="rows") vs standard dropout, eager and
+#    torch.compile'd.
 # Results: $OUT/gpu_check.json, $OUT/*.log (and benchmarks/results/gpu.json on the device copy).
 set -uo pipefail
 OUT="${OUT:-$(pwd)/benchmarks/results}"

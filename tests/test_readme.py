@@ -19,6 +19,18 @@ def test_results_section_matches_the_result_files():
     assert readme.updated_readme(text) == text, "README.md is out of date: run python benchmarks/readme.py"
 
 
+def _block_after(text: str, heading: str) -> str:
+    rest = text.split(heading, 1)[1]
+    return rest.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
 def test_readme_test_command_is_what_ci_runs():
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "python -m pytest" in (ROOT / "README.md").read_text() and "python -m pytest" in ci
+    """README's test command is .ci/run's, and README's install line installs what CI installs."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    readme = (ROOT / "README.md").read_text()
+    tests = _block_after(readme, "## Run the tests").strip()
+    assert tests == next(line for line in ci if line.startswith("python -m pytest"))
+    install = _block_after(readme, "## Set up and run the main job")
+    for line in ci:
+        if line.startswith("pip install"):
+            assert line.replace(" -q", "") in install, f"README's install does not run: {line}"
