@@ -429,3 +429,20 @@ def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_st
     paper(x)
     assert all(site.family == "row" and site.granularity == "forward" for site in sites(paper))
     assert all(site.last_mask.shape == (site.units,) for site in sites(paper))
+
+
+def test_a_dropout_of_rate_one_is_left_as_it_is_with_its_reason():
+    """nn.Dropout(1.0) is valid PyTorch (it outputs zeros); no pattern reaches p = 1, so the site is left and
+    the audit says why, while its neighbour converts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(1.0), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Dropout(0.5), nn.Linear(16, 4))
+    report = fxdrop.audit(model, torch.randn(2, 8), roofline=False)
+    decisions = {s.name: (s.decision, s.reason) for s in report.sites}
+    assert decisions["2"][0] != "converted" and "p = 1" in decisions["2"][1]
+    assert decisions["5"][0] == "converted"
+    converted = convert(model, seed=0)
+    assert [s.name for s in sites(converted)] == ["5"]
+    converted.eval()
+    x = torch.randn(3, 8)
+    assert torch.equal(converted(x), model.eval()(x))

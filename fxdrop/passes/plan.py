@@ -199,6 +199,8 @@ def _blocker(g: NormalisedGraph, dropout: DropoutCall, rate: float | None) -> st
         return "the training flag is computed, not a module's mode"
     if rate is None:
         return "the drop rate is not a constant (or the Dropout module overrides forward or has hooks)"
+    if rate >= 1.0:
+        return "p = 1 drops every unit (the output is zeros): no pattern reaches it; left as it is"
     if g.is_softmax(dropout.input):
         return "dropout on attention probabilities: structured masks would drop whole keys"
     if dropout.inplace and len(g.users(dropout.input)) > 1:
