@@ -371,7 +371,7 @@ def render() -> str:
             lines += training_runs_section(path, result)
     if (result := _load(TRAINING_CHECK)) is not None:
         lines += training_check_section(result)
-    for path in QUALITY:
+    for path in (*QUALITY, *sorted(RESULTS.glob("quality_overfit_p*.json"))):
         if (result := _load(path)) is not None:
             lines += quality_section(path, result)
     if (result := _load(COVERAGE)) is not None:
