@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fxdrop.harness.quality import MnistRun, run_many, summarize
+from fxdrop.harness.quality import MnistRun, format_difference, run_many, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = "none,standard,block/forward,row/forward,block/rows/2,block/rows/8,row/rows/8"
@@ -46,15 +45,9 @@ def table(result: dict) -> Table:
         out.add_column(column, justify="right")
     for variant, row in result["summary"].items():
         out.add_row(variant, f"{100 * row['mean_accuracy']:.2f}%", f"{row['diverged']}/{row['runs']}",
-                    _diff(row.get("vs_standard")), _diff(row.get("vs_none")),
+                    format_difference(row.get("vs_standard")), format_difference(row.get("vs_none")),
                     "-" if row.get("share_of_standard_gain") is None else f"{100 * row['share_of_standard_gain']:.0f}%")
     return out
-
-
-def _diff(d: dict | None) -> str:
-    if not d or not d["n"]:
-        return "-"
-    return f"{100 * d['mean']:+.2f} ± {100 * d['se']:.2f}" if math.isfinite(d["se"]) else f"{100 * d['mean']:+.2f}"
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from fxdrop.harness.quality import format_difference
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,13 +126,6 @@ def training_check_section(result: dict) -> list[str]:
     return lines + [""]
 
 
-def _diff(d: dict | None) -> str:
-    if not d or not d.get("n"):
-        return "–"
-    se = d.get("se")
-    return f"{100 * d['mean']:+.2f} ± {100 * se:.2f}" if se is not None and se == se else f"{100 * d['mean']:+.2f}"
-
-
 def quality_section(path: Path, result: dict) -> list[str]:
     lines = [f"### {result['title']} ({_rel(path)})", "",
              "Test accuracy averaged over the last epochs (the mean over runs that did not diverge; a run "
@@ -143,7 +138,7 @@ def quality_section(path: Path, result: dict) -> list[str]:
     for variant, row in result["summary"].items():
         share = row.get("share_of_standard_gain")
         lines.append(f"| {variant} | {100 * row['mean_accuracy']:.2f}% | {row['diverged']}/{row['runs']} | "
-                     f"{_diff(row.get('vs_standard'))} | {_diff(row.get('vs_none'))} | "
+                     f"{format_difference(row.get('vs_standard'), '–')} | {format_difference(row.get('vs_none'), '–')} | "
                      f"{'–' if share is None else f'{100 * share:.0f}%'} |")
     lines += ["", f"{_machine(result['machine'])}, {result['elapsed_s'] / 60:.0f} min. Reproduce: "
               f"`{result['command']}`.", ""]

@@ -317,10 +317,9 @@ def audit(model: nn.Module, example_inputs: Any = None, *, example_kwargs: Mappi
     :mod:`fxdrop.roofline`. ``loss``: the step's loss from the model's output (default: the sum of its
     floating outputs); give the real one where it costs (a 10,000-way softmax).
     """
-    from .roofline import OPTIMIZERS
+    from .roofline import check_optimizer
 
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"fxdrop.audit: optimizer={optimizer!r}; expected one of sgd, momentum, adamw or None")
+    check_optimizer(optimizer, "fxdrop.audit")
     config = DropoutConfig.from_options(options, where="fxdrop.audit") if config is None else \
         DropoutConfig.from_options(options, config=config, where="fxdrop.audit")
     check_model(model, "fxdrop.audit")
@@ -377,14 +376,16 @@ def roofline_step(model: nn.Module, converted: nn.Module, inputs: tuple, kwargs:
     for name, source in (("dense", model), ("converted", converted)):
         twin = copy.deepcopy(source).train()
         params = [p for p in twin.parameters() if p.requires_grad]
-        with torch.random.fork_rng():  # a copy's first call rebuilds and checks its programs: not a step's cost
-            value = _loss(twin(*inputs, **dict(kwargs)), loss)
-            if value is not None:
-                torch.autograd.grad(value, params, allow_unused=True)
-        with CostMode(machine) as mode, torch.random.fork_rng():
-            value = _loss(twin(*inputs, **dict(kwargs)), loss)
-            if value is not None:
-                torch.autograd.grad(value, params, allow_unused=True)
+
+        def step():
+            with torch.random.fork_rng():
+                value = _loss(twin(*inputs, **dict(kwargs)), loss)
+                if value is not None:
+                    torch.autograd.grad(value, params, allow_unused=True)
+
+        step()  # a copy's first call rebuilds and checks its programs: not a step's cost
+        with CostMode(machine) as mode:
+            step()
         mode.cost.optimizer = optimizer_seconds(params, optimizer, machine)
         out[name] = mode.cost.to_dict()
     return out

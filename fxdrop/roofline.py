@@ -26,10 +26,30 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 from .layout import ChainLayout
 
 OPTIMIZERS = (None, "sgd", "momentum", "adamw")
+
+
+def check_optimizer(name: str | None, where: str) -> str | None:
+    """``name`` if it is one of :data:`OPTIMIZERS` (None: no optimizer step), else a ValueError naming it."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"{where}: optimizer={name!r}; expected one of sgd, momentum, adamw or None")
+    return name
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """What an optimizer name means everywhere (the training runs, the quality runs, the roofline's measured
+    cost): ``sgd`` plain SGD, ``momentum`` SGD with momentum 0.9, ``adamw`` AdamW; PyTorch's defaults otherwise."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of sgd, momentum, adamw")
 
 
 @dataclass(frozen=True)
@@ -131,8 +151,6 @@ class CostMode(TorchDispatchMode):
             return out
         if name in _SKIP or name.endswith("_view"):
             return out
-        from torch.utils.flop_counter import flop_registry
-
         formula = flop_registry.get(func._overloadpacket)
         # The registry's formulas take the op's own arguments and output (FlopCounterMode's calling convention).
         flops = float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
@@ -176,31 +194,19 @@ def _optimizer_rate(optimizer: str, threads: int) -> float:
     training run)."""
     param = torch.nn.Parameter(torch.randn(16 << 20))
     param.grad = torch.randn_like(param)
-    if optimizer == "sgd":
-        step = torch.optim.SGD([param], lr=1e-3)
-    elif optimizer == "momentum":
-        step = torch.optim.SGD([param], lr=1e-3, momentum=0.9)
-    else:
-        step = torch.optim.AdamW([param], lr=1e-3)
-    for _ in range(2):
-        step.step()
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        step.step()
-        best = min(best, time.perf_counter() - start)
-    return best / param.numel()
+    step = make_optimizer(optimizer, [param], 1e-3)
+    step.step()  # the first step makes the state; _best warms up once more, then takes the best of 3
+    return _best(step.step) / param.numel()
 
 
 def optimizer_seconds(params, optimizer: str | None, machine: Machine) -> float:
     """The optimizer step's time: parameter elements times this machine's measured per-element cost of
     ``optimizer`` (PyTorch's default implementation at the current thread count)."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r}: expected one of sgd, momentum, adamw or None")
-    if optimizer is None:
+    if check_optimizer(optimizer, "fxdrop.roofline") is None:
         return 0.0
     elements = sum(p.numel() for p in params if p.requires_grad)
     return elements * _optimizer_rate(optimizer, machine.threads)
 
 
-__all__ = ["CostMode", "Machine", "OPTIMIZERS", "StepCost", "measure_machine", "optimizer_seconds"]
+__all__ = ["CostMode", "Machine", "OPTIMIZERS", "StepCost", "check_optimizer", "make_optimizer", "measure_machine",
+           "optimizer_seconds"]

@@ -91,12 +91,11 @@ def train_mnist(run: MnistRun, data=None) -> dict[str, Any]:
     if run.train_images is not None:
         images, labels = images[:run.train_images], labels[:run.train_images]
     model = _model(run).train()
-    if run.optimizer == "momentum":
-        optimizer = torch.optim.SGD(model.parameters(), lr=run.lr, momentum=0.9)
-    elif run.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr)
-    else:
+    if run.optimizer not in ("momentum", "adamw"):
         raise ValueError(f"unknown optimizer {run.optimizer!r}; expected 'momentum' or 'adamw'")
+    from ..roofline import make_optimizer
+
+    optimizer = make_optimizer(run.optimizer, model.parameters(), run.lr)
     order = torch.Generator().manual_seed(run.seed)
     torch.manual_seed(run.seed + 1)  # standard dropout's masks
     losses, accuracies, diverged, start = [], [], False, time.perf_counter()
@@ -184,4 +183,15 @@ def summarize(results: list[dict[str, Any]], variants: list[str]) -> dict[str, d
     return out
 
 
-__all__ = ["MnistRun", "fxdrop_options", "paired_differences", "run_many", "summarize", "train_mnist"]
+def format_difference(d: dict[str, float] | None, missing: str = "-") -> str:
+    """A paired difference in points, ``+mean ± se`` (``+mean`` without a standard error), for tables."""
+    if not d or not d.get("n"):
+        return missing
+    se = d.get("se")
+    if se is not None and math.isfinite(se):
+        return f"{100 * d['mean']:+.2f} ± {100 * se:.2f}"
+    return f"{100 * d['mean']:+.2f}"
+
+
+__all__ = ["MnistRun", "format_difference", "fxdrop_options", "paired_differences", "run_many", "summarize",
+           "train_mnist"]
