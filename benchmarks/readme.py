@@ -27,6 +27,7 @@ TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
 COVERAGE = RESULTS / "coverage.json"
 DEMO = RESULTS / "demo" / "demo.json"
+DEMO_RERUNS = RESULTS / "demo" / "reruns"  # the same command run again: README shows how far they spread
 OPS = RESULTS / "ops.json"
 OPS_RETAINED = RESULTS / "ops_retained.json"
 COMPILE = RESULTS / "compile.json"
@@ -121,9 +122,11 @@ def training_check_section(result: dict) -> list[str]:
              f"and warns above {100 * result['limit']:.0f}%):", "",
              "| row | published | rerun | rerun rounds | moved |", "|:---|---:|---:|:---|---:|"]
     for row in result["rows"]:
+        flag = " (**over the limit: not a figure yet**)" if row["drift"] > result["limit"] else ""
         lines.append(f"| {row['workload']} | {row['published']:.2f}× | {row['rerun']:.2f}× | "
-                     f"{' '.join(f'{r:.2f}' for r in row['rerun_ratios'])} | {100 * row['drift']:.0f}% |")
-    return lines + [""]
+                     f"{' '.join(f'{r:.2f}' for r in row['rerun_ratios'])} | {100 * row['drift']:.0f}%{flag} |")
+    commands = [f"`{row['command']}`" for row in result["rows"] if row.get("command")]
+    return lines + ([""] + [f"Rerun outside `check`, with: {', '.join(commands)}."] if commands else []) + [""]
 
 
 def quality_section(path: Path, result: dict) -> list[str]:
@@ -184,6 +187,15 @@ def demo_section(result: dict) -> list[str]:
              f"Speedup **{result['speedup']:.2f}×** (total training time); {_machine(result['machine'])}; "
              f"{_kernels(result['machine'])}. Reproduce: `fxdrop demo --threads {result['machine']['torch_threads']} "
              f"--out {_rel(DEMO.parent)}`.", ""]
+    reruns = [json.loads(path.read_text()) for path in sorted(DEMO_RERUNS.glob("*.json"))]
+    if reruns:
+        speedups = [result["speedup"], *(run["speedup"] for run in reruns)]
+        spread = max(speedups) / min(speedups) - 1.0
+        lines[-1:] = [f"Reruns of the same command ({_rel(DEMO_RERUNS)}/): "
+                      + ", ".join(f"{run['speedup']:.2f}×" for run in reruns)
+                      + f" (test accuracy the same in every run); the speedups spread {100 * spread:.0f}%"
+                      + (": more than 15%, so read the speedup as a range, not a figure." if spread > 0.15 else "."),
+                      ""]
     return lines
 
 
