@@ -363,12 +363,16 @@ def _loss(out: Any, loss: Callable[[Any], torch.Tensor] | None):
     return total if isinstance(total, torch.Tensor) else None
 
 
+RNN_DRAWS = 16  # converted steps the roofline averages when RNN layers run on drawn patterns
+
+
 def roofline_step(model: nn.Module, converted: nn.Module, inputs: tuple, kwargs: Mapping[str, Any],
                   optimizer: str | None, loss: Callable[[Any], torch.Tensor] | None = None) -> dict[str, Any]:
     """The roofline cost of one training step of ``model`` and of ``converted`` (deep copies, in training
     mode: their BatchNorm statistics and gradients never reach the originals)."""
     import copy
 
+    from .modules.rnn import StructuredRNN
     from .roofline import CostMode, measure_machine, optimizer_seconds
 
     machine = measure_machine()
@@ -384,8 +388,14 @@ def roofline_step(model: nn.Module, converted: nn.Module, inputs: tuple, kwargs:
                     torch.autograd.grad(value, params, allow_unused=True)
 
         step()  # a copy's first call rebuilds and checks its programs: not a step's cost
+        # A structured RNN layer runs on the kept columns of the pattern drawn for the step, so one step's
+        # cost is one draw's: the converted side averages RNN_DRAWS steps (each its own draw, and the same
+        # draws for a given seed); every other site is costed at its expected keep fraction.
+        draws = RNN_DRAWS if name == "converted" and any(isinstance(m, StructuredRNN) for m in twin.modules()) else 1
         with CostMode(machine) as mode:
-            step()
+            for _ in range(draws):
+                step()
+        mode.cost.scale(1.0 / draws)
         mode.cost.optimizer = optimizer_seconds(params, optimizer, machine)
         out[name] = mode.cost.to_dict()
     return out

@@ -1,18 +1,22 @@
 """A roofline model of a training step: what the audit predicts when memory traffic and the optimizer count too.
 
 Every op of one training step (forward, loss, backward) is recorded by a dispatch mode with its FLOPs
-(``torch.utils.flop_counter``'s formulas) and the bytes of the tensors it reads and writes; its time is
-``max(FLOPs / gemm_flops, bytes / bandwidth)`` with this machine's measured large-GEMM FLOP/s and copy
-bandwidth (:func:`measure_machine`, once per process and thread count). fxdrop's own ops are costed from
-their layout at the sites' expected keep fractions (``1 - p`` per structured side): compact GEMMs and
-activations (each row class reads its own kept weight block), and the dense weight-gradient writes. The
-optimizer step adds its parameter count times the optimizer's measured cost per element (one step of
-PyTorch's default implementation on a 64 MiB parameter: CPU AdamW's temporaries make it several times
-slower than its bytes at copy bandwidth). The model ignores what it cannot see (per-op overheads,
-small-GEMM inefficiency, page faults of fresh gradient buffers, cache effects), so it is an estimate to
-compare with measured training runs, not a measurement. A per-shape GEMM rate and a fresh-page term were
-tried and fitted the measured MLP runs worse (README's speed section says how far the model is off).
-Imports torch and the layout.
+(``torch.utils.flop_counter``'s formulas, plus the GEMMs inside fused RNN layers, which it has no formula
+for) and the bytes of the tensors it reads and writes; its time is ``max(FLOPs / gemm_flops, bytes /
+bandwidth)`` with this machine's measured large-GEMM FLOP/s and copy bandwidth (:func:`measure_machine`,
+once per process and thread count). Random-number ops (standard dropout's ``bernoulli_``) are costed at
+their measured time per element instead when that is slower than their bytes: on a CPU, drawing a
+256 x 4096 mask costs tens of times an elementwise multiply of the same tensor. fxdrop's own ops are
+costed from their layout at the sites' expected keep fractions (``1 - p`` per structured side; a
+structured RNN layer runs on its drawn pattern's kept columns, so the audit averages several converted
+steps): compact GEMMs and activations (each row class reads its own kept weight block), and the dense
+weight-gradient writes. The optimizer step adds its parameter count times the optimizer's measured
+cost per element (one step of PyTorch's default implementation on a 64 MiB parameter: CPU AdamW's
+temporaries make it several times slower than its bytes at copy bandwidth). The model ignores what it
+cannot see (per-op overheads, small-GEMM inefficiency, page faults of fresh gradient buffers, cache
+effects), so it is an estimate to compare with measured training runs, not a measurement. A per-shape
+GEMM rate and a fresh-page term were tried and fitted the measured MLP runs worse (README's speed section
+says how far the model is off). Imports torch and the layout.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class StepCost:
 
     compute: float = 0.0  # ops bound by FLOPs
     memory: float = 0.0  # ops bound by bytes
+    random: float = 0.0  # random-number ops bound by their measured time per element
     optimizer: float = 0.0
     flops: float = 0.0
     bytes: float = 0.0
@@ -100,11 +105,13 @@ class StepCost:
 
     @property
     def seconds(self) -> float:
-        return self.compute + self.memory + self.optimizer
+        return self.compute + self.memory + self.random + self.optimizer
 
-    def add(self, flops: float, nbytes: float, machine: Machine) -> None:
+    def add(self, flops: float, nbytes: float, machine: Machine, random_s: float = 0.0) -> None:
         t_compute, t_memory = flops / machine.gemm_flops, nbytes / machine.bandwidth
-        if t_compute >= t_memory:
+        if random_s > max(t_compute, t_memory):
+            self.random += random_s
+        elif t_compute >= t_memory:
             self.compute += t_compute
         else:
             self.memory += t_memory
@@ -112,9 +119,15 @@ class StepCost:
         self.bytes += nbytes
         self.ops += 1
 
+    def scale(self, factor: float) -> None:
+        """Every accumulated part times ``factor`` (the mean of several costed steps)."""
+        for name in ("compute", "memory", "random", "optimizer", "flops", "bytes"):
+            setattr(self, name, getattr(self, name) * factor)
+        self.ops = round(self.ops * factor)
+
     def to_dict(self) -> dict[str, float]:
         return {"seconds": self.seconds, "compute_s": self.compute, "memory_s": self.memory,
-                "optimizer_s": self.optimizer, "flops": self.flops, "bytes": self.bytes, "ops": self.ops}
+                "random_s": self.random, "optimizer_s": self.optimizer, "flops": self.flops, "bytes": self.bytes, "ops": self.ops}
 
 
 def _nbytes(values) -> float:
@@ -127,6 +140,25 @@ def _nbytes(values) -> float:
                 seen.add(key)
                 total += t.numel() * t.element_size()
     return total
+
+
+def _rnn_flops(name: str, args) -> float:
+    """The GEMM FLOPs of a fused RNN layer op (CPU ``mkldnn_rnn_layer``, CUDA ``_cudnn_rnn``, and their
+    backwards), which ``flop_registry`` has no formula for: per row, ``2 * gates_hidden * (input +
+    hidden)`` forward, twice that backward (the input and the weight gradients)."""
+    x = args[0]
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if name.startswith("mkldnn_rnn_layer"):
+        pairs = [(args[1], args[2])]  # (w_ih, w_hh) of the one layer
+    else:
+        weights, stride = list(args[1]), int(args[2])
+        pairs = [(weights[i], weights[i + 1]) for i in range(0, len(weights), stride)]
+    forward = sum(2.0 * rows * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1]) for w_ih, w_hh in pairs)
+    return 2.0 * forward if name.endswith("_backward") else forward
+
+
+_RNN = {"mkldnn_rnn_layer", "mkldnn_rnn_layer_backward", "_cudnn_rnn", "_cudnn_rnn_backward"}
+_RANDOM = {"bernoulli", "bernoulli_", "native_dropout"}  # dropout's mask draws
 
 
 _SKIP = {"detach", "view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "slice", "select",
@@ -151,10 +183,16 @@ class CostMode(TorchDispatchMode):
             return out
         if name in _SKIP or name.endswith("_view"):
             return out
-        formula = flop_registry.get(func._overloadpacket)
-        # The registry's formulas take the op's own arguments and output (FlopCounterMode's calling convention).
-        flops = float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
-        self.cost.add(flops, _nbytes(args) + _nbytes(out), self.machine)
+        if name in _RNN:
+            flops = _rnn_flops(name, args)
+        else:
+            formula = flop_registry.get(func._overloadpacket)
+            # The registry's formulas take the op's own arguments and output (FlopCounterMode's convention).
+            flops = float(formula(*args, **kwargs, out_val=out)) if formula is not None else 0.0
+        random_s = 0.0
+        if name in _RANDOM and isinstance(args[0], torch.Tensor):
+            random_s = args[0].numel() * _random_rate(args[0].device.type, self.machine.threads)
+        self.cost.add(flops, _nbytes(args) + _nbytes(out), self.machine, random_s)
         return out
 
     def _fxdrop(self, name: str, args, out) -> None:
@@ -197,6 +235,16 @@ def _optimizer_rate(optimizer: str, threads: int) -> float:
     step = make_optimizer(optimizer, [param], 1e-3)
     step.step()  # the first step makes the state; _best warms up once more, then takes the best of 3
     return _best(step.step) / param.numel()
+
+
+@functools.lru_cache(maxsize=None)
+def _random_rate(device: str, threads: int) -> float:
+    """Seconds per element of ``bernoulli_`` (what standard dropout draws its mask with), measured on a
+    256 x 4096 fp32 tensor on the CPU; 0 elsewhere (a GPU draws it at memory speed)."""
+    if device != "cpu":
+        return 0.0
+    noise = torch.empty(256, 4096)
+    return _best(lambda: noise.bernoulli_(0.5)) / noise.numel()
 
 
 def optimizer_seconds(params, optimizer: str | None, machine: Machine) -> float:
