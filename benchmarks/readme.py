@@ -25,6 +25,9 @@ TRAINING_RUNS = (RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_pt
                  RESULTS / "training_runs_variants.json")
 TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
+GRIDS = ("quality_grid_*.json",)  # benchmarks/quality.py grid: the stability grid, one file per optimizer and data
+PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
+WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 COVERAGE = RESULTS / "coverage.json"
 DEMO = RESULTS / "demo" / "demo.json"
 DEMO_RERUNS = RESULTS / "demo" / "reruns"  # the same command run again: README shows how far they spread
@@ -145,6 +148,73 @@ def quality_section(path: Path, result: dict) -> list[str]:
                      f"{'–' if share is None else f'{100 * share:.0f}%'} |")
     lines += ["", f"{_machine(result['machine'])}, {result['elapsed_s'] / 60:.0f} min. Reproduce: "
               f"`{result['command']}`.", ""]
+    return lines
+
+
+def default_variant() -> str:
+    """convert's default options, written as a quality variant (``block/rows/2``)."""
+    from fxdrop.config import DropoutConfig
+
+    config = DropoutConfig()
+    return f"{config.pattern}/{config.granularity}" + (f"/{config.row_classes}" if config.granularity == "rows" else "")
+
+
+def grid_section(path: Path, result: dict) -> list[str]:
+    """The stability grid: per (p, lr) cell, standard dropout's accuracy and each variant's paired difference."""
+    default, variants = default_variant(), [v for v in result["variants"] if v != "standard"]
+    lines = [f"### {result['title']} ({_rel(path)})", "",
+             "Each cell: standard dropout's mean test accuracy, and each variant's paired difference from it "
+             "(points ± standard error over the seeds); **div k/n**: k of n runs diverged (loss not finite, or "
+             f"accuracy at chance). ✓: within {100 * WITHIN:.1f} points of standard dropout, or above; ✗: further "
+             "below. A cell where standard dropout itself diverges is not a target. "
+             f"`{default}` is convert's default.", "",
+             "| p | lr | standard | " + " | ".join(f"`{v}`" for v in variants) + " |",
+             "|---:|---:|---:|" + "---:|" * len(variants)]
+    met = targets = 0
+    for cell in result["cells"]:
+        summary = cell["summary"]
+        standard = summary["standard"]
+        trains = standard["diverged"] == 0
+        row = [f"{cell['p']:g}", f"{cell['lr']:g}", f"{100 * standard['mean_accuracy']:.2f}%"
+               + (f" div {standard['diverged']}/{standard['runs']}" if standard["diverged"] else "")]
+        for variant in variants:
+            mine, diff = summary[variant], summary[variant].get("vs_standard") or {}
+            ok = not mine["diverged"] and diff.get("n") and diff["mean"] >= -WITHIN
+            text = format_difference(diff, "–") + (f" div {mine['diverged']}/{mine['runs']}" if mine["diverged"] else "")
+            row.append(f"{text} {'✓' if ok else '✗'}" if trains else text)
+            if trains and variant == default:
+                targets += 1
+                met += bool(ok)
+        lines.append("| " + " | ".join(row) + " |")
+    if default in variants:
+        lines += ["", f"`{default}` is within {100 * WITHIN:.1f} points of standard dropout in **{met} of the {targets} "
+                  "cells** where standard dropout trains."]
+    lines += ["", f"{_machine(result['machine'])}, {result['elapsed_s'] / 60:.0f} min. Reproduce: "
+              f"`{result['command']}`.", ""]
+    return lines
+
+
+def ptb_overfit_section(runs: list[tuple[Path, dict]]) -> list[str]:
+    """examples/ptb_lstm.py --with-none: a PTB regime where dropout matters, and the share of its gain kept."""
+    lines = ["### LSTM language model, Penn Treebank, where dropout matters", "",
+             "The first *batches* batches of the training text every epoch, so that the model without dropout "
+             "overfits; the three models start from the same weights and see the same batches. Validation "
+             "perplexity after the last epoch. *Gain*: standard dropout's perplexity reduction over no dropout; "
+             "*share kept*: (none − fxdrop) / (none − standard). Quality only: the three models trained "
+             "interleaved on a machine busy with other runs, so the file's times are not speed figures.", "",
+             "| file | LSTM, p, family, patterns | epochs × batches | val ppl none | val ppl standard | "
+             "val ppl fxdrop | fxdrop vs standard | standard's gain | share kept | test ppl none / standard / fxdrop |",
+             "|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|"]
+    for path, run in runs:
+        config, s = run["config"], run["summary"]
+        share = s.get("share_of_standard_gain")
+        lines.append(f"| {path.name} | {config['layers']} × {config['hidden']}, {config['p']:g}, {config['family']}, "
+                     f"{_decoder_patterns(config)} | {s['epochs']} × {config['batches_per_epoch']} | "
+                     f"{s['val_ppl_none']:.1f} | {s['val_ppl_standard']:.1f} | {s['val_ppl_fxdrop']:.1f} | "
+                     f"{100 * s['val_ppl_relative_difference']:+.1f}% | {100 * s['standard_gain_over_none']:.1f}% | "
+                     f"{'–' if share is None else f'{100 * share:.0f}%'} | "
+                     f"{s['test_ppl_none']:.1f} / {s['test_ppl_standard']:.1f} / {s['test_ppl_fxdrop']:.1f} |")
+    lines += ["", "Reproduce: `" + runs[-1][1]["command"] + "`.", ""]
     return lines
 
 
@@ -378,9 +448,14 @@ def render() -> str:
             lines += training_runs_section(path, result)
     if (result := _load(TRAINING_CHECK)) is not None:
         lines += training_check_section(result)
+    for path in sorted(p for pattern in GRIDS for p in RESULTS.glob(pattern)):
+        lines += grid_section(path, json.loads(path.read_text()))
     for path in (*QUALITY, *sorted(RESULTS.glob("quality_overfit_p*.json"))):
         if (result := _load(path)) is not None:
             lines += quality_section(path, result)
+    ptb = [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob(PTB_OVERFIT))]
+    if ptb:
+        lines += ptb_overfit_section(ptb)
     if (result := _load(COVERAGE)) is not None:
         lines += coverage_section(result)
     old = ["## Earlier measurements (previous protocol)", "",

@@ -10,6 +10,9 @@ apart: it is the same computation for both).
 
     python examples/ptb_lstm.py                                    # the full medium run (slow on a CPU)
     python examples/ptb_lstm.py --epochs 6 --hidden 200 --max-batches 200 --out runs/ptb_quick
+    python examples/ptb_lstm.py --epochs 12 --max-batches 150 --with-none --out runs/ptb_overfit
+                        # where dropout matters: the first 150 batches of the training text each epoch,
+                        # and a third model without dropout as the floor
 
 Writes ``<out>/ptb_lstm.json`` (config, machine, per-epoch validation perplexity and wall-clock, test
 perplexity) and ``<out>/ptb_lstm.png`` (validation perplexity against wall-clock).
@@ -93,8 +96,18 @@ def parse_args(argv=None):
                         help="fxdrop.allocator.retain_freed_memory() first (glibc keeps freed memory for reuse, so "
                              "fresh activations do not page-fault; both models run in this process alike)")
     parser.add_argument("--row-classes", type=int, default=2, help="row classes with --granularity rows (default 2)")
+    parser.add_argument("--with-none", action="store_true",
+                        help="also train the model without dropout (same weights, same batches)")
     parser.add_argument("--out", type=Path, default=Path("runs/ptb_lstm"))
     return parser.parse_args(argv)
+
+
+def without_dropout(model: WordLM) -> WordLM:
+    """A copy of ``model`` with every dropout rate 0 (same weights)."""
+    copied = copy.deepcopy(model)
+    copied.drop_in.p = copied.drop_out.p = 0.0
+    copied.rnn.dropout = 0.0
+    return copied
 
 
 def main(argv=None) -> dict:
@@ -122,6 +135,8 @@ def main(argv=None) -> dict:
                               row_classes=args.row_classes)
     console.print(f"fxdrop sites: {[site.name for site in fxdrop.sites(structured)]}")
     runs = {"standard": {"model": standard}, "fxdrop": {"model": structured}}
+    if args.with_none:
+        runs["none"] = {"model": without_dropout(standard)}
     for run in runs.values():
         run.update(optimizer=torch.optim.SGD(run["model"].parameters(), lr=args.lr), seconds=0.0, epochs=[])
 
@@ -185,6 +200,13 @@ def summarize(args, runs, vocab: int, per_epoch: int) -> dict:
     target = std["epochs"][-1]["val_ppl"]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config.update(vocab=vocab, batches_per_epoch=per_epoch)
+    extra = {}
+    if "none" in runs:  # how much dropout matters here, and how much of that fxdrop keeps
+        none = runs["none"]["epochs"][-1]["val_ppl"]
+        extra = {"val_ppl_none": none, "test_ppl_none": runs["none"].get("test_ppl"),
+                 "standard_gain_over_none": 1.0 - target / none,
+                 "share_of_standard_gain": ((none - fx["epochs"][-1]["val_ppl"]) / (none - target)
+                                            if none > target else None)}
     return {
         "command": "python examples/ptb_lstm.py " + " ".join(sys.argv[1:]),
         "config": config,
@@ -201,6 +223,7 @@ def summarize(args, runs, vocab: int, per_epoch: int) -> dict:
             "train_speedup": std["seconds"] / fx["seconds"],
             "fxdrop_seconds_to_standard_final_val_ppl": time_to_reach(fx["epochs"], target),
             "standard_seconds_to_final_val_ppl": std["seconds"],
+            **extra,
         },
     }
 
@@ -208,17 +231,24 @@ def summarize(args, runs, vocab: int, per_epoch: int) -> dict:
 def show(console, result, Table) -> None:
     table = Table(title="PTB word LM: standard dropout vs fxdrop")
     table.add_column("epoch", justify="right")
-    for name in ("standard", "fxdrop"):
+    names = list(result["runs"])
+    for name in names:
         table.add_column(f"{name} val ppl", justify="right")
         table.add_column(f"{name} train s", justify="right")
-    for std, fx in zip(result["runs"]["standard"]["epochs"], result["runs"]["fxdrop"]["epochs"]):
-        table.add_row(str(std["epoch"]), f"{std['val_ppl']:.2f}", f"{std['train_seconds']:.0f}",
-                      f"{fx['val_ppl']:.2f}", f"{fx['train_seconds']:.0f}")
+    for records in zip(*(result["runs"][name]["epochs"] for name in names)):
+        table.add_row(str(records[0]["epoch"]),
+                      *(f"{value:.{digits}f}" for r in records
+                        for value, digits in ((r["val_ppl"], 2), (r["train_seconds"], 0))))
     console.print(table)
     s = result["summary"]
     console.print(f"test ppl: standard {s['test_ppl_standard']:.2f}, fxdrop {s['test_ppl_fxdrop']:.2f}; "
                   f"val ppl difference {100 * s['val_ppl_relative_difference']:+.2f}%; "
                   f"training time speedup {s['train_speedup']:.2f}x")
+    if "val_ppl_none" in s:
+        share = s["share_of_standard_gain"]
+        console.print(f"without dropout: val ppl {s['val_ppl_none']:.2f}; standard dropout's gain "
+                      f"{100 * s['standard_gain_over_none']:.1f}%, of which fxdrop keeps "
+                      f"{'-' if share is None else f'{100 * share:.0f}%'}")
 
 
 def plot(result, path: Path) -> None:
@@ -228,7 +258,9 @@ def plot(result, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, style in (("standard", "o-"), ("fxdrop", "s-")):
+    for name, style in (("standard", "o-"), ("fxdrop", "s-"), ("none", "^--")):
+        if name not in result["runs"]:
+            continue
         epochs = result["runs"][name]["epochs"]
         ax.plot([e["train_seconds"] / 60 for e in epochs], [e["val_ppl"] for e in epochs], style,
                 label=f"{name} (test ppl {result['runs'][name]['test_ppl']:.1f})")

@@ -56,3 +56,42 @@ def test_a_run_trains_from_the_same_weights_for_every_variant():
     assert out["standard"]["key"] == "full/momentum/lr0.05/p0.5/standard/s0"
     with pytest.raises(ValueError, match="'lamb'"):
         train_mnist(MnistRun(optimizer="lamb", width=8, epochs=1, train_images=None), data)
+
+
+def _cell_result(variant, seed, p, lr, accuracy, diverged=False):
+    return {"run": {"variant": variant, "seed": seed, "p": p, "lr": lr}, "accuracy": accuracy, "diverged": diverged}
+
+
+def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
+    """Two cells share seeds 0 and 1: each cell's differences use its own runs only; README's grid marks a
+    variant ✓ within 0.3 points of standard dropout, ✗ below, and a cell where standard diverges is no target."""
+    import sys
+    from pathlib import Path
+
+    from fxdrop.harness.quality import summarize_cells
+
+    results = []
+    for seed in (0, 1):
+        results += [_cell_result("standard", seed, 0.5, 0.05, 0.92), _cell_result("block/rows/2", seed, 0.5, 0.05, 0.918),
+                    _cell_result("block/forward", seed, 0.5, 0.05, 0.90)]
+        results += [_cell_result("standard", seed, 0.7, 0.1, float("nan"), diverged=True),
+                    _cell_result("block/rows/2", seed, 0.7, 0.1, 0.5), _cell_result("block/forward", seed, 0.7, 0.1, 0.6)]
+    variants = ["standard", "block/rows/2", "block/forward"]
+    cells = summarize_cells(results, [(0.5, 0.05), (0.7, 0.1)], variants)
+    first, second = cells
+    assert first["summary"]["block/rows/2"]["vs_standard"]["mean"] == pytest.approx(-0.002)
+    assert first["summary"]["block/forward"]["vs_standard"]["mean"] == pytest.approx(-0.02)
+    assert second["summary"]["standard"]["diverged"] == 2 and second["summary"]["block/rows/2"]["vs_standard"]["n"] == 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import readme
+
+    result = {"title": "grid", "variants": variants, "cells": cells, "command": "python benchmarks/quality.py grid",
+              "elapsed_s": 60.0, "machine": {"cpu": "test", "torch_threads": 1, "torch": "x"}}
+    lines = readme.grid_section(readme.RESULTS / "quality_grid_test.json", result)
+    row = next(line for line in lines if line.startswith("| 0.5 | 0.05 |"))
+    assert row.count("✓") == 1 and row.count("✗") == 1 and "-0.20 ± 0.00 ✓" in row
+    target = next(line for line in lines if line.startswith("| 0.7 | 0.1 |"))
+    assert "div 2/2" in target and "✓" not in target and "✗" not in target
+    assert any(f"`{readme.default_variant()}` is within 0.3 points of standard dropout in **1 of the 1 cells**" in line
+               for line in lines)

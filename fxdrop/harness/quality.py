@@ -183,6 +183,13 @@ def summarize(results: list[dict[str, Any]], variants: list[str]) -> dict[str, d
     return out
 
 
+def summarize_cells(results: list[dict[str, Any]], cells: list[tuple[float, float]],
+                    variants: list[str]) -> list[dict[str, Any]]:
+    """:func:`summarize` per (p, lr) cell of a stability grid: paired differences stay within a cell."""
+    return [{"p": p, "lr": lr, "summary": summarize(
+        [r for r in results if (r["run"]["p"], r["run"]["lr"]) == (p, lr)], variants)} for p, lr in cells]
+
+
 def format_difference(d: dict[str, float] | None, missing: str = "-") -> str:
     """A paired difference in points, ``+mean ± se`` (``+mean`` without a standard error), for tables."""
     if not d or not d.get("n"):
@@ -194,4 +201,4 @@ def format_difference(d: dict[str, float] | None, missing: str = "-") -> str:
 
 
 __all__ = ["MnistRun", "format_difference", "fxdrop_options", "paired_differences", "run_many", "summarize",
-           "train_mnist"]
+           "summarize_cells", "train_mnist"]
