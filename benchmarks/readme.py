@@ -112,6 +112,15 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
     for row in result["rows"]:
         steps.setdefault(row["workload"]["steps"], set()).add(row["workload"]["width"])
     counts = ", ".join(f"{n} (h = {', '.join(str(w) for w in sorted(widths))})" for n, widths in sorted(steps.items()))
+    priced = [row for row in result["rows"] if row.get("ideal_roofline")]
+    agree = sum(abs(row["ideal_roofline"] / row["speedup"] - 1) <= 0.15 for row in priced)
+    lines += ["", f"The roofline is within 15% of the measured speedup in **{agree} of {len(priced)} rows**."]
+    if (repriced := result.get("roofline_repriced")) is not None:
+        m = repriced["machine"]
+        lines[-1] += (f" Its figures were recomputed on {repriced['time_utc'][:10]} with the current model "
+                      f"(`python benchmarks/training_runs.py reprice`: GEMMs {m['gemm_gflops']:.0f} GFLOP/s, copy "
+                      f"{m['bandwidth_gb_s']:.1f} GB/s, load average {repriced['load_average_1m']:.2f}); each row's "
+                      "figure from the time it was measured is kept in the file as `ideal_roofline_as_measured`.")
     lines += ["", f"{_machine(machine)}; allocator: {machine.get('allocator', 'glibc malloc')}; "
               f"timed steps per block: {counts}, after {first['warmup']} warm-up steps; "
               f"{result['repeats']} rounds. Reproduce: `{result.get('command', f'python benchmarks/training_runs.py {suite}')}`"

@@ -4,6 +4,8 @@
     python benchmarks/training_runs.py ptb       # PTB word LM 2 x 650, p 0.5, SGD with clipping, block (forward
                                                  # and rows granularity)
     python benchmarks/training_runs.py check     # rerun each suite's last row; warn if it moved by more than 15%
+    python benchmarks/training_runs.py reprice   # recompute the published rows' FLOP and roofline ideals with
+                                                 # the current fxdrop.audit (a model change; times untouched)
     python benchmarks/training_runs.py variants --widths 4096 --variant pattern=block,granularity=rows,row_classes=8
 
 The protocol and every flag are ``fxdrop bench``'s (fxdrop/harness/bench.py); this script only names the
@@ -28,13 +30,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=("mlp", "ptb", "variants", "check"))
+    parser.add_argument("name", choices=("mlp", "ptb", "variants", "check", "reprice"))
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     command = "python benchmarks/training_runs.py " + " ".join(argv)
     if args.name == "check":
         files = [RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_ptb.json"]
         return bench.check(files, RESULTS / "training_runs_check.json", Console())
+    if args.name == "reprice":
+        names = ("mlp", "ptb", "variants")
+        return bench.reprice([RESULTS / f"training_runs_{name}.json" for name in names], Console())
     args.suite = "ptb" if args.name == "ptb" else "mlp"
     if args.out is None:
         args.out = RESULTS / f"training_runs_{args.name}.json"

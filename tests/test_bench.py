@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -117,3 +118,24 @@ def test_bench_rejects_bad_flags(capsys):
 def test_machine_info_records_versions():
     info = machine_info()
     assert info["torch"] == torch.__version__ and info["torch_threads"] == torch.get_num_threads()
+
+
+def test_reprice_recomputes_the_ideals_and_keeps_the_times(tiny_result, tmp_path):
+    """A model change reprices published rows: ideals recomputed, times and the old figure kept."""
+    from rich.console import Console
+
+    from fxdrop.harness.bench import reprice
+
+    _, result = tiny_result
+    copy = tmp_path / "runs.json"
+    stale = json.loads(json.dumps(result))
+    for row in stale["rows"]:
+        row["ideal_roofline"], row["ideal_flops"] = 123.0, 456.0
+    copy.write_text(json.dumps(stale))
+    assert reprice([copy, tmp_path / "missing.json"], Console(file=open(os.devnull, "w"))) == 0
+    repriced = json.loads(copy.read_text())
+    for before, after in zip(result["rows"], repriced["rows"]):
+        assert after["standard_ms"] == before["standard_ms"] and after["speedup"] == before["speedup"]
+        assert after["ideal_roofline_as_measured"] == 123.0 and 0 < after["ideal_roofline"] != 123.0
+        assert after["ideal_flops"] == pytest.approx(before["ideal_flops"])
+    assert repriced["roofline_repriced"]["machine"]["gemm_gflops"] > 0

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -139,6 +141,32 @@ def check(files: list[Path], out: Path, console) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"limit": DRIFT, "machine": machine, "rows": rows}, indent=2))
     return status
+
+
+def reprice(files: list[Path], console) -> int:
+    """Recompute every row's FLOP and roofline ideals with the current ``fxdrop.audit`` (the measured times
+    stay as they were): for a model change, not a measurement. Records the machine constants used, when,
+    and the previous roofline figure of each row."""
+    from ..roofline import measure_machine
+
+    for path in files:
+        if not path.exists():
+            console.print(f"{path.name}: not published yet")
+            continue
+        published = json.loads(path.read_text())
+        for row in published["rows"]:
+            w = row["workload"]
+            workload = Workload(**{**w, "convert": tuple(sorted(w["convert"].items()))})
+            previous = row.get("ideal_roofline")
+            row["ideal_flops"], row["ideal_roofline"] = ideals(workload)
+            row.setdefault("ideal_roofline_as_measured", previous)
+            console.print(f"{path.name} {workload.label()}: measured {row['speedup']:.2f}x, roofline "
+                          f"{row['ideal_roofline']:.2f}x (was {previous:.2f}x)")
+        published["roofline_repriced"] = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "machine": measure_machine().to_dict(),
+                                          "load_average_1m": os.getloadavg()[0]}
+        path.write_text(json.dumps(published, indent=2))
+    return 0
 
 
 def _variant(text: str) -> tuple:
