@@ -25,7 +25,7 @@ TRAINING_RUNS = (RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_pt
                  RESULTS / "training_runs_variants.json")
 TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
-GRIDS = ("quality_grid_*.json",)  # benchmarks/quality.py grid: the stability grid, one file per optimizer and data
+GRIDS = ("quality_grid_*.json", "quality_candidates_*.json")  # benchmarks/quality.py grid: the stability grid, one file per optimizer and data
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 COVERAGE = RESULTS / "coverage.json"
@@ -171,7 +171,10 @@ def default_variant() -> str:
 def grid_section(path: Path, result: dict) -> list[str]:
     """The stability grid: per (p, lr) cell, standard dropout's accuracy and each variant's paired difference."""
     default, variants = default_variant(), [v for v in result["variants"] if v != "standard"]
-    lines = [f"### {result['title']} ({_rel(path)})", "",
+    title = result["title"]
+    if path.name.startswith("quality_candidates"):
+        title = "Candidates for the default where it fails: " + title.removeprefix("Stability grid: ")
+    lines = [f"### {title} ({_rel(path)})", "",
              "Each cell: standard dropout's mean test accuracy, and each variant's paired difference from it "
              "(points ± standard error over the seeds); **div k/n**: k of n runs diverged (loss not finite, or "
              f"accuracy at chance). ✓: within {100 * WITHIN:.1f} points of standard dropout, or above; ✗: further "

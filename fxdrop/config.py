@@ -51,8 +51,9 @@ class DropoutConfig:
 
     The defaults (``block``, ``rows``, 2 classes) are measured: one pattern per forward shares the mask
     across the batch and diverged or fell far behind standard dropout at p = 0.7 and at lr 0.05 on MNIST,
-    where row classes stayed within 0.3 points (README, "Quality where dropout matters"); ``block`` is the
-    fastest family on CPU.
+    where 2 row classes stayed within 0.3 points; ``block`` is the fastest family on CPU. They are not
+    enough everywhere: on README's stability grid 2 classes still diverge at p = 0.7 with SGD momentum
+    lr >= 0.05, where standard dropout trains.
     """
 
     p: RateOption = None

@@ -19,6 +19,10 @@ def test_variant_names_are_convert_options():
     assert fxdrop_options("standard") is None and fxdrop_options("none") is None
     assert fxdrop_options("block/rows/8") == {"pattern": "block", "granularity": "rows", "row_classes": 8}
     assert fxdrop_options("row") == {"pattern": "row", "granularity": "forward"}
+    assert fxdrop_options("block/rows/8/scale=rate/max_dp=4") == {
+        "pattern": "block", "granularity": "rows", "row_classes": 8, "scale": "rate", "max_dp": 4}
+    with pytest.raises(ValueError, match="'=rate'"):
+        fxdrop_options("block/rows/=rate")
 
 
 def test_paired_differences_and_share_of_gain():

@@ -5,8 +5,8 @@ rate, seed, epochs, the dropout variant); :func:`train_mnist` trains it and retu
 averaged over the last ``average_last`` epochs, the final one, the training loss curve and whether it
 diverged (a non-finite loss, or accuracy at chance). Every variant of a (rate, seed) starts from the same
 weights and sees the same data order: variants differ only in their dropout. Variants: ``none`` (rate
-0), ``standard`` (``nn.Dropout``) and fxdrop ones written ``family/granularity[/classes]`` (``block/rows/8``,
-``row/forward``). :func:`run_many` runs a list of runs on worker processes (one torch thread each).
+0), ``standard`` (``nn.Dropout``) and fxdrop ones written ``family/granularity[/classes][/key=value...]``
+(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option). :func:`run_many` runs a list of runs on worker processes (one torch thread each).
 
 Imports torch, fxdrop and the harness's data and models.
 """
@@ -46,13 +46,20 @@ class MnistRun:
 
 
 def fxdrop_options(variant: str) -> dict[str, Any] | None:
-    """``family/granularity[/classes]`` as fxdrop.convert options; None for ``standard`` and ``none``."""
+    """``family/granularity[/classes][/key=value...]`` as fxdrop.convert options (``block/rows/8/scale=rate``);
+    None for ``standard`` and ``none``."""
     if variant in ("standard", "none"):
         return None
     parts = variant.split("/")
     options: dict[str, Any] = {"pattern": parts[0], "granularity": parts[1] if len(parts) > 1 else "forward"}
-    if len(parts) > 2:
-        options["row_classes"] = int(parts[2])
+    for part in parts[2:]:
+        key, sep, value = part.partition("=")
+        if not sep:
+            options["row_classes"] = int(part)
+        elif not key:
+            raise ValueError(f"variant {variant!r}: {part!r} is not key=value")
+        else:
+            options[key] = int(value) if value.isdigit() else value
     return options
 
 
