@@ -25,7 +25,8 @@ TRAINING_RUNS = (RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_pt
                  RESULTS / "training_runs_variants.json")
 TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
-GRIDS = ("quality_grid_*.json", "quality_candidates_*.json")  # benchmarks/quality.py grid: the stability grid, one file per optimizer and data
+# benchmarks/quality.py grid: the stability grid (one file per optimizer and data), and candidate defaults
+GRIDS = ("quality_grid_*.json", "quality_candidates_*.json")
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 COVERAGE = RESULTS / "coverage.json"
@@ -192,15 +193,17 @@ def grid_section(path: Path, result: dict) -> list[str]:
         for variant in variants:
             mine, diff = summary[variant], summary[variant].get("vs_standard") or {}
             ok = not mine["diverged"] and diff.get("n") and diff["mean"] >= -WITHIN
-            text = format_difference(diff, "–") + (f" div {mine['diverged']}/{mine['runs']}" if mine["diverged"] else "")
+            text = format_difference(diff, "–")
+            if mine["diverged"]:
+                text += f" div {mine['diverged']}/{mine['runs']}"
             row.append(f"{text} {'✓' if ok else '✗'}" if trains else text)
             if trains and variant == default:
                 targets += 1
                 met += bool(ok)
         lines.append("| " + " | ".join(row) + " |")
     if default in variants:
-        lines += ["", f"`{default}` is within {100 * WITHIN:.1f} points of standard dropout in **{met} of the {targets} "
-                  "cells** where standard dropout trains."]
+        lines += ["", f"`{default}` is within {100 * WITHIN:.1f} points of standard dropout in "
+                  f"**{met} of the {targets} cells** where standard dropout trains."]
     lines += ["", f"{_machine(result['machine'])}, {result['elapsed_s'] / 60:.0f} min. Reproduce: "
               f"`{result['command']}`.", ""]
     return lines

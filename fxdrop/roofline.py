@@ -127,7 +127,8 @@ class StepCost:
 
     def to_dict(self) -> dict[str, float]:
         return {"seconds": self.seconds, "compute_s": self.compute, "memory_s": self.memory,
-                "random_s": self.random, "optimizer_s": self.optimizer, "flops": self.flops, "bytes": self.bytes, "ops": self.ops}
+                "random_s": self.random, "optimizer_s": self.optimizer, "flops": self.flops, "bytes": self.bytes,
+                "ops": self.ops}
 
 
 def _nbytes(values) -> float:

@@ -76,10 +76,12 @@ def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
 
     results = []
     for seed in (0, 1):
-        results += [_cell_result("standard", seed, 0.5, 0.05, 0.92), _cell_result("block/rows/2", seed, 0.5, 0.05, 0.918),
+        results += [_cell_result("standard", seed, 0.5, 0.05, 0.92),
+                    _cell_result("block/rows/2", seed, 0.5, 0.05, 0.918),
                     _cell_result("block/forward", seed, 0.5, 0.05, 0.90)]
         results += [_cell_result("standard", seed, 0.7, 0.1, float("nan"), diverged=True),
-                    _cell_result("block/rows/2", seed, 0.7, 0.1, 0.5), _cell_result("block/forward", seed, 0.7, 0.1, 0.6)]
+                    _cell_result("block/rows/2", seed, 0.7, 0.1, 0.5),
+                    _cell_result("block/forward", seed, 0.7, 0.1, 0.6)]
     variants = ["standard", "block/rows/2", "block/forward"]
     cells = summarize_cells(results, [(0.5, 0.05), (0.7, 0.1)], variants)
     first, second = cells

@@ -117,6 +117,12 @@ def _key(workload: dict) -> tuple:
             tuple(sorted(workload["convert"].items())))
 
 
+def published_workload(row: dict) -> Workload:
+    """The workload of a row of a published file (its ``convert`` options back as a sorted tuple)."""
+    w = row["workload"]
+    return Workload(**{**w, "convert": tuple(sorted(w["convert"].items()))})
+
+
 def check(files: list[Path], out: Path, console) -> int:
     """Rerun the last (widest, costliest) row of each published file; warn when one moved by more than 15%."""
     status, rows, machine = 0, [], None
@@ -126,7 +132,7 @@ def check(files: list[Path], out: Path, console) -> int:
             continue
         published = json.loads(path.read_text())
         last = published["rows"][-1]
-        workload = Workload(**{**last["workload"], "convert": tuple(sorted(last["workload"]["convert"].items()))})
+        workload = published_workload(last)
         row, machine = measure(workload, repeats=published["repeats"])
         moved = drift(last, row)
         console.print(f"{workload.label()}: published {last['speedup']:.2f}x, now {row.speedup:.2f}x "
@@ -155,13 +161,13 @@ def reprice(files: list[Path], console) -> int:
             continue
         published = json.loads(path.read_text())
         for row in published["rows"]:
-            w = row["workload"]
-            workload = Workload(**{**w, "convert": tuple(sorted(w["convert"].items()))})
+            workload = published_workload(row)
             previous = row.get("ideal_roofline")
             row["ideal_flops"], row["ideal_roofline"] = ideals(workload)
             row.setdefault("ideal_roofline_as_measured", previous)
+            was = "-" if previous is None else f"{previous:.2f}x"
             console.print(f"{path.name} {workload.label()}: measured {row['speedup']:.2f}x, roofline "
-                          f"{row['ideal_roofline']:.2f}x (was {previous:.2f}x)")
+                          f"{row['ideal_roofline']:.2f}x (was {was})")
         published["roofline_repriced"] = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                           "machine": measure_machine().to_dict(),
                                           "load_average_1m": os.getloadavg()[0]}

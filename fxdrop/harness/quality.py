@@ -6,7 +6,8 @@ averaged over the last ``average_last`` epochs, the final one, the training loss
 diverged (a non-finite loss, or accuracy at chance). Every variant of a (rate, seed) starts from the same
 weights and sees the same data order: variants differ only in their dropout. Variants: ``none`` (rate
 0), ``standard`` (``nn.Dropout``) and fxdrop ones written ``family/granularity[/classes][/key=value...]``
-(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option). :func:`run_many` runs a list of runs on worker processes (one torch thread each).
+(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option).
+:func:`run_many` runs a list of runs on worker processes (one torch thread each).
 
 Imports torch, fxdrop and the harness's data and models.
 """
