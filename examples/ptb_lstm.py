@@ -40,7 +40,7 @@ from torch import nn
 
 import fxdrop
 from fxdrop.harness.audit_cli import max_dp_arg
-from fxdrop.harness.models import WordLM
+from fxdrop.harness.models import WordLM, without_dropout
 from fxdrop.harness.ptb import batches, batchify, load_corpus, num_batches, perplexity, train_step
 
 EXPECTED_SITES = {"drop_in", "rnn.layer0", "drop_out"}
@@ -102,13 +102,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def without_dropout(model: WordLM) -> WordLM:
-    """A copy of ``model`` with every dropout rate 0 (same weights)."""
-    copied = copy.deepcopy(model)
-    copied.drop_in.p = copied.drop_out.p = 0.0
-    copied.rnn.dropout = 0.0
-    return copied
-
 
 def main(argv=None) -> dict:
     from rich.console import Console
@@ -136,7 +129,7 @@ def main(argv=None) -> dict:
     console.print(f"fxdrop sites: {[site.name for site in fxdrop.sites(structured)]}")
     runs = {"standard": {"model": standard}, "fxdrop": {"model": structured}}
     if args.with_none:
-        runs["none"] = {"model": without_dropout(standard)}
+        runs["none"] = {"model": without_dropout(copy.deepcopy(standard))}
     for run in runs.values():
         run.update(optimizer=torch.optim.SGD(run["model"].parameters(), lr=args.lr), seconds=0.0, epochs=[])
 

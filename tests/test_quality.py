@@ -101,3 +101,14 @@ def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
     assert "div 2/2" in target and "✓" not in target and "✗" not in target
     assert any(f"`{readme.default_variant()}` is within 0.3 points of standard dropout in **1 of the 1 cells**" in line
                for line in lines)
+
+
+def test_the_no_dropout_reference_zeroes_every_dropout_and_keeps_the_weights():
+    from fxdrop.harness.models import WordLM, mnist_mlp, without_dropout
+
+    lm = WordLM(50, 16, 2, 0.5)
+    weights = {k: v.clone() for k, v in lm.state_dict().items()}
+    assert without_dropout(lm) is lm and lm.drop_in.p == lm.drop_out.p == lm.rnn.dropout == 0.0
+    assert all(torch.equal(weights[k], v) for k, v in lm.state_dict().items())
+    mlp = without_dropout(mnist_mlp(32, 0.7))
+    assert [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0, 0.0]

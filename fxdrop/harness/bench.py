@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .training_runs import DRIFT, OPTIMIZERS, Workload, drift, measure
+from .training_runs import DRIFT, OPTIMIZERS, Workload, drift, measure, option_value
 
 DEFAULT_OUT = Path("bench-results")  # relative to the working directory
 MLP_DEFAULT = ((("granularity", "forward"), ("pattern", "block")),)
@@ -181,7 +181,7 @@ def _variant(text: str) -> tuple:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise argparse.ArgumentTypeError(f"--variant {text!r}: expected key=value[,key=value...]")
-        options[key] = int(value) if value.isdigit() else value
+        options[key] = option_value(value)
     return tuple(sorted(options.items()))
 
 

@@ -5,6 +5,7 @@ and the tests.
   Dropout(p) after each hidden layer (Song et al. 2019, the MNIST MLP experiment).
 * :class:`WordLM`: the word-level Penn Treebank LM of Zaremba et al. (2014) and PyTorch's
   word_language_model: Embedding -> Dropout -> LSTM (dropout between layers) -> Dropout -> Linear.
+* :func:`without_dropout`: a model with every dropout rate 0, the no-dropout reference of the quality runs.
 
 Imports torch only.
 """
@@ -28,6 +29,17 @@ def mnist_mlp(width: int, p: float, *, hidden_layers: int = 3, in_features: int 
         features = width
     layers.append(nn.Linear(features, classes))
     return nn.Sequential(*layers)
+
+
+def without_dropout(model: nn.Module) -> nn.Module:
+    """``model`` itself with every dropout rate set to 0 (``nn.Dropout`` modules and the inter-layer dropout
+    of ``nn.LSTM``/``GRU``/``RNN``): the no-dropout reference of the quality runs, same weights."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, nn.RNNBase):
+            module.dropout = 0.0
+    return model
 
 
 class WordLM(nn.Module):

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .models import mnist_mlp
+from .models import mnist_mlp, without_dropout
+from .training_runs import option_value
 
 CHANCE = 0.2  # below this test accuracy after training, a run counts as diverged (10 classes)
 
@@ -60,7 +61,7 @@ def fxdrop_options(variant: str) -> dict[str, Any] | None:
         elif not key:
             raise ValueError(f"variant {variant!r}: {part!r} is not key=value")
         else:
-            options[key] = int(value) if value.isdigit() else value
+            options[key] = option_value(value)
     return options
 
 
@@ -68,10 +69,7 @@ def _model(run: MnistRun):
     torch.manual_seed(run.seed)
     model = mnist_mlp(run.width, run.p)
     if run.variant == "none":
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        return model
+        return without_dropout(model)
     options = fxdrop_options(run.variant)
     if options is None:
         return model

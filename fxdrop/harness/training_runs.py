@@ -64,6 +64,13 @@ class Workload:
         return f"{self.model} h={self.width} p={self.p} {self.optimizer} [{options}]"
 
 
+def option_value(text: str) -> int | str:
+    """A convert option's value as written on a command line (``row_classes=8``, ``scale=rate``): digits
+    are an int, anything else stays a string. ``fxdrop bench --variant`` and the quality variants read
+    their options with it."""
+    return int(text) if text.isdigit() else text
+
+
 # ---------------------------------------------------------------- one block (in its own process)
 
 
