@@ -28,8 +28,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,7 @@ import fxdrop
 from fxdrop.harness.audit_cli import max_dp_arg
 from fxdrop.harness.models import WordLM, without_dropout
 from fxdrop.harness.ptb import batches, batchify, load_corpus, num_batches, perplexity, train_step
+from fxdrop.harness.timing import machine_info
 
 EXPECTED_SITES = {"drop_in", "rnn.layer0", "drop_out"}
 
@@ -56,15 +55,6 @@ def fxdrop_model(model: WordLM, *, p: float, family: str, seed: int, scale: str 
     if not names >= expected:
         raise RuntimeError(f"fxdrop.convert structured {sorted(names)}, not every dropout {sorted(expected)}")
     return converted
-
-
-def machine() -> dict:
-    from fxdrop.allocator import retained
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "fxdrop": getattr(fxdrop, "__version__", "?"),
-            "retain_freed_memory": retained()}
 
 
 def parse_args(argv=None):
@@ -203,7 +193,7 @@ def summarize(args, runs, vocab: int, per_epoch: int) -> dict:
     return {
         "command": "python examples/ptb_lstm.py " + " ".join(sys.argv[1:]),
         "config": config,
-        "machine": machine(),
+        "machine": machine_info(),
         "runs": {name: {"epochs": run["epochs"], "test_ppl": run.get("test_ppl"), "train_seconds": run["seconds"]}
                  for name, run in runs.items()},
         "summary": {
