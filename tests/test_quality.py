@@ -74,23 +74,24 @@ def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
 
     from fxdrop.harness.quality import summarize_cells
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import readme
+
+    default = readme.default_variant()  # convert's default, written as a variant
     results = []
     for seed in (0, 1):
         results += [_cell_result("standard", seed, 0.5, 0.05, 0.92),
-                    _cell_result("block/rows/2", seed, 0.5, 0.05, 0.918),
+                    _cell_result(default, seed, 0.5, 0.05, 0.918),
                     _cell_result("block/forward", seed, 0.5, 0.05, 0.90)]
         results += [_cell_result("standard", seed, 0.7, 0.1, float("nan"), diverged=True),
-                    _cell_result("block/rows/2", seed, 0.7, 0.1, 0.5),
+                    _cell_result(default, seed, 0.7, 0.1, 0.5),
                     _cell_result("block/forward", seed, 0.7, 0.1, 0.6)]
-    variants = ["standard", "block/rows/2", "block/forward"]
+    variants = ["standard", default, "block/forward"]
     cells = summarize_cells(results, [(0.5, 0.05), (0.7, 0.1)], variants)
     first, second = cells
-    assert first["summary"]["block/rows/2"]["vs_standard"]["mean"] == pytest.approx(-0.002)
+    assert first["summary"][default]["vs_standard"]["mean"] == pytest.approx(-0.002)
     assert first["summary"]["block/forward"]["vs_standard"]["mean"] == pytest.approx(-0.02)
-    assert second["summary"]["standard"]["diverged"] == 2 and second["summary"]["block/rows/2"]["vs_standard"]["n"] == 0
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    import readme
+    assert second["summary"]["standard"]["diverged"] == 2 and second["summary"][default]["vs_standard"]["n"] == 0
 
     result = {"title": "grid", "variants": variants, "cells": cells, "command": "python benchmarks/quality.py grid",
               "elapsed_s": 60.0, "machine": {"cpu": "test", "torch_threads": 1, "torch": "x"}}
@@ -99,7 +100,7 @@ def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
     assert row.count("✓") == 1 and row.count("✗") == 1 and "-0.20 ± 0.00 ✓" in row
     target = next(line for line in lines if line.startswith("| 0.7 | 0.1 |"))
     assert "div 2/2" in target and "✓" not in target and "✗" not in target
-    assert any(f"`{readme.default_variant()}` is within 0.3 points of standard dropout in **1 of the 1 cells**" in line
+    assert any(f"`{default}` is within 0.3 points of standard dropout in **1 of the 1 cells**" in line
                for line in lines)
 
 
@@ -112,3 +113,36 @@ def test_the_no_dropout_reference_zeroes_every_dropout_and_keeps_the_weights():
     assert all(torch.equal(weights[k], v) for k, v in lm.state_dict().items())
     mlp = without_dropout(mnist_mlp(32, 0.7))
     assert [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout)] == [0.0, 0.0, 0.0]
+
+
+def test_mask_references_keep_the_rate_share_masks_by_class_and_leave_eval_alone():
+    from fxdrop.harness.mask_references import ReferenceMask, parse_reference, with_reference_masks
+    from fxdrop.harness.models import mnist_mlp
+
+    assert parse_reference("ref/subset/row") == ("subset", None) and parse_reference("ref/block/8") == ("block", 8)
+    assert parse_reference("block/rows/8") is None and fxdrop_options("ref/window/4") is None
+    for bad in ("ref/bernoulli/8", "ref/subset", "ref/subset/0", "ref/window/x"):
+        with pytest.raises(ValueError, match="mask reference"):
+            parse_reference(bad)
+    x = torch.rand(24, 40) + 0.5
+    for kind in ("subset", "window", "block"):
+        mask = ReferenceMask(0.7, kind, 4, torch.Generator().manual_seed(0)).train()
+        y = mask(x)
+        kept = y != 0
+        ratio = (y / x)[kept]
+        if kind == "block":  # fxdrop's block of the balanced partition, times dp (2, 3 or 4 at p = 0.7)
+            counts = kept.sum(1)
+            assert set(ratio.round().tolist()) <= {2.0, 3.0, 4.0} and torch.allclose(ratio, ratio.round(), atol=1e-5)
+            assert torch.allclose(ratio, (40 / counts.float()).repeat_interleave(counts), rtol=0.1)
+        else:  # exactly round(40 * 0.3) = 12 units per row, times 40 / 12
+            assert kept.sum(1).tolist() == [12] * 24 and torch.allclose(ratio, torch.full_like(ratio, 40 / 12))
+        assert torch.equal(kept[0::4], kept[0:1].expand(6, -1)), "rows of one class share a mask"
+        if kind == "window":  # cyclically contiguous
+            row = kept[0].int()
+            assert int((row - row.roll(1)).abs().sum()) <= 2
+        assert torch.equal(mask.eval()(x), x)
+    per_row = ReferenceMask(0.5, "subset", None, torch.Generator().manual_seed(0)).train()(x) != 0
+    assert len({tuple(r.tolist()) for r in per_row}) > 20, "one mask per row"
+    model = with_reference_masks(mnist_mlp(16, 0.5), "window", 2, seed=3)
+    assert sum(isinstance(m, ReferenceMask) for m in model.modules()) == 3
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())

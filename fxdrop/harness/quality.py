@@ -6,7 +6,9 @@ averaged over the last ``average_last`` epochs, the final one, the training loss
 diverged (a non-finite loss, or accuracy at chance). Every variant of a (rate, seed) starts from the same
 weights and sees the same data order: variants differ only in their dropout. Variants: ``none`` (rate
 0), ``standard`` (``nn.Dropout``) and fxdrop ones written ``family/granularity[/classes][/key=value...]``
-(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option).
+(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option), and dense
+mask references ``ref/<kind>/<classes>`` (:mod:`fxdrop.harness.mask_references`: the original model with
+masks of chosen statistics, no fxdrop kernel).
 :func:`run_many` runs a list of runs on worker processes (one torch thread each).
 
 Imports torch, fxdrop and the harness's data and models.
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .mask_references import parse_reference, with_reference_masks
 from .models import mnist_mlp, without_dropout
 from .training_runs import option_value
 
@@ -49,15 +52,15 @@ class MnistRun:
 
 def fxdrop_options(variant: str) -> dict[str, Any] | None:
     """``family/granularity[/classes][/key=value...]`` as fxdrop.convert options (``block/rows/8/scale=rate``);
-    None for ``standard`` and ``none``."""
-    if variant in ("standard", "none"):
+    None for ``standard``, ``none`` and the mask references ``ref/...``."""
+    if variant in ("standard", "none") or parse_reference(variant) is not None:
         return None
     parts = variant.split("/")
     options: dict[str, Any] = {"pattern": parts[0], "granularity": parts[1] if len(parts) > 1 else "forward"}
     for part in parts[2:]:
         key, sep, value = part.partition("=")
         if not sep:
-            options["row_classes"] = int(part)
+            options["row_classes"] = option_value(part)  # a count, or "auto"
         elif not key:
             raise ValueError(f"variant {variant!r}: {part!r} is not key=value")
         else:
@@ -70,6 +73,9 @@ def _model(run: MnistRun):
     model = mnist_mlp(run.width, run.p)
     if run.variant == "none":
         return without_dropout(model)
+    reference = parse_reference(run.variant)
+    if reference is not None:
+        return with_reference_masks(model, *reference, seed=run.seed + 2)
     options = fxdrop_options(run.variant)
     if options is None:
         return model

@@ -1,0 +1,88 @@
+"""Dense mask references: every ``nn.Dropout`` of a model replaced by a mask with chosen statistics.
+
+They answer *which statistics of a mask train* (the stability study of README), with no fxdrop kernel
+involved: the model runs dense and multiplies each dropout's input by a mask drawn each forward.
+A reference is written ``ref/<kind>/<classes>``:
+
+``kind``
+    ``subset``: each class keeps a uniformly random subset of ``k = round(n (1 - p))`` units, times ``n / k``.
+    ``window``: each class keeps ``k`` cyclically contiguous units from a uniformly random start, times ``n / k``.
+    ``block``: each class draws fxdrop's pattern ``(dp, offset)`` independently from the searched ``P(dp)``
+    and keeps that block of the balanced partition, times ``dp`` (fxdrop's ``block`` family and scale).
+``classes``
+    ``row`` (every row its own mask, as Bernoulli dropout) or an int ``M``: row ``r`` uses class ``r mod M``,
+    one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
+
+Masks come from the module's own generator (seeded), never the global RNG. Imports torch and fxdrop.search.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KINDS = ("subset", "window", "block")
+
+
+def parse_reference(variant: str) -> tuple[str, int | None] | None:
+    """``ref/<kind>/<classes>`` -> ``(kind, classes)`` (None classes: one mask per row); None if not a reference."""
+    parts = variant.split("/")
+    if parts[0] != "ref":
+        return None
+    if len(parts) != 3 or parts[1] not in KINDS:
+        raise ValueError(f"mask reference {variant!r}: expected ref/<kind>/<classes> with kind one of "
+                         f"{', '.join(KINDS)} and classes 'row' or an int >= 1")
+    if parts[2] == "row":
+        return parts[1], None
+    if not parts[2].isdigit() or int(parts[2]) < 1:
+        raise ValueError(f"mask reference {variant!r}: classes must be 'row' or an int >= 1, got {parts[2]!r}")
+    return parts[1], int(parts[2])
+
+
+class ReferenceMask(nn.Module):
+    """What replaces one ``nn.Dropout(p)``: identity in eval, a ``(kind, classes)`` mask in training."""
+
+    def __init__(self, p: float, kind: str, classes: int | None, generator: torch.Generator):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)}")
+        self.p, self.kind, self.classes, self.generator = float(p), kind, classes, generator
+        if kind == "block":
+            from ..search import search_distribution
+
+            self.probs = search_distribution(self.p, "auto").probs
+
+    def mask(self, rows: int, n: int) -> torch.Tensor:
+        """``(M, n)``: one mask per class (``M = rows`` for per-row masks)."""
+        count = rows if self.classes is None else self.classes
+        g, masks = self.generator, torch.zeros(count, n)
+        k = max(1, round(n * (1.0 - self.p)))
+        for c in range(count):
+            if self.kind == "subset":
+                masks[c, torch.randperm(n, generator=g)[:k]] = n / k
+            elif self.kind == "window":
+                start = int(torch.randint(n, (), generator=g))
+                masks[c, (torch.arange(k) + start) % n] = n / k
+            else:
+                dp = int(torch.multinomial(self.probs, 1, generator=g)) + 1
+                offset = int(torch.randint(dp, (), generator=g))
+                masks[c, offset * n // dp:(offset + 1) * n // dp] = dp
+        return masks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        x2 = x.reshape(-1, x.shape[-1])
+        masks = self.mask(x2.shape[0], x2.shape[1]).to(x.dtype)
+        return (x2 * masks[torch.arange(x2.shape[0]) % masks.shape[0]]).reshape(x.shape)
+
+
+def with_reference_masks(model: nn.Module, kind: str, classes: int | None, seed: int) -> nn.Module:
+    """``model`` itself with every ``nn.Dropout`` replaced by a :class:`ReferenceMask` of its rate (one
+    generator, seeded with ``seed``, for all of them)."""
+    generator = torch.Generator().manual_seed(seed)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(parent, name, ReferenceMask(child.p, kind, classes, generator))
+    return model
