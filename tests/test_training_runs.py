@@ -20,6 +20,32 @@ def test_a_block_trains_and_reports_its_phases(optimizer):
         assert out["machine"]["torch_threads"] == torch.get_num_threads()
 
 
+def test_compiled_workloads_compile_both_sides_and_name_their_mode():
+    """``compile``: inductor compiles the standard model and the converted one (the converted one really
+    converted), backend compiles the standard model with fxdrop's backend; an unknown mode is named."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from fxdrop.harness.bench import workloads
+    from fxdrop.harness.training_runs import _build
+
+    workload = Workload("mlp", 16, 0.5, "momentum", 8, (("pattern", "block"),), compile="inductor")
+    standard, _, _ = _build(workload, converted=False)
+    converted, _, _ = _build(workload, converted=True)
+    assert isinstance(standard, OptimizedModule) and isinstance(converted, OptimizedModule)
+    assert [site.name for site in fxdrop.sites(converted._orig_mod)] == ["2", "5", "8"]
+    backend, _, _ = _build(Workload("mlp", 16, 0.5, compile="backend"), converted=True)
+    assert isinstance(backend, OptimizedModule) and not fxdrop.sites(backend._orig_mod)  # converted when run
+    assert "compile=backend" in Workload(compile="backend").label() and "compile" not in Workload().label()
+    rows = workloads("mlp", widths=[64], rates=[0.5, 0.7], optimizers=["sgd"], variants=[(("pattern", "block"),)],
+                     steps=2, warmup=1, compile="inductor")
+    assert [w.compile for w in rows] == ["inductor", "inductor"]
+    # a row names what it measured: the default granularity and the row classes "auto" resolved at its rate
+    assert [w.options() for w in rows] == [{"pattern": "block", "granularity": "rows", "row_classes": 2},
+                                           {"pattern": "block", "granularity": "rows", "row_classes": 8}]
+    with pytest.raises(ValueError, match="compile='jit'"):
+        Workload(compile="jit")
+
+
 def test_the_converted_side_is_converted_and_learns():
     """The fxdrop block's model is really converted (structured ops run) and its loss falls."""
     from fxdrop.harness.training_runs import _build, _optimizer

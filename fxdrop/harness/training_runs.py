@@ -14,7 +14,11 @@ files, and it warns when a rerun of a published row moves by more than 15%.
 Workloads: the paper's MNIST MLP (:func:`fxdrop.harness.models.mnist_mlp`, batch 256, random images:
 the cost does not depend on the pixels) and the PTB word LM (:class:`fxdrop.harness.models.WordLM`,
 BPTT 35, batch 20, random token ids, gradient norm clipped at 5 as Zaremba et al. do). Optimizers:
-``sgd`` (plain), ``momentum`` (SGD, 0.9) and ``adamw`` (PyTorch's default implementation).
+``sgd`` (plain), ``momentum`` (SGD, 0.9) and ``adamw`` (PyTorch's default implementation). ``compile``:
+``eager`` (both sides as they are), ``inductor`` (``torch.compile(standard)`` against
+``torch.compile(fxdrop.convert(standard), fullgraph=True)``) or ``backend`` (``torch.compile(standard)``
+against ``torch.compile(standard, backend=fxdrop.backend.make_backend(...))`` with the row's convert options);
+compilation happens in the warm-up steps, outside the timed ones.
 
 Imports torch, fxdrop and the harness's models and timing records.
 """
@@ -38,6 +42,7 @@ from ..roofline import OPTIMIZERS as ROOFLINE_OPTIMIZERS
 
 OPTIMIZERS = tuple(name for name in ROOFLINE_OPTIMIZERS if name)  # the names make_optimizer knows
 DRIFT = 0.15  # a rerun that moves a published figure by more than this is not a figure yet
+COMPILE_MODES = ("eager", "inductor", "backend")
 
 
 @dataclass(frozen=True)
@@ -55,13 +60,19 @@ class Workload:
     threads: int | None = None
     retain_freed_memory: bool = False
     seed: int = 0
+    compile: str = "eager"  # one of COMPILE_MODES
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"Workload.compile={self.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
 
     def options(self) -> dict[str, Any]:
         return dict(self.convert)
 
     def label(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.convert) or "standard"
-        return f"{self.model} h={self.width} p={self.p} {self.optimizer} [{options}]"
+        mode = "" if self.compile == "eager" else f" compile={self.compile}"
+        return f"{self.model} h={self.width} p={self.p} {self.optimizer}{mode} [{options}]"
 
 
 def option_value(text: str) -> int | str:
@@ -105,11 +116,18 @@ def _build(workload: Workload, converted: bool):
             return F.cross_entropy(logits.view(-1, vocab), target) * bptt
     else:
         raise ValueError(f"unknown workload model {workload.model!r}; expected 'mlp' or 'ptb'")
+    model.train()
+    if converted and workload.compile == "backend":
+        from ..backend import make_backend
+
+        return torch.compile(model, backend=make_backend(seed=workload.seed, **workload.options())), inputs, loss_of
     if converted:
         import fxdrop
 
-        model = fxdrop.convert(model, seed=workload.seed, example_inputs=inputs, **workload.options())
-    return model.train(), inputs, loss_of
+        model = fxdrop.convert(model, seed=workload.seed, example_inputs=inputs, **workload.options()).train()
+    if workload.compile != "eager":
+        model = torch.compile(model, fullgraph=converted)
+    return model, inputs, loss_of
 
 
 def _status_kib(field_name: str) -> int | None:
