@@ -281,7 +281,7 @@ class FunctionalEmitter:
             layer = min(k + (0 if chain.layout.input_dropout else 1), len(linears) - 1)
             sites.append(self.make_site(record, self._anchor(linears[layer].weight)))
         draws = [self._draw(site) for site in sites]
-        patterns = graph.call_function(torch.stack, (draws,), {"dim": 1 if sites[0].granularity == "rows" else 0})
+        patterns = graph.call_function(ops.chain_patterns, (draws,))
         weights, biases, i = [], [], 0
         for linear in linears:
             weights.append(self._weight(params[i], linear.transposed))

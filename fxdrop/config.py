@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 from .patterns import DEFAULT_TILE, FAMILIES, SCALE_MODES, UNIT_FAMILIES
-from .scheduler import check_classes, derive_seed, name_salt
+from .scheduler import AUTO_CLASSES, check_classes, derive_seed, name_salt
 from .search import AUTO, as_rate, check_max_dp, check_rate
 
 GRANULARITIES = ("forward", "rows")
@@ -48,12 +48,16 @@ class DropoutConfig:
     (kept units times ``dp``) or ``"rate"`` (times ``1 / (1 - p)``). ``tile``: the tile family's tile
     size. ``granularity``: ``"rows"`` (Linear sites draw one pattern per row class, row ``r`` in class
     ``r mod row_classes``) or ``"forward"`` (one pattern per site per forward, the paper's method).
+    ``row_classes``: a power of two, or ``"auto"``: 8 for a site whose rate at conversion is above 0.5,
+    2 otherwise (:func:`fxdrop.scheduler.classes_for`; the count is fixed at conversion, so a later
+    change of p keeps it).
 
-    The defaults (``block``, ``rows``, 2 classes) are measured: one pattern per forward shares the mask
-    across the batch and diverged or fell far behind standard dropout at p = 0.7 and at lr 0.05 on MNIST,
-    where 2 row classes stayed within 0.3 points; ``block`` is the fastest family on CPU. They are not
-    enough everywhere: on README's stability grid 2 classes still diverge at p = 0.7 with SGD momentum
-    lr >= 0.05, where standard dropout trains.
+    The defaults (``block``, ``rows``, ``"auto"`` classes) are measured: one pattern per forward shares
+    the mask across the batch and diverged or fell far behind standard dropout at p = 0.7 and at lr 0.05
+    on MNIST; 2 row classes diverge at p = 0.7 with SGD momentum lr >= 0.05, where 8 train; ``block`` is
+    the fastest family on CPU. They are not enough everywhere: on README's stability grids the default
+    trails standard dropout by 0.3-0.9 points at small learning rates and at p = 0.7 with lr 0.05, and
+    diverges at p = 0.7 with lr 0.1, where standard dropout trains.
     """
 
     p: RateOption = None
@@ -63,7 +67,7 @@ class DropoutConfig:
     scale: str = "kept"
     tile: int = DEFAULT_TILE
     granularity: str = "rows"
-    row_classes: int = 2
+    row_classes: int | str = AUTO_CLASSES
 
     def __post_init__(self) -> None:
         p = self.p
@@ -100,9 +104,10 @@ class DropoutConfig:
             raise ValueError(f"granularity={self.granularity!r}: expected one of {', '.join(GRANULARITIES)} "
                              "('forward': one pattern per forward call; 'rows': patterns per row class)")
         try:
-            check_classes(self.row_classes)
+            if self.row_classes != AUTO_CLASSES:
+                check_classes(self.row_classes)
         except ValueError:
-            raise ValueError(f"row_classes must be a power of two >= 1, got {self.row_classes!r}") from None
+            raise ValueError(f"row_classes must be 'auto' or a power of two >= 1, got {self.row_classes!r}") from None
 
     # ------------------------------------------------------------------ construction
 

@@ -250,7 +250,8 @@ def convert(model: nn.Module, *, example_inputs: Any = None, example_kwargs: Map
     of site name -> rate or a callable overrides it), ``pattern`` (``row``, ``block``, ``tile``; globally,
     as a dict or a callable; default ``block``), ``max_dp``, ``seed``, ``scale``, ``tile``, ``granularity``
     (default ``"rows"``: patterns per row class; ``"forward"``: one pattern per site per forward call, the
-    paper's method), ``row_classes`` (default 2).
+    paper's method), ``row_classes`` (default ``"auto"``: 8 for a site above p = 0.5 at conversion, 2
+    otherwise).
     ``example_inputs`` (and ``example_kwargs``): a call of ``model``; each region is then traced for the
     way it is really called and checked against that call now (otherwise at its first training call).
     The result shares ``model``'s Parameters; ``model`` itself is left untouched.

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .patterns import DEFAULT_TILE, FULL, Pattern, check_family, check_scale, tile_weight_mask, unit_mask
-from .scheduler import PatternScheduler, check_classes, draw, draw_classes
+from .scheduler import PatternScheduler, classes_for, draw, draw_classes
 from .search import PatternDistribution, check_rate, search_distribution
 
 GRANULARITIES = ("forward", "rows")
@@ -88,7 +88,7 @@ class Site:
 
     def __init__(self, name: str, family: str, owner: Any, *, scale: str = "kept", max_dp: int | str = "auto",
                  seed: int | None = None, units: int | None = None, weight_shape: tuple[int, int] | None = None,
-                 tile: int = DEFAULT_TILE, granularity: str = "forward", row_classes: int = 2,
+                 tile: int = DEFAULT_TILE, granularity: str = "forward", row_classes: int | str = 2,
                  kind: str = "dropout", producer: str | None = None, consumer: str | None = None):
         check_family(family)
         check_scale(scale)
@@ -97,7 +97,6 @@ class Site:
         if granularity == "rows" and family == "tile":
             raise ValueError(f"site {name!r}: granularity='rows' needs a unit family (row or block); a tile "
                              "pattern masks the weight, which every row shares")
-        check_classes(row_classes)
         self.name = name
         self.family = family
         self.owner = owner
@@ -107,7 +106,10 @@ class Site:
         self.weight_shape = weight_shape
         self.tile = tile
         self.granularity = granularity
-        self.row_classes = row_classes if granularity == "rows" else 1
+        # "auto" from the rate at conversion (the plan's, see from_record): the count is a shape of
+        # compiled graphs, so it stays when p changes
+        classes = classes_for(row_classes, self.p)
+        self.row_classes = classes if granularity == "rows" else 1
         self.kind = kind
         self.producer = producer
         self.consumer = consumer
@@ -123,7 +125,8 @@ class Site:
         return cls(record.name, record.family, owner, scale=config.scale, max_dp=config.max_dp,
                    seed=config.seed_for(record.name), units=record.units, weight_shape=record.weight_shape,
                    tile=config.tile, granularity=config.granularity_for(record.family, record.plan),
-                   row_classes=config.row_classes, kind=kind, producer=record.producer, consumer=record.consumer)
+                   row_classes=classes_for(config.row_classes, record.p), kind=kind, producer=record.producer,
+                   consumer=record.consumer)
 
     # ------------------------------------------------------------------ rate and mode
 

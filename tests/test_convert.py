@@ -405,15 +405,16 @@ def test_rows_granularity_matches_per_row_masks(family, share, classes):
 def test_rows_granularity_errors_and_tile_sites():
     with pytest.raises(ValueError, match="granularity='cols'"):
         convert(_Seq(), granularity="cols")
-    with pytest.raises(ValueError, match="row_classes must be a power of two"):
+    with pytest.raises(ValueError, match="row_classes must be .auto. or a power of two"):
         convert(_Seq(), granularity="rows", row_classes=3)
     converted = convert(_Seq(), pattern="tile", granularity="rows")  # tile masks the weight: one per forward
     assert {site.granularity for site in sites(converted)} == {"forward"}
 
 
 def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_stays_available():
-    """convert's default (block, granularity="rows", 2 classes: measured to train where one pattern per forward
-    diverges) gives the rows of a batch different masks; pattern="row", granularity="forward" is the paper's."""
+    """convert's default (block, granularity="rows", "auto" classes: 2 at p = 0.5; measured to train where one
+    pattern per forward diverges) gives the rows of a batch different masks; pattern="row",
+    granularity="forward" is the paper's."""
     torch.manual_seed(0)
     model = zoo.MLP(p=0.5)
     default = convert(model, seed=0).train()
@@ -429,6 +430,27 @@ def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_st
     paper(x)
     assert all(site.family == "row" and site.granularity == "forward" for site in sites(paper))
     assert all(site.last_mask.shape == (site.units,) for site in sites(paper))
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_auto_row_classes_follow_each_sites_rate_at_conversion_and_keep_the_contract(share):
+    """row_classes="auto" (the default): 8 classes for a site above p = 0.5, 2 at or below, decided from the
+    rate at conversion (a later p keeps the count). One chain with both counts: the site with 2 classes
+    keeps its own r mod 2 masks, and the chain still computes the original with each dropout replaced by
+    its mask."""
+    torch.manual_seed(0)
+    model = _Seq(share)
+    model.d0.p = 0.7
+    converted = convert(model, seed=3)
+    assert {site.name: site.row_classes for site in sites(converted)} == {"d0": 8, "d1": 2}
+    check_training_contract(model, converted, (torch.randn(3, 7, 16),), steps=3)
+    assert {site.name: site.last_mask.shape[0] for site in sites(converted)} == {"d0": 8, "d1": 2}
+    fxdrop.set_p(converted, 0.3)
+    converted(torch.randn(3, 7, 16))
+    assert {site.name: site.last_mask.shape[0] for site in sites(converted)} == {"d0": 8, "d1": 2}
+    assert {site.row_classes for site in sites(convert(model, seed=3, p=0.5))} == {2}
+    assert {site.row_classes for site in sites(convert(model, seed=3, p=0.6))} == {8}
+    assert {site.row_classes for site in sites(convert(model, seed=3, row_classes=4))} == {4}
 
 
 def test_a_dropout_of_rate_one_is_left_as_it_is_with_its_reason():

@@ -146,7 +146,7 @@ class StructuredChain:
             self.watch.check()
         weights = [w.t() if t else w for w, t in zip(weights, self.transposed)]
         draws = [site.draw() for site in self.sites]
-        patterns = torch.stack(draws, dim=1 if draws[0].dim() == 2 else 0)
+        patterns = ops.chain_patterns(draws)
         rates = [site.rate for site in self.sites]
         y = ops.chain(x, weights, biases, patterns, family=self.family, activations=self.activations,
                       input_dropout=self.layout.input_dropout, output_dropout=self.layout.output_dropout,

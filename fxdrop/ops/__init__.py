@@ -229,6 +229,16 @@ def _kernels_ready() -> None:
         extension.ensure_loaded()
 
 
+def chain_patterns(draws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`chain`'s ``patterns`` from its sites' draws (in site order): ``(sites, 2)`` from one pattern
+    each, ``(classes, sites, 2)`` from row-class plans. A site with fewer classes than the most (counts are
+    powers of two, so it divides) is tiled: row ``r`` still uses its own plan ``r mod`` its count."""
+    if draws[0].dim() == 1:
+        return torch.stack(list(draws), dim=0)
+    classes = max(d.shape[0] for d in draws)
+    return torch.stack([d if d.shape[0] == classes else d.repeat(classes // d.shape[0], 1) for d in draws], dim=1)
+
+
 def chain(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None],
           patterns: torch.Tensor, *, family: str, activations: Sequence[str], input_dropout: bool = False,
           output_dropout: bool = False, scale: str = "kept", rates: Sequence[float]) -> torch.Tensor:
@@ -260,4 +270,4 @@ def tile_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.fxdrop.tile_linear(x, weight, bias, pattern, int(tile), scale, float(p))
 
 
-__all__ = ["chain", "unit_dropout", "tile_linear", "composite", "reference", "extension"]
+__all__ = ["chain", "chain_patterns", "unit_dropout", "tile_linear", "composite", "reference", "extension"]
