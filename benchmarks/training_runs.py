@@ -7,11 +7,14 @@
     python benchmarks/training_runs.py reprice   # recompute the published rows' FLOP and roofline ideals with
                                                  # the current fxdrop.audit (a model change; times untouched)
     python benchmarks/training_runs.py variants --widths 4096 --variant pattern=block,granularity=rows,row_classes=8
+    python benchmarks/training_runs.py compile --compile inductor --widths 4096   # torch.compile on both sides
+    python benchmarks/training_runs.py compile --compile backend --widths 4096 --merge
 
 The protocol and every flag are ``fxdrop bench``'s (fxdrop/harness/bench.py); this script only names the
 published files: ``training_runs_<suite>.json`` and ``training_runs_check.json``. ``variants`` is the
 MLP suite written to ``training_runs_variants.json`` (other fxdrop options against the same standard
-model); ``--merge`` replaces only the rows it measures.
+model), ``compile`` the MLP suite with ``--compile`` written to ``training_runs_compile.json``;
+``--merge`` replaces only the rows it measures.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=("mlp", "ptb", "variants", "check", "reprice"))
+    parser.add_argument("name", choices=("mlp", "ptb", "variants", "compile", "check", "reprice"))
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     command = "python benchmarks/training_runs.py " + " ".join(argv)
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_ptb.json"]
         return bench.check(files, RESULTS / "training_runs_check.json", Console())
     if args.name == "reprice":
-        names = ("mlp", "ptb", "variants")
+        names = ("mlp", "ptb", "variants", "compile")
         return bench.reprice([RESULTS / f"training_runs_{name}.json" for name in names], Console())
     args.suite = "ptb" if args.name == "ptb" else "mlp"
     if args.out is None:

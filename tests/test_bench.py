@@ -82,9 +82,10 @@ def tiny_result(tmp_path_factory):
 
 def test_bench_rows_have_every_figure(tiny_result):
     _, result = tiny_result
+    # each row names what it measured: convert's defaults filled in, row_classes="auto" resolved (2 at p = 0.5)
+    block, row = ({"granularity": "rows", "pattern": family, "row_classes": 2} for family in ("block", "row"))
     assert [(r["workload"]["optimizer"], r["workload"]["convert"]) for r in result["rows"]] == [
-        ("sgd", {"granularity": "rows", "pattern": "row"}), ("sgd", {"pattern": "block"}),
-        ("adamw", {"granularity": "rows", "pattern": "row"}), ("adamw", {"pattern": "block"})]
+        ("sgd", block), ("sgd", row), ("adamw", block), ("adamw", row)]
     for row in result["rows"]:
         assert row["speedup"] == pytest.approx(row["standard_ms"][0] / row["fxdrop_ms"][0])
         assert row["ideal_flops"] > 1.0 and row["ideal_roofline"] > 0
@@ -103,7 +104,7 @@ def test_bench_merge_replaces_only_the_rows_it_measures(tiny_result, tmp_path):
     assert main(["bench", "--widths", "32", "--rates", "0.5", "--optimizers", "sgd", "--steps", "1", "--warmup", "0",
                  "--repeats", "1", "--variant", "pattern=block", "--out", str(copy), "--merge"]) == 0
     merged = json.loads(copy.read_text())["rows"]
-    assert len(merged) == 4 and [r["workload"]["steps"] for r in merged] == [256, 128, 256, 256]
+    assert len(merged) == 4 and [r["workload"]["steps"] for r in merged] == [128, 256, 256, 256]
 
 
 def test_bench_rejects_bad_flags(capsys):

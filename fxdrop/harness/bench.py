@@ -7,7 +7,8 @@
 
 Every row is :func:`fxdrop.harness.training_runs.measure`: ``repeats`` rounds of one standard block and
 one fxdrop block, each its own process, in ABBA order; ``steps`` consecutive timed steps per block after
-``warmup`` (``granularity`` is always named, so a row keeps its meaning when a default changes; narrower MLPs get proportionally more steps, so every block runs for a similar time: a
+``warmup`` (``granularity`` and the row-class count are always named, so a row keeps its meaning when a
+default changes; narrower MLPs get proportionally more steps, so every block runs for a similar time: a
 20-step block of a 30 ms step is too short to time). Next to each speedup: the audit's FLOP-only and
 roofline ideals for the same optimizer. Writes one JSON file (every block's time and phases, peak
 memory, the ideals, the machine) and prints a rich table; ``benchmarks/training_runs.py`` writes the
@@ -19,13 +20,14 @@ Imports torch, rich, fxdrop (audit) and the harness's training runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .training_runs import DRIFT, OPTIMIZERS, Workload, drift, measure, option_value
+from .training_runs import COMPILE_MODES, DRIFT, OPTIMIZERS, Workload, drift, measure, option_value
 
 DEFAULT_OUT = Path("bench-results")  # relative to the working directory
 MLP_DEFAULT = ((("granularity", "forward"), ("pattern", "block")),)
@@ -42,12 +44,31 @@ def steps_for(width: int, steps: int) -> int:
     return max(steps, steps * 4096 // max(width, 1))
 
 
-def workloads(suite: str, *, widths, rates, optimizers, variants, steps: int, warmup: int) -> list[Workload]:
+def named(variant: tuple, p: float) -> tuple:
+    """A variant's convert options with its family, granularity and row-class count named (defaults filled
+    in, ``row_classes="auto"`` resolved at the row's rate), so that a published row keeps its meaning when
+    a default changes. The standard side (no options) stays empty."""
+    if not variant:
+        return variant
+    from ..config import DropoutConfig
+    from ..patterns import UNIT_FAMILIES
+    from ..scheduler import classes_for
+
+    defaults = DropoutConfig()
+    options = {"pattern": defaults.pattern, "granularity": defaults.granularity, **dict(variant)}
+    if options["granularity"] == "rows" and options["pattern"] in UNIT_FAMILIES:
+        options["row_classes"] = classes_for(options.get("row_classes", defaults.row_classes), p)
+    return tuple(sorted(options.items()))
+
+
+def workloads(suite: str, *, widths, rates, optimizers, variants, steps: int, warmup: int,
+              compile: str = "eager") -> list[Workload]:
     if suite == "mlp":
-        return [Workload("mlp", width, p, optimizer, 256, variant, steps_for(width, steps), warmup)
+        return [Workload("mlp", width, p, optimizer, 256, named(variant, p), steps_for(width, steps), warmup,
+                         compile=compile)
                 for width in widths for p in rates for optimizer in optimizers for variant in variants]
     if suite == "ptb":
-        return [Workload("ptb", 650, p, optimizer, 20, variant, steps, warmup)
+        return [Workload("ptb", 650, p, optimizer, 20, named(variant, p), steps, warmup, compile=compile)
                 for p in rates for optimizer in optimizers for variant in variants]
     raise ValueError(f"unknown suite {suite!r}; expected 'mlp' or 'ptb'")
 
@@ -57,7 +78,7 @@ def ideals(workload: Workload) -> tuple[float | None, float | None]:
     from ..audit import audit
     from .training_runs import _build
 
-    model, inputs, loss = _build(workload, converted=False)
+    model, inputs, loss = _build(dataclasses.replace(workload, compile="eager"), converted=False)
     report = audit(model, inputs, optimizer=workload.optimizer, loss=loss, **workload.options())
     return report.ideal_speedup, report.roofline_speedup
 
@@ -71,7 +92,8 @@ def table(result: dict):
         out.add_column(column, justify="right")
     for row in result["rows"]:
         w = row["workload"]
-        out.add_row(f"{w['model']} h={w['width']} p={w['p']} {w['optimizer']}",
+        mode = "" if w.get("compile", "eager") == "eager" else f" compile={w['compile']}"
+        out.add_row(f"{w['model']} h={w['width']} p={w['p']} {w['optimizer']}{mode}",
                     ", ".join(f"{k}={v}" for k, v in w["convert"].items()),
                     f"{sorted(row['standard_ms'])[len(row['standard_ms']) // 2]:.1f}",
                     f"{sorted(row['fxdrop_ms'])[len(row['fxdrop_ms']) // 2]:.1f}", f"{row['speedup']:.2f}x",
@@ -87,10 +109,12 @@ def _mib(value: int | None) -> str:
 
 
 def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path, command: str, console,
-             keep: list[dict] | None = None) -> dict:
+             keep: list[dict] | None = None, earlier_commands: list[str] | None = None) -> dict:
     """Measure every workload (written to ``out`` after each row, so an interrupted run keeps its rows);
-    ``keep``: rows of an earlier file that this run does not replace."""
+    ``keep``: rows of an earlier file that this run does not replace, ``earlier_commands`` the commands that
+    measured them (the file's ``commands`` lists every command its rows came from, in order)."""
     rows, machine = list(keep or []), None
+    commands = [c for c in (earlier_commands or []) if c != command] + [command]
     result: dict = {}
     for index, workload in enumerate(rows_to_run):
         console.print(f"[{index + 1}/{len(rows_to_run)}] {workload.label()}")
@@ -101,7 +125,7 @@ def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path
         rows.append(record)
         console.print(f"    speedup {row.speedup:.2f}x (rounds {', '.join(f'{r:.2f}' for r in row.ratios)})")
         result = {"title": TITLES[suite], "suite": suite, "repeats": repeats, "protocol": PROTOCOL,
-                  "command": command, "machine": machine, "rows": sorted(rows, key=_order)}
+                  "command": command, "commands": commands, "machine": machine, "rows": sorted(rows, key=_order)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     return result
@@ -109,12 +133,13 @@ def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path
 
 def _order(row: dict) -> tuple:
     w = row["workload"]
-    return (w["width"], w["p"], OPTIMIZERS.index(w["optimizer"]), sorted(w["convert"].items()))
+    return (w["width"], w["p"], OPTIMIZERS.index(w["optimizer"]), COMPILE_MODES.index(w.get("compile", "eager")),
+            sorted(w["convert"].items()))
 
 
 def _key(workload: dict) -> tuple:
     return (workload["model"], workload["width"], workload["p"], workload["optimizer"],
-            tuple(sorted(workload["convert"].items())))
+            workload.get("compile", "eager"), tuple(sorted(workload["convert"].items())))
 
 
 def published_workload(row: dict) -> Workload:
@@ -194,6 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", action="append", type=_variant, default=None, metavar="KEY=VALUE,...",
                         help="fxdrop.convert options of one fxdrop variant (repeatable; default pattern=block, "
                              "and for ptb also granularity=rows)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="eager",
+                        help="eager; inductor: torch.compile of both sides (fxdrop's converted model with "
+                             "fullgraph=True); backend: torch.compile(standard) against backend=fxdrop")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per block (at h = 4096 for the MLP)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="ABBA rounds per row")
@@ -224,13 +252,16 @@ def run(args: argparse.Namespace, command: str = "fxdrop bench") -> int:
         return 2
     variants = args.variant or list(PTB_DEFAULT if args.suite == "ptb" else MLP_DEFAULT)
     rows = workloads(args.suite, widths=widths, rates=rate_values, optimizers=optimizers, variants=variants,
-                     steps=args.steps, warmup=args.warmup)
+                     steps=args.steps, warmup=args.warmup, compile=args.compile)
     out = args.out or DEFAULT_OUT / f"training_runs_{args.suite}.json"
-    keep = []
+    keep, earlier = [], []
     if args.merge and out.exists():
         measured = {_key(asdict(w) | {"convert": w.options()}) for w in rows}
-        keep = [r for r in json.loads(out.read_text())["rows"] if _key(r["workload"]) not in measured]
-    result = run_rows(args.suite, rows, repeats=args.repeats, out=out, command=command, console=console, keep=keep)
+        published = json.loads(out.read_text())
+        keep = [r for r in published["rows"] if _key(r["workload"]) not in measured]
+        earlier = published.get("commands", [published["command"]] if "command" in published else [])
+    result = run_rows(args.suite, rows, repeats=args.repeats, out=out, command=command, console=console, keep=keep,
+                      earlier_commands=earlier)
     console.print(table(result))
     console.print(f"wrote {out}")
     return 0
