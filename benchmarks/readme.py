@@ -22,11 +22,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 TRAINING_RUNS = (RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_ptb.json",
-                 RESULTS / "training_runs_variants.json")
+                 RESULTS / "training_runs_variants.json", RESULTS / "training_runs_compile.json")
 TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
 # benchmarks/quality.py grid: the stability grid (one file per optimizer and data), and candidate defaults
-GRIDS = ("quality_grid_*.json", "quality_candidates_*.json")
+GRIDS = ("quality_grid_*.json", "quality_candidates_*.json", "quality_mask_references*.json")
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 ROOFLINE_WITHIN = 0.15  # the roofline target: predicted and measured speedups within 15% of each other
@@ -35,7 +35,6 @@ DEMO = RESULTS / "demo" / "demo.json"
 DEMO_RERUNS = RESULTS / "demo" / "reruns"  # the same command run again: README shows how far they spread
 OPS = RESULTS / "ops.json"
 OPS_RETAINED = RESULTS / "ops_retained.json"
-COMPILE = RESULTS / "compile.json"
 DDP = (RESULTS / "ddp_mlp_independent.json", RESULTS / "ddp_mlp_sync_comm_hook.json")
 DDP_COMM = RESULTS / "ddp_comm.json"
 BACKENDS = RESULTS / "backends.json"
@@ -73,8 +72,11 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _options(convert: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(convert.items())) or "defaults"
+def _options(convert: dict, compile: str = "eager") -> str:
+    text = ", ".join(f"{k}={v}" for k, v in sorted(convert.items())) or "defaults"
+    if compile == "backend":
+        return f"`torch.compile(backend=\"fxdrop\")`: {text}"
+    return f"`torch.compile(convert(m))`: {text}" if compile == "inductor" else text
 
 
 def _mib(value: int | None) -> str:
@@ -83,8 +85,11 @@ def _mib(value: int | None) -> str:
 
 def training_runs_section(path: Path, result: dict) -> list[str]:
     machine = result["machine"]
-    title = result["title"] if "variants" not in path.name else \
-        f"Other fxdrop options against the same standard model (MLP, {result['title'].split(', ', 1)[1]})"
+    title = result["title"]
+    if "variants" in path.name:
+        title = f"Other fxdrop options against the same standard model (MLP, {title.split(', ', 1)[1]})"
+    if "compile" in path.name:
+        title = "torch.compile on both sides, MLP batch 256: compiled standard dropout against compiled fxdrop"
     lines = [f"### {title} ({_rel(path)})", "",
              "Each side runs in its own process per block: warm-up steps, then consecutive timed steps of "
              "`zero_grad()` (set_to_none, PyTorch's default), forward, loss, backward"
@@ -102,7 +107,7 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
         w = row["workload"]
         model = f"MLP h={w['width']}" if w["model"] == "mlp" else f"LSTM LM 2 × {w['width']}"
         roofline = row.get("ideal_roofline")
-        lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(w['convert'])} | "
+        lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(w['convert'], w.get('compile', 'eager'))} | "
                      f"{_median(row['standard_ms']):.1f} | {_median(row['fxdrop_ms']):.1f} | "
                      f"**{row['speedup']:.2f}×** | {' '.join(f'{r:.2f}' for r in row['ratios'])} | "
                      f"{row['ideal_flops']:.2f}× | " + (f"{roofline:.2f}× | {100 * row['speedup'] / roofline:.0f}% | "
@@ -126,8 +131,10 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
                       "figure from the time it was measured is kept in the file as `ideal_roofline_as_measured`.")
     lines += ["", f"{_machine(machine)}; allocator: {machine.get('allocator', 'glibc malloc')}; "
               f"timed steps per block: {counts}, after {first['warmup']} warm-up steps; "
-              f"{result['repeats']} rounds. Reproduce: `{result.get('command', f'python benchmarks/training_runs.py {suite}')}`"
-              " (or `fxdrop bench` with the same flags).", ""]
+              f"{result['repeats']} rounds. Reproduce: "
+              + ", then ".join(f"`{c}`" for c in result.get("commands") or [result.get(
+                  "command", f"python benchmarks/training_runs.py {suite}")])
+              + " (or `fxdrop bench` with the same flags).", ""]
     return lines
 
 
@@ -163,51 +170,124 @@ def quality_section(path: Path, result: dict) -> list[str]:
     return lines
 
 
-def default_variant() -> str:
-    """convert's default options, written as a quality variant (``block/rows/2``)."""
+def default_variant(p: float | None = None) -> str:
+    """convert's default options written as a quality variant: ``block/rows/auto``, or with ``p`` the
+    variant they resolve to at that rate (``block/rows/2`` at p = 0.5, ``block/rows/8`` at 0.7)."""
     from fxdrop.config import DropoutConfig
+    from fxdrop.scheduler import classes_for
 
     config = DropoutConfig()
-    return f"{config.pattern}/{config.granularity}" + (f"/{config.row_classes}" if config.granularity == "rows" else "")
+    if config.granularity != "rows":
+        return f"{config.pattern}/{config.granularity}"
+    classes = config.row_classes if p is None else classes_for(config.row_classes, p)
+    return f"{config.pattern}/{config.granularity}/{classes}"
+
+
+def _cell_mark(summary: dict, variant: str) -> tuple[str, bool | None]:
+    """A grid cell's text for ``variant`` (paired difference, divergences, ✓/✗) and whether it meets the
+    target (None where standard dropout itself diverges: not a target)."""
+    mine, diff = summary[variant], summary[variant].get("vs_standard") or {}
+    ok = bool(not mine["diverged"] and diff.get("n") and diff["mean"] >= -WITHIN)
+    text = format_difference(diff, "–")
+    if mine["diverged"]:
+        text += f" div {mine['diverged']}/{mine['runs']}"
+    if summary["standard"]["diverged"]:
+        return text, None
+    return f"{text} {'✓' if ok else '✗'}", ok
 
 
 def grid_section(path: Path, result: dict) -> list[str]:
     """The stability grid: per (p, lr) cell, standard dropout's accuracy and each variant's paired difference."""
     default, variants = default_variant(), [v for v in result["variants"] if v != "standard"]
-    title = result["title"]
+    title, about = result["title"], []
     if path.name.startswith("quality_candidates"):
-        title = "Candidates for the default where it fails: " + title.removeprefix("Stability grid: ")
+        title = "Candidates for the default: " + title.removeprefix("Stability grid: ")
+    if path.name.startswith("quality_mask_references"):
+        title = "What a mask needs to train, dense references: " + title.removeprefix("Stability grid: ")
+        about = ["`ref/<kind>/<classes>`: the original model, each `nn.Dropout` replaced by a mask drawn each "
+                 "forward, no fxdrop kernel (`fxdrop/harness/mask_references.py`). *subset*: a random "
+                 "n(1 − p) of the units; *window*: n(1 − p) cyclically contiguous units from a random start; "
+                 "*block*: fxdrop's block pattern (dp, offset) drawn from the searched P(dp), times dp. "
+                 "*row*: every row its own mask, as Bernoulli dropout; *8*: row r uses class r mod 8, one "
+                 "mask per 16 rows of a batch of 128, as fxdrop's row classes do.", ""]
     lines = [f"### {title} ({_rel(path)})", "",
              "Each cell: standard dropout's mean test accuracy, and each variant's paired difference from it "
              "(points ± standard error over the seeds); **div k/n**: k of n runs diverged (loss not finite, or "
              f"accuracy at chance). ✓: within {100 * WITHIN:.1f} points of standard dropout, or above; ✗: further "
              "below. A cell where standard dropout itself diverges is not a target. "
-             f"`{default}` is convert's default.", "",
+             f"`{default}` is convert's default (`{default_variant(0.5)}` at p ≤ 0.5, `{default_variant(0.7)}` "
+             "above).", "", *about,
              "| p | lr | standard | " + " | ".join(f"`{v}`" for v in variants) + " |",
              "|---:|---:|---:|" + "---:|" * len(variants)]
     met = targets = 0
     for cell in result["cells"]:
         summary = cell["summary"]
         standard = summary["standard"]
-        trains = standard["diverged"] == 0
         row = [f"{cell['p']:g}", f"{cell['lr']:g}", f"{100 * standard['mean_accuracy']:.2f}%"
                + (f" div {standard['diverged']}/{standard['runs']}" if standard["diverged"] else "")]
         for variant in variants:
-            mine, diff = summary[variant], summary[variant].get("vs_standard") or {}
-            ok = not mine["diverged"] and diff.get("n") and diff["mean"] >= -WITHIN
-            text = format_difference(diff, "–")
-            if mine["diverged"]:
-                text += f" div {mine['diverged']}/{mine['runs']}"
-            row.append(f"{text} {'✓' if ok else '✗'}" if trains else text)
-            if trains and variant == default:
+            text, ok = _cell_mark(summary, variant)
+            row.append(text)
+            if ok is not None and variant == default_variant(cell["p"]):
                 targets += 1
-                met += bool(ok)
+                met += ok
         lines.append("| " + " | ".join(row) + " |")
-    if default in variants:
-        lines += ["", f"`{default}` is within {100 * WITHIN:.1f} points of standard dropout in "
-                  f"**{met} of the {targets} cells** where standard dropout trains."]
+    if targets:
+        lines += ["", f"`{default}` (as the variant it resolves to at each p) is within {100 * WITHIN:.1f} points "
+                  f"of standard dropout in **{met} of the {targets} cells** of this file where it ran and standard "
+                  "dropout trains."]
     lines += ["", f"{_machine(result['machine'])}, {result['elapsed_s'] / 60:.0f} min. Reproduce: "
               f"`{result['command']}`.", ""]
+    return lines
+
+
+def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
+    """convert's default on every stability grid cell where it ran: per optimizer and training set, the
+    variant the default resolves to at each p (row classes by rate), from whichever grid file holds it."""
+    cells: dict[tuple, dict] = {}
+    for path, result in grids:
+        if path.name.startswith("quality_mask_references"):
+            continue
+        settings = result["settings"]
+        for cell in result["cells"]:
+            variant = default_variant(cell["p"])
+            if variant not in cell["summary"]:
+                continue
+            key = (settings["optimizer"], settings["images"], cell["p"], cell["lr"])
+            runs = cell["summary"][variant]["runs"]
+            if key not in cells or runs > cells[key]["runs"]:
+                cells[key] = {"summary": cell["summary"], "variant": variant, "runs": runs, "file": path.name}
+    if not cells:
+        return []
+    lines = [f"### convert's default on the stability grids (`{default_variant()}`)", "",
+             f"Each cell: the variant the default resolves to at that p (`{default_variant(0.5)}` at p ≤ 0.5, "
+             f"`{default_variant(0.7)}` above), its paired difference from standard dropout in points ± standard "
+             f"error over the seeds (their count in brackets), ✓ within {100 * WITHIN:.1f} points or above, ✗ "
+             "below; empty: not run. The runs come from the grid files listed under each table (their tables "
+             "follow).", ""]
+    met = targets = 0
+    for optimizer, images in sorted({key[:2] for key in cells}):
+        mine = {key[2:]: value for key, value in cells.items() if key[:2] == (optimizer, images)}
+        lrs = sorted({lr for _, lr in mine})
+        lines += [f"{optimizer}, {images:,} training images:" if images else f"{optimizer}, all training images:", "",
+                  "| p | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---:|" + "---:|" * len(lrs)]
+        for p in sorted({p for p, _ in mine}):
+            row = [f"{p:g}"]
+            for lr in lrs:
+                if (p, lr) not in mine:
+                    row.append("")
+                    continue
+                entry = mine[(p, lr)]
+                text, ok = _cell_mark(entry["summary"], entry["variant"])
+                row.append(f"{text} ({entry['runs']})")
+                if ok is not None:
+                    targets += 1
+                    met += ok
+            lines.append("| " + " | ".join(row) + " |")
+        files = sorted({entry["file"] for entry in mine.values()})
+        lines += ["", "From " + ", ".join(f"`{name}`" for name in files) + ".", ""]
+    lines += [f"The default is within {100 * WITHIN:.1f} points of standard dropout in **{met} of the {targets} "
+              "cells** where standard dropout trains.", ""]
     return lines
 
 
@@ -406,20 +486,6 @@ def ops_section(path: Path, result: dict) -> list[str]:
     return lines
 
 
-def compile_section(result: dict) -> list[str]:
-    lines = [f"### torch.compile ({_rel(COMPILE)})", "", result["benchmark"] + ".", "",
-             "| comparison | baseline ms | fxdrop ms | speedup (median) |", "|:---|---:|---:|---:|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['candidate']} vs {row['baseline']} | {row['baseline_ms']:.0f} | "
-                     f"{row['candidate_ms']:.0f} | **{row['speedup']:.2f}×** |")
-    first = result.get("first_step_s", {})
-    if first:
-        lines += ["", "First step (compilation included): " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items())
-                  + "."]
-    lines += ["", f"{_machine(result['machine'])}. Reproduce: `python benchmarks/compile.py`.", ""]
-    return lines
-
-
 def ddp_section(runs: list[dict], comm: dict | None) -> list[str]:
     lines = ["### DistributedDataParallel (2 ranks, gloo, this 2-core CPU)", ""]
     if runs:
@@ -465,8 +531,10 @@ def render() -> str:
             lines += training_runs_section(path, result)
     if (result := _load(TRAINING_CHECK)) is not None:
         lines += training_check_section(result)
-    for path in sorted(p for pattern in GRIDS for p in RESULTS.glob(pattern)):
-        lines += grid_section(path, json.loads(path.read_text()))
+    grids = [(path, json.loads(path.read_text())) for path in sorted(p for pattern in GRIDS for p in RESULTS.glob(pattern))]
+    lines += default_grid_section(grids)
+    for path, result in grids:
+        lines += grid_section(path, result)
     for path in (*QUALITY, *sorted(RESULTS.glob("quality_overfit_p*.json"))):
         if (result := _load(path)) is not None:
             lines += quality_section(path, result)
@@ -497,8 +565,6 @@ def render() -> str:
     for path in (OPS, OPS_RETAINED):
         if (result := _load(path)) is not None:
             old += ops_section(path, result)
-    if (result := _load(COMPILE)) is not None:
-        old += compile_section(result)
     runs = [(path, run) for path in DDP if (run := _load(path)) is not None]
     comm = _load(DDP_COMM)
     if runs or comm is not None:

@@ -77,7 +77,7 @@ def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import readme
 
-    default = readme.default_variant()  # convert's default, written as a variant
+    default = readme.default_variant(0.5)  # what convert's default resolves to at p = 0.5
     results = []
     for seed in (0, 1):
         results += [_cell_result("standard", seed, 0.5, 0.05, 0.92),
@@ -100,8 +100,12 @@ def test_grid_cells_pair_seeds_within_a_cell_and_readme_marks_the_targets():
     assert row.count("✓") == 1 and row.count("✗") == 1 and "-0.20 ± 0.00 ✓" in row
     target = next(line for line in lines if line.startswith("| 0.7 | 0.1 |"))
     assert "div 2/2" in target and "✓" not in target and "✗" not in target
-    assert any(f"`{default}` is within 0.3 points of standard dropout in **1 of the 1 cells**" in line
-               for line in lines)
+    assert any(f"`{readme.default_variant()}` (as the variant it resolves to at each p) is within 0.3 points of "
+               "standard dropout in **1 of the 1 cells**" in line for line in lines)
+    summary = readme.default_grid_section([(readme.RESULTS / "quality_grid_test.json",
+                                            {**result, "settings": {"optimizer": "momentum", "images": 2000}})])
+    assert any(line.startswith("| 0.5 | -0.20 ± 0.00 ✓ (2) |") for line in summary)
+    assert any("within 0.3 points of standard dropout in **1 of the 1 cells**" in line for line in summary)
 
 
 def test_the_no_dropout_reference_zeroes_every_dropout_and_keeps_the_weights():
