@@ -183,6 +183,15 @@ def default_variant(p: float | None = None) -> str:
     return f"{config.pattern}/{config.granularity}/{classes}"
 
 
+def _default_in(summary: dict, p: float) -> str | None:
+    """The variant of a grid cell that is convert's default at rate ``p``: the default itself
+    (``block/rows/auto``) if it ran, else the variant it resolves to at ``p``; None if neither ran."""
+    for variant in (default_variant(), default_variant(p)):
+        if variant in summary:
+            return variant
+    return None
+
+
 def _cell_mark(summary: dict, variant: str) -> tuple[str, bool | None]:
     """A grid cell's text for ``variant`` (paired difference, divergences, ✓/✗) and whether it meets the
     target (None where standard dropout itself diverges: not a target)."""
@@ -228,7 +237,7 @@ def grid_section(path: Path, result: dict) -> list[str]:
         for variant in variants:
             text, ok = _cell_mark(summary, variant)
             row.append(text)
-            if ok is not None and variant == default_variant(cell["p"]):
+            if ok is not None and variant == _default_in(summary, cell["p"]):
                 targets += 1
                 met += ok
         lines.append("| " + " | ".join(row) + " |")
@@ -250,26 +259,27 @@ def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
             continue
         settings = result["settings"]
         for cell in result["cells"]:
-            variant = default_variant(cell["p"])
-            if variant not in cell["summary"]:
+            variant = _default_in(cell["summary"], cell["p"])
+            if variant is None:
                 continue
-            key = (settings["optimizer"], settings["images"], cell["p"], cell["lr"])
+            key = (settings["optimizer"], settings["images"] or 0, settings["epochs"], cell["p"], cell["lr"])
             runs = cell["summary"][variant]["runs"]
             if key not in cells or runs > cells[key]["runs"]:
                 cells[key] = {"summary": cell["summary"], "variant": variant, "runs": runs, "file": path.name}
     if not cells:
         return []
     lines = [f"### convert's default on the stability grids (`{default_variant()}`)", "",
-             f"Each cell: the variant the default resolves to at that p (`{default_variant(0.5)}` at p ≤ 0.5, "
-             f"`{default_variant(0.7)}` above), its paired difference from standard dropout in points ± standard "
+             f"Each cell: the default's runs (`{default_variant()}` itself where a grid ran it, else the variant it "
+             f"resolves to at that p: `{default_variant(0.5)}` at p ≤ 0.5, `{default_variant(0.7)}` above), its paired difference from standard dropout in points ± standard "
              f"error over the seeds (their count in brackets), ✓ within {100 * WITHIN:.1f} points or above, ✗ "
              "below; empty: not run. The runs come from the grid files listed under each table (their tables "
              "follow).", ""]
     met = targets = 0
-    for optimizer, images in sorted({key[:2] for key in cells}):
-        mine = {key[2:]: value for key, value in cells.items() if key[:2] == (optimizer, images)}
+    for optimizer, images, epochs in sorted({key[:3] for key in cells}):
+        mine = {key[3:]: value for key, value in cells.items() if key[:3] == (optimizer, images, epochs)}
         lrs = sorted({lr for _, lr in mine})
-        lines += [f"{optimizer}, {images:,} training images:" if images else f"{optimizer}, all training images:", "",
+        data = f"{images:,} training images" if images else "all 60,000 training images"
+        lines += [f"{optimizer}, {data}, {epochs} epochs:", "",
                   "| p | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---:|" + "---:|" * len(lrs)]
         for p in sorted({p for p, _ in mine}):
             row = [f"{p:g}"]
