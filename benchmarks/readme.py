@@ -264,8 +264,10 @@ def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
                 continue
             key = (settings["optimizer"], settings["images"] or 0, settings["epochs"], cell["p"], cell["lr"])
             runs = cell["summary"][variant]["runs"]
-            if key not in cells or runs > cells[key]["runs"]:
-                cells[key] = {"summary": cell["summary"], "variant": variant, "runs": runs, "file": path.name}
+            rank = (runs, variant == default_variant())  # more seeds first, then the default's own runs
+            if key not in cells or rank > cells[key]["rank"]:
+                cells[key] = {"summary": cell["summary"], "variant": variant, "runs": runs, "rank": rank,
+                              "file": path.name}
     if not cells:
         return []
     lines = [f"### convert's default on the stability grids (`{default_variant()}`)", "",
