@@ -100,11 +100,13 @@ def test_bench_merge_replaces_only_the_rows_it_measures(tiny_result, tmp_path):
 
     path, result = tiny_result
     copy = tmp_path / "runs.json"
-    copy.write_text(json.dumps(result))
+    copy.write_text(json.dumps({**result, "notes": ["about the earlier rows"]}))
     assert main(["bench", "--widths", "32", "--rates", "0.5", "--optimizers", "sgd", "--steps", "1", "--warmup", "0",
                  "--repeats", "1", "--variant", "pattern=block", "--out", str(copy), "--merge"]) == 0
-    merged = json.loads(copy.read_text())["rows"]
+    file = json.loads(copy.read_text())
+    merged = file["rows"]
     assert len(merged) == 4 and [r["workload"]["steps"] for r in merged] == [128, 256, 256, 256]
+    assert file["notes"] == ["about the earlier rows"] and file["commands"] == ["fxdrop bench"]  # listed once
 
 
 def test_bench_rejects_bad_flags(capsys):

@@ -109,10 +109,12 @@ def _mib(value: int | None) -> str:
 
 
 def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path, command: str, console,
-             keep: list[dict] | None = None, earlier_commands: list[str] | None = None) -> dict:
+             keep: list[dict] | None = None, earlier_commands: list[str] | None = None,
+             notes: list[str] | None = None) -> dict:
     """Measure every workload (written to ``out`` after each row, so an interrupted run keeps its rows);
     ``keep``: rows of an earlier file that this run does not replace, ``earlier_commands`` the commands that
-    measured them (the file's ``commands`` lists every command its rows came from, in order)."""
+    measured them (the file's ``commands`` lists every command its rows came from, in order), ``notes``
+    the earlier file's notes about its rows."""
     rows, machine = list(keep or []), None
     commands = [c for c in (earlier_commands or []) if c != command] + [command]
     result: dict = {}
@@ -126,6 +128,8 @@ def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path
         console.print(f"    speedup {row.speedup:.2f}x (rounds {', '.join(f'{r:.2f}' for r in row.ratios)})")
         result = {"title": TITLES[suite], "suite": suite, "repeats": repeats, "protocol": PROTOCOL,
                   "command": command, "commands": commands, "machine": machine, "rows": sorted(rows, key=_order)}
+        if notes:
+            result["notes"] = list(notes)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
     return result
@@ -254,14 +258,15 @@ def run(args: argparse.Namespace, command: str = "fxdrop bench") -> int:
     rows = workloads(args.suite, widths=widths, rates=rate_values, optimizers=optimizers, variants=variants,
                      steps=args.steps, warmup=args.warmup, compile=args.compile)
     out = args.out or DEFAULT_OUT / f"training_runs_{args.suite}.json"
-    keep, earlier = [], []
+    keep, earlier, notes = [], [], []
     if args.merge and out.exists():
         measured = {_key(asdict(w) | {"convert": w.options()}) for w in rows}
         published = json.loads(out.read_text())
         keep = [r for r in published["rows"] if _key(r["workload"]) not in measured]
         earlier = published.get("commands", [published["command"]] if "command" in published else [])
+        notes = published.get("notes", [])
     result = run_rows(args.suite, rows, repeats=args.repeats, out=out, command=command, console=console, keep=keep,
-                      earlier_commands=earlier)
+                      earlier_commands=earlier, notes=notes)
     console.print(table(result))
     console.print(f"wrote {out}")
     return 0
