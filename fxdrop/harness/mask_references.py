@@ -13,13 +13,16 @@ A reference is written ``ref/<kind>/<classes>``:
     ``row`` (every row its own mask, as Bernoulli dropout) or an int ``M``: row ``r`` uses class ``r mod M``,
     one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
 
-Masks come from the module's own generator (seeded), never the global RNG. Imports torch and fxdrop.search.
+Masks come from the module's own generator (seeded), never the global RNG. Imports torch, fxdrop.search
+and the harness's masking (which applies a row-class mask).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .masking import apply_mask
 
 KINDS = ("subset", "window", "block")
 
@@ -72,9 +75,8 @@ class ReferenceMask(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        x2 = x.reshape(-1, x.shape[-1])
-        masks = self.mask(x2.shape[0], x2.shape[1]).to(x.dtype)
-        return (x2 * masks[torch.arange(x2.shape[0]) % masks.shape[0]]).reshape(x.shape)
+        n = x.shape[-1]
+        return apply_mask(x, self.mask(x.numel() // n if n else 0, n))  # row r uses mask r mod M
 
 
 def with_reference_masks(model: nn.Module, kind: str, classes: int | None, seed: int) -> nn.Module:
