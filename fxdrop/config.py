@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping
 
 from .patterns import DEFAULT_TILE, FAMILIES, SCALE_MODES, UNIT_FAMILIES
-from .scheduler import AUTO_CLASSES, check_classes, derive_seed, name_salt
+from .scheduler import AUTO_CLASSES, classes_for, derive_seed, name_salt
 from .search import AUTO, as_rate, check_max_dp, check_rate
 
 GRANULARITIES = ("forward", "rows")
@@ -104,8 +104,7 @@ class DropoutConfig:
             raise ValueError(f"granularity={self.granularity!r}: expected one of {', '.join(GRANULARITIES)} "
                              "('forward': one pattern per forward call; 'rows': patterns per row class)")
         try:
-            if self.row_classes != AUTO_CLASSES:
-                check_classes(self.row_classes)
+            classes_for(self.row_classes, None)  # the resolver validates: "auto" or a power of two
         except ValueError:
             raise ValueError(f"row_classes must be 'auto' or a power of two >= 1, got {self.row_classes!r}") from None
 

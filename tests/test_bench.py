@@ -116,6 +116,8 @@ def test_bench_rejects_bad_flags(capsys):
     assert "'lamb'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["bench", "--variant", "pattern"])
+    assert main(["bench", "--variant", "pattern=blok"]) == 2  # rejected before anything is measured
+    assert "pattern='blok'" in capsys.readouterr().out
 
 
 def test_machine_info_records_versions():

@@ -51,13 +51,13 @@ def named(variant: tuple, p: float) -> tuple:
     if not variant:
         return variant
     from ..config import DropoutConfig
-    from ..patterns import UNIT_FAMILIES
     from ..scheduler import classes_for
 
-    defaults = DropoutConfig()
-    options = {"pattern": defaults.pattern, "granularity": defaults.granularity, **dict(variant)}
-    if options["granularity"] == "rows" and options["pattern"] in UNIT_FAMILIES:
-        options["row_classes"] = classes_for(options.get("row_classes", defaults.row_classes), p)
+    # the config decides, as for convert: defaults, validation, and where "rows" applies (not to tile sites)
+    config = DropoutConfig.from_options(dict(variant), where="fxdrop bench --variant")
+    options = {"pattern": config.pattern, "granularity": config.granularity, **dict(variant)}
+    if config.granularity_for(config.pattern, None) == "rows":
+        options["row_classes"] = classes_for(config.row_classes, p)
     return tuple(sorted(options.items()))
 
 
@@ -255,8 +255,12 @@ def run(args: argparse.Namespace, command: str = "fxdrop bench") -> int:
         console.print(f"fxdrop bench: error: --widths/--rates: {err}")
         return 2
     variants = args.variant or list(PTB_DEFAULT if args.suite == "ptb" else MLP_DEFAULT)
-    rows = workloads(args.suite, widths=widths, rates=rate_values, optimizers=optimizers, variants=variants,
-                     steps=args.steps, warmup=args.warmup, compile=args.compile)
+    try:
+        rows = workloads(args.suite, widths=widths, rates=rate_values, optimizers=optimizers, variants=variants,
+                         steps=args.steps, warmup=args.warmup, compile=args.compile)
+    except (TypeError, ValueError) as err:  # a --variant that fxdrop.convert would reject
+        console.print(f"fxdrop bench: error: --variant: {err}")
+        return 2
     out = args.out or DEFAULT_OUT / f"training_runs_{args.suite}.json"
     keep, earlier, notes = [], [], []
     if args.merge and out.exists():
