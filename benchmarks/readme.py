@@ -263,16 +263,15 @@ def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
             if variant is None:
                 continue
             key = (settings["optimizer"], settings["images"] or 0, settings["epochs"], cell["p"], cell["lr"])
-            runs = cell["summary"][variant]["runs"]
-            rank = (runs, variant == default_variant())  # more seeds first, then the default's own runs
+            rank = (cell["summary"][variant]["runs"], variant == default_variant())  # more seeds, then its own runs
             if key not in cells or rank > cells[key]["rank"]:
-                cells[key] = {"summary": cell["summary"], "variant": variant, "runs": runs, "rank": rank,
-                              "file": path.name}
+                cells[key] = {"summary": cell["summary"], "variant": variant, "rank": rank, "file": path.name}
     if not cells:
         return []
     lines = [f"### convert's default on the stability grids (`{default_variant()}`)", "",
-             f"Each cell: the default's runs (`{default_variant()}` itself where a grid ran it, else the variant it "
-             f"resolves to at that p: `{default_variant(0.5)}` at p ≤ 0.5, `{default_variant(0.7)}` above), its paired difference from standard dropout in points ± standard "
+             f"Each cell: the default's runs (`{default_variant()}` itself where a grid ran it, else the variant "
+             f"it resolves to at that p: `{default_variant(0.5)}` at p ≤ 0.5, `{default_variant(0.7)}` above), its "
+             "paired difference from standard dropout in points ± standard "
              f"error over the seeds (their count in brackets), ✓ within {100 * WITHIN:.1f} points or above, ✗ "
              "below; empty: not run. The runs come from the grid files listed under each table (their tables "
              "follow).", ""]
@@ -291,7 +290,7 @@ def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
                     continue
                 entry = mine[(p, lr)]
                 text, ok = _cell_mark(entry["summary"], entry["variant"])
-                row.append(f"{text} ({entry['runs']})")
+                row.append(f"{text} ({entry['rank'][0]})")
                 if ok is not None:
                     targets += 1
                     met += ok
