@@ -22,7 +22,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 TRAINING_RUNS = (RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_ptb.json",
-                 RESULTS / "training_runs_variants.json", RESULTS / "training_runs_compile.json")
+                 RESULTS / "training_runs_chain.json", RESULTS / "training_runs_variants.json",
+                 RESULTS / "training_runs_compile.json", RESULTS / "training_runs_kernels.json")
 TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
 # benchmarks/quality.py grid: the stability grid (one file per optimizer and data), and candidate defaults
@@ -72,8 +73,10 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _options(convert: dict, compile: str = "eager") -> str:
+def _options(convert: dict, compile: str = "eager", kernels: str = "compiled") -> str:
     text = ", ".join(f"{k}={v}" for k, v in sorted(convert.items())) or "defaults"
+    if kernels != "compiled":
+        text = f"**{kernels} kernels**: {text}"
     if compile == "backend":
         return f"`torch.compile(backend=\"fxdrop\")`: {text}"
     return f"`torch.compile(convert(m))`: {text}" if compile == "inductor" else text
@@ -90,6 +93,9 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
         title = f"Other fxdrop options against the same standard model (MLP, {title.split(', ', 1)[1]})"
     if "compile" in path.name:
         title = "torch.compile on both sides, MLP batch 256: compiled standard dropout against compiled fxdrop"
+    if "kernels" in path.name:
+        title = ("fxdrop's compiled C++ kernels against its composite PyTorch kernels, each against the same "
+                 f"standard model (MLP, {title.split(', ', 1)[1]})")
     lines = [f"### {title} ({_rel(path)})", "",
              "Each side runs in its own process per block: warm-up steps, then consecutive timed steps of "
              "`zero_grad()` (set_to_none, PyTorch's default), forward, loss, backward"
@@ -105,9 +111,10 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
              "|:---|---:|:---|:---|---:|---:|---:|:---|---:|---:|---:|---:|"]
     for row in result["rows"]:
         w = row["workload"]
-        model = f"MLP h={w['width']}" if w["model"] == "mlp" else f"LSTM LM 2 × {w['width']}"
+        model = {"mlp": f"MLP h={w['width']}", "chain": f"chain h={w['width']}"}.get(w["model"],
+                                                                                    f"LSTM LM 2 × {w['width']}")
         roofline = row.get("ideal_roofline")
-        lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(w['convert'], w.get('compile', 'eager'))} | "
+        lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(w['convert'], w.get('compile', 'eager'), w.get('kernels', 'compiled'))} | "
                      f"{_median(row['standard_ms']):.1f} | {_median(row['fxdrop_ms']):.1f} | "
                      f"**{row['speedup']:.2f}×** | {' '.join(f'{r:.2f}' for r in row['ratios'])} | "
                      f"{row['ideal_flops']:.2f}× | " + (f"{roofline:.2f}× | {100 * row['speedup'] / roofline:.0f}% | "
@@ -216,7 +223,11 @@ def grid_section(path: Path, result: dict) -> list[str]:
         about = ["`ref/<kind>/<classes>`: the original model, each `nn.Dropout` replaced by a mask drawn each "
                  "forward, no fxdrop kernel (`fxdrop/harness/mask_references.py`). *subset*: a random "
                  "n(1 − p) of the units; *window*: n(1 − p) cyclically contiguous units from a random start; "
-                 "*block*: fxdrop's block pattern (dp, offset) drawn from the searched P(dp), times dp. "
+                 "*block*: fxdrop's block pattern (dp, offset) drawn from the searched P(dp), times dp; "
+                 "*rot*: *block* after a random cyclic rotation of the units; *perm&lt;g&gt;*: *block* over a "
+                 "random order of the chunks of g contiguous units (*perm1*: a random n/dp of the units); "
+                 "*shuffled*: *block* over one random permutation of the units per forward, shared by the "
+                 "classes (what permuting each weight once per step and then running *block* would give). "
                  "*row*: every row its own mask, as Bernoulli dropout; *8*: row r uses class r mod 8, one "
                  "mask per 16 rows of a batch of 128, as fxdrop's row classes do.", ""]
     lines = [f"### {title} ({_rel(path)})", "",

@@ -125,26 +125,37 @@ def test_mask_references_keep_the_rate_share_masks_by_class_and_leave_eval_alone
 
     assert parse_reference("ref/subset/row") == ("subset", None) and parse_reference("ref/block/8") == ("block", 8)
     assert parse_reference("block/rows/8") is None and fxdrop_options("ref/window/4") is None
-    for bad in ("ref/bernoulli/8", "ref/subset", "ref/subset/0", "ref/window/x"):
+    assert parse_reference("ref/perm16/2") == ("perm16", 2) and parse_reference("ref/shuffled/row") == ("shuffled", None)
+    for bad in ("ref/bernoulli/8", "ref/subset", "ref/subset/0", "ref/window/x", "ref/perm/2", "ref/perm0/2"):
         with pytest.raises(ValueError, match="mask reference"):
             parse_reference(bad)
     x = torch.rand(24, 40) + 0.5
-    for kind in ("subset", "window", "block"):
+    for kind in ("subset", "window", "block", "rot", "perm4", "shuffled"):
         mask = ReferenceMask(0.7, kind, 4, torch.Generator().manual_seed(0)).train()
         y = mask(x)
         kept = y != 0
         ratio = (y / x)[kept]
-        if kind == "block":  # fxdrop's block of the balanced partition, times dp (2, 3 or 4 at p = 0.7)
+        if kind not in ("subset", "window"):  # a block of fxdrop's partition (maybe reordered), times dp
             counts = kept.sum(1)
             assert set(ratio.round().tolist()) <= {2.0, 3.0, 4.0} and torch.allclose(ratio, ratio.round(), atol=1e-5)
-            assert torch.allclose(ratio, (40 / counts.float()).repeat_interleave(counts), rtol=0.1)
+            assert torch.allclose(ratio, (40 / counts.float()).repeat_interleave(counts), rtol=0.15)  # chunks of 4
         else:  # exactly round(40 * 0.3) = 12 units per row, times 40 / 12
             assert kept.sum(1).tolist() == [12] * 24 and torch.allclose(ratio, torch.full_like(ratio, 40 / 12))
         assert torch.equal(kept[0::4], kept[0:1].expand(6, -1)), "rows of one class share a mask"
-        if kind == "window":  # cyclically contiguous
+        if kind in ("window", "rot", "block"):  # cyclically contiguous
             row = kept[0].int()
             assert int((row - row.roll(1)).abs().sum()) <= 2
+        if kind == "perm4":  # whole chunks of 4 units
+            assert torch.equal(kept.view(24, 10, 4), kept.view(24, 10, 4)[:, :, :1].expand(-1, -1, 4))
         assert torch.equal(mask.eval()(x), x)
+    # shuffled: one permutation per forward shared by the classes, so classes with the same dp keep disjoint or
+    # equal sets; over forwards the units a class keeps together change (block's never do)
+    mask = ReferenceMask(0.5, "shuffled", 8, torch.Generator().manual_seed(0)).train()
+    draws = [mask(x[:8]) != 0 for _ in range(4)]
+    for kept in draws:
+        first, second = kept[0], next(k for k in kept if not torch.equal(k, kept[0]))
+        assert not (first & second).any() and kept.sum(1).tolist() == [20] * 8  # dp = 2 at p = 0.5
+    assert len({tuple(k[0].tolist()) for k in draws}) == 4
     per_row = ReferenceMask(0.5, "subset", None, torch.Generator().manual_seed(0)).train()(x) != 0
     assert len({tuple(r.tolist()) for r in per_row}) > 20, "one mask per row"
     model = with_reference_masks(mnist_mlp(16, 0.5), "window", 2, seed=3)

@@ -9,6 +9,14 @@ A reference is written ``ref/<kind>/<classes>``:
     ``window``: each class keeps ``k`` cyclically contiguous units from a uniformly random start, times ``n / k``.
     ``block``: each class draws fxdrop's pattern ``(dp, offset)`` independently from the searched ``P(dp)``
     and keeps that block of the balanced partition, times ``dp`` (fxdrop's ``block`` family and scale).
+    ``rot``: ``block`` after a uniformly random cyclic rotation of the units, drawn per mask (a window
+    of ``n / dp`` units with a random start: the partition's boundaries move every step).
+    ``perm<g>``: ``block`` over a uniformly random permutation of the ``ceil(n / g)`` chunks of ``g``
+    contiguous units, drawn per mask (``perm1``: a random subset of ``n / dp`` units, so ``block``'s
+    distribution of ``dp`` without its fixed partition).
+    ``shuffled``: ``block`` over one uniformly random permutation of the units per forward, shared by every
+    class (each class its own ``(dp, offset)``): what a kernel gets that permutes each weight once per step
+    and then runs ``block`` on contiguous views.
 ``classes``
     ``row`` (every row its own mask, as Bernoulli dropout) or an int ``M``: row ``r`` uses class ``r mod M``,
     one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
@@ -24,7 +32,13 @@ from torch import nn
 
 from .masking import apply_mask
 
-KINDS = ("subset", "window", "block")
+KINDS = ("subset", "window", "block", "rot", "shuffled", "perm<g>")
+
+
+def _check_kind(kind: str) -> str:
+    if kind in KINDS[:-1] or (kind.startswith("perm") and kind[4:].isdigit() and int(kind[4:]) >= 1):
+        return kind
+    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)} (g an int >= 1)")
 
 
 def parse_reference(variant: str) -> tuple[str, int | None] | None:
@@ -32,9 +46,13 @@ def parse_reference(variant: str) -> tuple[str, int | None] | None:
     parts = variant.split("/")
     if parts[0] != "ref":
         return None
-    if len(parts) != 3 or parts[1] not in KINDS:
+    if len(parts) != 3:
         raise ValueError(f"mask reference {variant!r}: expected ref/<kind>/<classes> with kind one of "
                          f"{', '.join(KINDS)} and classes 'row' or an int >= 1")
+    try:
+        _check_kind(parts[1])
+    except ValueError as error:
+        raise ValueError(f"mask reference {variant!r}: {error}") from None
     if parts[2] == "row":
         return parts[1], None
     if not parts[2].isdigit() or int(parts[2]) < 1:
@@ -47,10 +65,8 @@ class ReferenceMask(nn.Module):
 
     def __init__(self, p: float, kind: str, classes: int | None, generator: torch.Generator):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)}")
-        self.p, self.kind, self.classes, self.generator = float(p), kind, classes, generator
-        if kind == "block":
+        self.p, self.kind, self.classes, self.generator = float(p), _check_kind(kind), classes, generator
+        if kind not in ("subset", "window"):
             from ..search import search_distribution
 
             self.probs = search_distribution(self.p, "auto").probs
@@ -60,6 +76,7 @@ class ReferenceMask(nn.Module):
         count = rows if self.classes is None else self.classes
         g, masks = self.generator, torch.zeros(count, n)
         k = max(1, round(n * (1.0 - self.p)))
+        shared = torch.randperm(n, generator=g) if self.kind == "shuffled" else None
         for c in range(count):
             if self.kind == "subset":
                 masks[c, torch.randperm(n, generator=g)[:k]] = n / k
@@ -69,7 +86,19 @@ class ReferenceMask(nn.Module):
             else:
                 dp = int(torch.multinomial(self.probs, 1, generator=g)) + 1
                 offset = int(torch.randint(dp, (), generator=g))
-                masks[c, offset * n // dp:(offset + 1) * n // dp] = dp
+                if self.kind == "block":
+                    masks[c, offset * n // dp:(offset + 1) * n // dp] = dp
+                elif self.kind == "shuffled":
+                    masks[c, shared[offset * n // dp:(offset + 1) * n // dp]] = dp
+                elif self.kind == "rot":
+                    start = int(torch.randint(n, (), generator=g))
+                    masks[c, (torch.arange(offset * n // dp, (offset + 1) * n // dp) + start) % n] = dp
+                else:  # perm<g>: block `offset` of a random order of the chunks
+                    size = int(self.kind[4:])
+                    chunks = -(-n // size)
+                    order = torch.randperm(chunks, generator=g)[offset * chunks // dp:(offset + 1) * chunks // dp]
+                    units = (order.unsqueeze(1) * size + torch.arange(size)).flatten()
+                    masks[c, units[units < n]] = dp
         return masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
