@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from .patterns import DEFAULT_TILE, FAMILIES, SCALE_MODES, UNIT_FAMILIES
 from .scheduler import AUTO_CLASSES, classes_for, derive_seed, name_salt
-from .search import AUTO, as_rate, check_max_dp, check_rate
+from .search import AUTO, METHODS, as_rate, check_max_dp, check_rate
 
 GRANULARITIES = ("forward", "rows")
 RateOption = Any  # None | float | Mapping[str, float] | Callable[[str], float | None]
@@ -50,7 +50,9 @@ class DropoutConfig:
     ``r mod row_classes``) or ``"forward"`` (one pattern per site per forward, the paper's method).
     ``row_classes``: a power of two, or ``"auto"``: 8 for a site whose rate at conversion is above 0.5,
     2 otherwise (:func:`fxdrop.scheduler.classes_for`; the count is fixed at conversion, so a later
-    change of p keeps it).
+    change of p keeps it). ``distribution``: how ``P(dp)`` is found for a rate (:mod:`fxdrop.search`):
+    ``"exact"`` (maximum entropy, the paper's target), ``"sgd"`` (the paper's search) or ``"narrow"``
+    (only the two periods around ``1 / (1 - p)``: no step much sparser or denser than ``1 - p``).
 
     The defaults (``block``, ``rows``, ``"auto"`` classes) are measured: one pattern per forward shares
     the mask across the batch and diverged or fell far behind standard dropout at p = 0.7 and at lr 0.05
@@ -68,6 +70,7 @@ class DropoutConfig:
     tile: int = DEFAULT_TILE
     granularity: str = "rows"
     row_classes: int | str = AUTO_CLASSES
+    distribution: str = "exact"
 
     def __post_init__(self) -> None:
         p = self.p
@@ -103,6 +106,9 @@ class DropoutConfig:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity={self.granularity!r}: expected one of {', '.join(GRANULARITIES)} "
                              "('forward': one pattern per forward call; 'rows': patterns per row class)")
+        if self.distribution not in METHODS:
+            raise ValueError(f"distribution={self.distribution!r}: expected one of {', '.join(METHODS)} (how P(dp) "
+                             "is found for a rate, see fxdrop.search)")
         try:
             classes_for(self.row_classes, None)  # the resolver validates: "auto" or a power of two
         except ValueError:

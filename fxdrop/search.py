@@ -4,8 +4,10 @@ A pattern with period ``dp`` drops ``(dp - 1) / dp`` of the units, so a distribu
 ``dp = 1 .. max_dp`` drops ``rate(P) = sum_dp P(dp) (dp - 1) / dp`` in expectation; with the offset
 uniform, every unit is dropped with probability exactly ``rate(P)``.
 
-Two solvers: ``exact`` (maximum entropy subject to ``rate == p``: a Gibbs distribution found by
-1-D root finding) and ``sgd`` (the paper's search). Imports only torch and math.
+Three methods: ``exact`` (maximum entropy subject to ``rate == p``: a Gibbs distribution found by
+1-D root finding), ``sgd`` (the paper's search) and ``narrow`` (the least spread: ``dp`` only on the two
+periods next to ``1 / (1 - p)``, so no step keeps much more or much less than ``1 - p`` of the units).
+Imports only torch and math.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def max_dp_for(p: float) -> int:
 
 
 AUTO = "auto"
+METHODS = ("exact", "sgd", "narrow")
 
 
 def resolve_max_dp(p: float, max_dp: int | str) -> int:
@@ -151,6 +154,25 @@ def _exact(p: float, max_dp: int) -> torch.Tensor:
     return _gibbs(0.5 * (lo + hi), r)
 
 
+def _narrow(p: float, max_dp: int) -> torch.Tensor:
+    """The two periods around ``1 / (1 - p)`` (one when it is an integer), mixed to reach ``p`` exactly.
+
+    Among distributions with rate ``p`` this one has the least variance of the kept share ``1 / dp`` (the
+    kept share is convex in ``dp``, so any mass further out must be balanced by mass further in).
+    """
+    probs = torch.zeros(max_dp, dtype=torch.float64)
+    keep = 1.0 - p
+    lo = min(max(1, math.floor(1.0 / keep + 1e-12)), max_dp)
+    hi = min(lo + 1, max_dp)
+    if lo == hi or abs(1.0 / lo - keep) < 1e-12:
+        probs[lo - 1] = 1.0
+        return probs
+    # P(lo) / lo + (1 - P(lo)) / hi = 1 - p
+    share = (keep - 1.0 / hi) / (1.0 / lo - 1.0 / hi)
+    probs[lo - 1], probs[hi - 1] = share, 1.0 - share
+    return probs
+
+
 def _sgd(p: float, max_dp: int, lam: float, steps: int, lr: float, seed: int) -> torch.Tensor:
     """The paper's search: gradient descent on softmax logits of ``(rate - p)^2 - lam * H(P)``.
 
@@ -178,18 +200,21 @@ def search_distribution(p: float, max_dp: int | str = 8, method: str = "exact", 
 
     ``method="exact"`` returns the maximum-entropy solution, ``|rate - p| < 1e-9``;
     ``method="sgd"`` runs the paper's search (``lam``, ``steps``, ``lr``, ``seed`` tune it),
-    ``|rate - p| < 1e-3``. ``max_dp="auto"``: the tightest support (:func:`resolve_max_dp`), which
+    ``|rate - p| < 1e-3``; ``method="narrow"`` puts all mass on the two periods around ``1 / (1 - p)``
+    (:func:`_narrow`), ``|rate - p| < 1e-9``. ``max_dp="auto"``: the tightest support (:func:`resolve_max_dp`), which
     is what :func:`fxdrop.convert` uses by default; 8 here is the paper's setting.
     """
     p = check_rate(p, max_dp)
     max_dp = resolve_max_dp(p, max_dp)
     if method == "exact":
         probs = _exact(p, max_dp)
+    elif method == "narrow":
+        probs = _narrow(p, max_dp)
     elif method == "sgd":
         if p == 0.0 or max_dp == 1 or p >= largest_reachable(max_dp) - 1e-15:
             probs = _exact(p, max_dp)  # a point mass: nothing to search
         else:
             probs = _sgd(p, max_dp, lam, steps, lr, seed)
     else:
-        raise ValueError(f"unknown search method {method!r}; expected 'exact' or 'sgd'")
+        raise ValueError(f"unknown search method {method!r}; expected one of {', '.join(METHODS)}")
     return PatternDistribution(probs=probs, p=p, method=method)

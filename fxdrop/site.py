@@ -89,7 +89,8 @@ class Site:
     def __init__(self, name: str, family: str, owner: Any, *, scale: str = "kept", max_dp: int | str = "auto",
                  seed: int | None = None, units: int | None = None, weight_shape: tuple[int, int] | None = None,
                  tile: int = DEFAULT_TILE, granularity: str = "forward", row_classes: int | str = 2,
-                 kind: str = "dropout", producer: str | None = None, consumer: str | None = None):
+                 kind: str = "dropout", producer: str | None = None, consumer: str | None = None,
+                 distribution: str = "exact"):
         check_family(family)
         check_scale(scale)
         if granularity not in GRANULARITIES:
@@ -102,6 +103,7 @@ class Site:
         self.owner = owner
         self.scale = scale
         self.max_dp = max_dp
+        self.distribution = distribution
         self.units = units
         self.weight_shape = weight_shape
         self.tile = tile
@@ -126,7 +128,7 @@ class Site:
                    seed=config.seed_for(record.name), units=record.units, weight_shape=record.weight_shape,
                    tile=config.tile, granularity=config.granularity_for(record.family, record.plan),
                    row_classes=classes_for(config.row_classes, record.p), kind=kind, producer=record.producer,
-                   consumer=record.consumer)
+                   consumer=record.consumer, distribution=config.distribution)
 
     # ------------------------------------------------------------------ rate and mode
 
@@ -153,7 +155,8 @@ class Site:
         found = self._distributions.get(p)
         if found is None:
             check_rate(p, self.max_dp, where=f"p of dropout site {self.name!r}")
-            found = self._distributions[p] = search_distribution(p, max_dp=self.max_dp)
+            found = search_distribution(p, max_dp=self.max_dp, method=self.distribution)
+            self._distributions[p] = found
         return found
 
     def sync(self) -> None:

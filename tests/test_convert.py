@@ -453,6 +453,26 @@ def test_auto_row_classes_follow_each_sites_rate_at_conversion_and_keep_the_cont
     assert {site.row_classes for site in sites(convert(model, seed=3, row_classes=4))} == {4}
 
 
+def test_the_narrow_distribution_draws_only_the_periods_around_p_and_keeps_the_contract():
+    """distribution="narrow" at p = 0.7: every class of every step keeps 1/3 or 1/4 of the units (never
+    1/2 or all of them), and the converted model still computes the original with each dropout replaced by
+    its mask; a bad name is refused with the choices."""
+    torch.manual_seed(0)
+    model = _Seq(False)
+    model.d0.p = model.d1.p = 0.7
+    converted = convert(model, seed=5, distribution="narrow")
+    check_training_contract(model, converted, (torch.randn(3, 7, 16),), steps=4)
+    seen = set()
+    for _ in range(20):
+        converted(torch.randn(3, 7, 16))
+        for site in sites(converted):
+            assert site.scheduler.distribution.method == "narrow"
+            seen |= {round(row.numel() / int((row != 0).sum())) for row in site.last_mask}
+    assert seen == {3, 4}, seen  # the period each class's kept block implies (32 and 24 units)
+    with pytest.raises(ValueError, match="distribution='flat'.*exact, sgd, narrow"):
+        convert(model, distribution="flat")
+
+
 def test_a_dropout_of_rate_one_is_left_as_it_is_with_its_reason():
     """nn.Dropout(1.0) is valid PyTorch (it outputs zeros); no pattern reaches p = 1, so the site is left and
     the audit says why, while its neighbour converts."""

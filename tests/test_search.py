@@ -102,3 +102,28 @@ def test_rates_beyond_the_largest_period_are_a_clear_error(p):
         search_distribution(p, max_dp="auto")
     with pytest.raises(ValueError, match="above fxdrop's limit of 1024"):
         search_distribution(0.5, max_dp=10**5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.6, 0.7, 0.85, 0.93])
+def test_narrow_reaches_p_on_the_two_periods_around_it_with_the_least_spread(p):
+    """method="narrow": all mass on floor and ceil of 1 / (1 - p), the rate exact, and the kept share 1/dp
+    spread less than under the maximum-entropy distribution (which draws sparser and denser steps)."""
+    narrow, widest = search_distribution(p, max_dp="auto", method="narrow"), search_distribution(p, max_dp=16)
+    assert abs(narrow.rate - p) < 1e-9 and narrow.probs.sum().item() == pytest.approx(1.0, abs=1e-12)
+    lo = math.floor(1 / (1 - p))
+    support = {k + 1 for k in range(narrow.max_dp) if narrow.probs[k] > 0}
+    assert support == {lo, lo + 1}, support
+    share = 1.0 / torch.arange(1, 17, dtype=torch.float64)
+
+    def spread(dist):
+        probs = torch.nn.functional.pad(dist.probs, (0, 16 - dist.max_dp))
+        return float((probs * share**2).sum() - (probs * share).sum() ** 2)
+
+    assert spread(narrow) < spread(widest)
+    assert torch.equal(search_distribution(p, max_dp=16, method="narrow").probs[:narrow.max_dp], narrow.probs)
+
+
+@pytest.mark.parametrize("p, dp", [(0.0, 1), (0.5, 2), (0.75, 4), (0.9, 10)])
+def test_narrow_is_a_point_mass_where_one_period_has_rate_p(p, dp):
+    dist = search_distribution(p, max_dp="auto", method="narrow")
+    assert dist.probs[dp - 1] == 1.0 and dist.rate == pytest.approx(p, abs=1e-12)
