@@ -10,7 +10,9 @@ file, and ``tests/test_architectures.py`` runs the same :func:`check` on every a
 * ``eval_exact``: eval output bit for bit the original's;
 * ``train_contract``: one training step's output and every gradient equal the original's with each
   converted dropout replaced by its site's mask (dropout-like modules fxdrop leaves alone, stochastic
-  depth and unconverted dropouts, are set to 0 in both, so the two steps see the same randomness);
+  depth and unconverted dropouts, are set to 0 in both, so the two steps see the same randomness), on
+  float64 copies of the model and batch (fp32 rounding through a deep CNN on a batch of two can exceed
+  any tolerance on gradients that are zero in exact arithmetic; which CPU decided whether it did);
 * ``model_kept``: same class, same Parameter objects and ties, same ``state_dict`` keys;
 * ``compile``: one training step of ``torch.compile(convert(model))``; ``backend``: one of
   ``torch.compile(model, backend="fxdrop")`` (each with the inner backend given, Inductor by default).
@@ -169,6 +171,17 @@ def _eval_exact(model: nn.Module, converted: nn.Module, batch: A.Batch):
     return True if _same(got, want) else "eval outputs differ"
 
 
+def _double(value):
+    """Floating tensors of a batch (args tuple or kwargs dict, nested) as float64; the rest as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_double(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    return value
+
+
 def _train_contract(model: nn.Module, converted: nn.Module, arch: A.Architecture, batch: A.Batch):
     """One training step of a converted copy against the original with the sites' masks, every other source of
     randomness off: all rates are set to 0 before converting the copy, then the converted sites get their
@@ -178,7 +191,11 @@ def _train_contract(model: nn.Module, converted: nn.Module, arch: A.Architecture
     from .masking import masked
 
     rates = {s.name: s.p for s in fxdrop.sites(converted)}
-    original = copy.deepcopy(model)  # its own Parameters: these steps do not reach the caller's model
+    # its own Parameters (these steps do not reach the caller's model), in float64: the check is of the
+    # masks' semantics, and fp32 rounding carried back through a deep CNN trained on a batch of two
+    # swamps gradients that are zero in exact arithmetic (a BatchNorm bias ahead of another BatchNorm)
+    original = copy.deepcopy(model).double()
+    batch = A.Batch(*(_double(part) for part in (batch.args, batch.kwargs)))
     _quiet(original)
     twin = fxdrop.convert(original, seed=0, example_inputs=batch.args, example_kwargs=batch.kwargs)
     fxdrop.set_p(twin, {name: rate for name, rate in rates.items() if name in {s.name for s in fxdrop.sites(twin)}})
