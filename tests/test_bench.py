@@ -90,6 +90,7 @@ def test_bench_rows_have_every_figure(tiny_result):
         assert row["speedup"] == pytest.approx(row["standard_ms"][0] / row["fxdrop_ms"][0])
         assert row["ideal_flops"] > 1.0 and row["ideal_roofline"] > 0
         assert row["workload"]["steps"] == 2 * 4096 // 32  # narrow layers get proportionally more steps
+        assert row["machine"]["cpu"] == result["machine"]["cpu"]  # each row names where it ran
     for key in ("platform", "cpu", "torch", "torch_threads", "cpu_count", "allocator"):
         assert key in result["machine"]
     assert result["command"] == "fxdrop bench"
@@ -100,13 +101,22 @@ def test_bench_merge_replaces_only_the_rows_it_measures(tiny_result, tmp_path):
 
     path, result = tiny_result
     copy = tmp_path / "runs.json"
-    copy.write_text(json.dumps({**result, "notes": ["about the earlier rows"]}))
+    elsewhere = {**result["machine"], "cpu": "an earlier machine"}
+    earlier = [{k: v for k, v in row.items() if k != "machine"} for row in result["rows"]]  # an older file
+    copy.write_text(json.dumps({**result, "rows": earlier, "machine": elsewhere, "notes": ["about the earlier rows"]}))
     assert main(["bench", "--widths", "32", "--rates", "0.5", "--optimizers", "sgd", "--steps", "1", "--warmup", "0",
                  "--repeats", "1", "--variant", "pattern=block", "--out", str(copy), "--merge"]) == 0
     file = json.loads(copy.read_text())
     merged = file["rows"]
     assert len(merged) == 4 and [r["workload"]["steps"] for r in merged] == [128, 256, 256, 256]
     assert file["notes"] == ["about the earlier rows"] and file["commands"] == ["fxdrop bench"]  # listed once
+    # kept rows keep the machine they ran on (the older file's), the new row names this one
+    assert [r["machine"]["cpu"] == "an earlier machine" for r in merged] == [False, True, True, True]
+    from test_readme import _readme_module
+
+    readme = _readme_module()
+    text = "\n".join(readme.training_runs_section(readme.RESULTS / "training_runs_mlp.json", file))
+    assert "ran on different machines" in text and "(an earlier machine)" in text
 
 
 def test_bench_rejects_bad_flags(capsys):

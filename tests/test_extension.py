@@ -371,3 +371,27 @@ def test_convert_and_eager_ops_load_the_kernels_first(monkeypatch):
     calls.clear()
     fxdrop.convert(torch.nn.Sequential(torch.nn.Linear(6, 3)))
     assert not calls, "a model with nothing to convert needs no kernels"
+
+
+def test_row_class_weight_gradients_of_wide_weights_match_the_dense_reference(backend):
+    """Row classes add their products into one dense weight gradient: the first class with rows writes
+    its region and zeroes the rest, the others add. Eight classes whose regions start and stop anywhere
+    (one keeps nothing at site 0), on weights much wider than the other tests': every gradient must be the
+    dense reference's, zeros included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 16384, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = [(torch.randn(*shape, generator=gen, dtype=torch.float64) / 64).requires_grad_()
+               for shape in ((72, 16384), (16384, 72), (5, 16384))]
+    biases = [torch.randn(w.shape[0], generator=gen, dtype=torch.float64).requires_grad_() for w in weights]
+    classes = torch.tensor([[[3, 1], [2, 0]], [[4, 3], [4, 1]], [[2, 0], [3, 2]], [[1, 0], [2, 1]],
+                            [[5, 2], [1, 0]], [[3, 0], [8, 7]], [[100, 99], [3, 1]], [[4, 0], [4, 2]]])
+    kw = dict(family="block", activations=["relu", "gelu"], rates=[0.6, 0.6])
+    out = ops.chain(x, weights, biases, classes, **kw)
+    expect = ref.chain_classes(x, weights, biases, classes, **kw)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    inputs = [x, *weights, *biases]
+    got, want = torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expect, inputs, grad)
+    torch.testing.assert_close(out, expect)
+    for name, a, b in zip(["x", "w0", "w1", "w2", "b0", "b1", "b2"], got, want):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"grad {name}: {m}")
+        assert torch.equal(a == 0, b == 0) or name == "x", f"grad {name}: zeros differ"

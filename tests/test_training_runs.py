@@ -74,7 +74,29 @@ def test_rows_alternate_processes_and_record_every_round():
 
 def test_drift_and_bad_workloads():
     assert drift({"ratios": [2.0, 2.0, 2.0]}, Row({}, ratios=[2.2])) == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="'cnn'"):
-        run_block(Workload("cnn"), False)
     with pytest.raises(RuntimeError, match="benchmark block failed"):
         block_in_process(Workload("mlp", 8, 0.5, "lamb", 4, steps=1, warmup=0), False)
+
+
+def test_the_chain_workload_is_one_chain_op_and_composite_blocks_run_without_the_extension():
+    """``model="chain"`` is Linear -> ReLU -> Dropout -> Linear, converted into one fused chain; a row with
+    ``kernels="composite"`` runs its fxdrop blocks with FXDROP_NO_EXT=1 and records that they did, while
+    its standard side is the same as any row's; a bad kernels or model name is named."""
+    from fxdrop.harness.training_runs import _build
+
+    workload = Workload("chain", 32, 0.5, "momentum", 8, (("pattern", "block"),), steps=2, warmup=1,
+                        kernels="composite")
+    model, inputs, loss_of = _build(workload, converted=True)
+    [site] = fxdrop.sites(model)
+    assert (site.name, site.producer, site.consumer) == ("2", "0 -> relu", "3 (Linear)")  # both GEMMs shrink
+    assert loss_of(model(*inputs)).dim() == 0
+    row, _ = measure(workload, repeats=1)
+    assert row.fxdrop_kernels_ran == ["composite"] and "kernels=composite" in workload.label()
+    compiled, _ = measure(Workload("chain", 32, 0.5, "sgd", 8, (("pattern", "block"),), steps=1, warmup=0), repeats=1)
+    from fxdrop.ops import extension
+
+    assert compiled.fxdrop_kernels_ran == [extension.ensure_loaded() or "composite"]
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        Workload(kernels="cuda")
+    with pytest.raises(ValueError, match="model='cnn'"):
+        Workload("cnn")

@@ -2,6 +2,8 @@
 
     fxdrop bench                               # MNIST MLP, widths 1024-4096, p 0.5/0.7, SGD / momentum / AdamW
     fxdrop bench --suite ptb                   # PTB word LM 2 x 650, p 0.5, SGD with clipping
+    fxdrop bench --suite chain --widths 4096   # the fused chain op alone: Linear -> ReLU -> Dropout -> Linear
+    fxdrop bench --kernels composite           # the fxdrop side on the composite PyTorch kernels
     fxdrop bench --widths 4096 --rates 0.7 --optimizers adamw --variant pattern=block,granularity=rows
     fxdrop bench --quick                       # h = 1024, p = 0.5, momentum, one round: a one-minute look
 
@@ -27,12 +29,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .training_runs import COMPILE_MODES, DRIFT, OPTIMIZERS, Workload, drift, measure, option_value
+from .training_runs import COMPILE_MODES, DRIFT, KERNELS, OPTIMIZERS, Workload, drift, measure, option_value
 
 DEFAULT_OUT = Path("bench-results")  # relative to the working directory
 MLP_DEFAULT = ((("granularity", "forward"), ("pattern", "block")),)
 PTB_DEFAULT = ((("granularity", "forward"), ("pattern", "block")), (("granularity", "rows"), ("pattern", "block")))
 TITLES = {"mlp": "MNIST MLP 784-h-h-h-10, batch 256: training runs, standard dropout vs fxdrop",
+          "chain": "The fused chain op alone, Linear(h, h) -> ReLU -> Dropout -> Linear(h, h), batch 256: training "
+                   "runs, standard dropout vs fxdrop",
           "ptb": "PTB word LM 2 x 650, BPTT 35, batch 20: training runs, standard dropout vs fxdrop"}
 PROTOCOL = ("each side: its own process per block; warm-up steps, then consecutive timed steps (zero_grad("
             "set_to_none=True), forward, loss, backward, optimizer step); blocks in ABBA order; speedup = median "
@@ -62,15 +66,16 @@ def named(variant: tuple, p: float) -> tuple:
 
 
 def workloads(suite: str, *, widths, rates, optimizers, variants, steps: int, warmup: int,
-              compile: str = "eager") -> list[Workload]:
-    if suite == "mlp":
-        return [Workload("mlp", width, p, optimizer, 256, named(variant, p), steps_for(width, steps), warmup,
-                         compile=compile)
+              compile: str = "eager", kernels: str = "compiled") -> list[Workload]:
+    if suite in ("mlp", "chain"):
+        return [Workload(suite, width, p, optimizer, 256, named(variant, p), steps_for(width, steps), warmup,
+                         compile=compile, kernels=kernels)
                 for width in widths for p in rates for optimizer in optimizers for variant in variants]
     if suite == "ptb":
-        return [Workload("ptb", 650, p, optimizer, 20, named(variant, p), steps, warmup, compile=compile)
+        return [Workload("ptb", 650, p, optimizer, 20, named(variant, p), steps, warmup, compile=compile,
+                         kernels=kernels)
                 for p in rates for optimizer in optimizers for variant in variants]
-    raise ValueError(f"unknown suite {suite!r}; expected 'mlp' or 'ptb'")
+    raise ValueError(f"unknown suite {suite!r}; expected 'mlp', 'chain' or 'ptb'")
 
 
 def ideals(workload: Workload) -> tuple[float | None, float | None]:
@@ -93,6 +98,7 @@ def table(result: dict):
     for row in result["rows"]:
         w = row["workload"]
         mode = "" if w.get("compile", "eager") == "eager" else f" compile={w['compile']}"
+        mode += "" if w.get("kernels", "compiled") == "compiled" else f" kernels={w['kernels']}"
         out.add_row(f"{w['model']} h={w['width']} p={w['p']} {w['optimizer']}{mode}",
                     ", ".join(f"{k}={v}" for k, v in w["convert"].items()),
                     f"{sorted(row['standard_ms'])[len(row['standard_ms']) // 2]:.1f}",
@@ -115,15 +121,18 @@ def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path
     ``keep``: rows of an earlier file that this run does not replace, ``earlier_commands`` the commands that
     measured them (the file's ``commands`` lists every command its rows came from, in order), ``notes``
     the earlier file's notes about its rows."""
+    from rich.markup import escape
+
     rows, machine = list(keep or []), None
     commands = [c for c in (earlier_commands or []) if c != command] + [command]
     result: dict = {}
     for index, workload in enumerate(rows_to_run):
-        console.print(f"[{index + 1}/{len(rows_to_run)}] {workload.label()}")
+        console.print(escape(f"[{index + 1}/{len(rows_to_run)}] {workload.label()}"))  # "[options]" is not markup
         row, machine = measure(workload, repeats=repeats)
         row.ideal_flops, row.ideal_roofline = ideals(workload)
         record = asdict(row)
         record["speedup"] = row.speedup
+        record["machine"] = machine  # per row: a merged file can hold rows measured on different machines
         rows.append(record)
         console.print(f"    speedup {row.speedup:.2f}x (rounds {', '.join(f'{r:.2f}' for r in row.ratios)})")
         result = {"title": TITLES[suite], "suite": suite, "repeats": repeats, "protocol": PROTOCOL,
@@ -138,12 +147,13 @@ def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path
 def _order(row: dict) -> tuple:
     w = row["workload"]
     return (w["width"], w["p"], OPTIMIZERS.index(w["optimizer"]), COMPILE_MODES.index(w.get("compile", "eager")),
-            sorted(w["convert"].items()))
+            KERNELS.index(w.get("kernels", "compiled")), sorted(w["convert"].items()))
 
 
 def _key(workload: dict) -> tuple:
     return (workload["model"], workload["width"], workload["p"], workload["optimizer"],
-            workload.get("compile", "eager"), tuple(sorted(workload["convert"].items())))
+            workload.get("compile", "eager"), workload.get("kernels", "compiled"),
+            tuple(sorted(workload["convert"].items())))
 
 
 def published_workload(row: dict) -> Workload:
@@ -215,7 +225,7 @@ def _variant(text: str) -> tuple:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--suite", choices=("mlp", "ptb"), default="mlp")
+    parser.add_argument("--suite", choices=("mlp", "chain", "ptb"), default="mlp")
     parser.add_argument("--widths", default="1024,2048,4096", help="MLP hidden widths (mlp suite)")
     parser.add_argument("--rates", default=None, help="drop rates (default 0.5,0.7; ptb: 0.5)")
     parser.add_argument("--optimizers", default=None,
@@ -226,6 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", choices=COMPILE_MODES, default="eager",
                         help="eager; inductor: torch.compile of both sides (fxdrop's converted model with "
                              "fullgraph=True); backend: torch.compile(standard) against backend=fxdrop")
+    parser.add_argument("--kernels", choices=KERNELS, default="compiled",
+                        help="the fxdrop side's kernels: compiled (csrc/) or composite (FXDROP_NO_EXT=1)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per block (at h = 4096 for the MLP)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="ABBA rounds per row")
@@ -257,7 +269,7 @@ def run(args: argparse.Namespace, command: str = "fxdrop bench") -> int:
     variants = args.variant or list(PTB_DEFAULT if args.suite == "ptb" else MLP_DEFAULT)
     try:
         rows = workloads(args.suite, widths=widths, rates=rate_values, optimizers=optimizers, variants=variants,
-                         steps=args.steps, warmup=args.warmup, compile=args.compile)
+                         steps=args.steps, warmup=args.warmup, compile=args.compile, kernels=args.kernels)
     except (TypeError, ValueError) as err:  # a --variant that fxdrop.convert would reject
         console.print(f"fxdrop bench: error: --variant: {err}")
         return 2
@@ -266,7 +278,9 @@ def run(args: argparse.Namespace, command: str = "fxdrop bench") -> int:
     if args.merge and out.exists():
         measured = {_key(asdict(w) | {"convert": w.options()}) for w in rows}
         published = json.loads(out.read_text())
-        keep = [r for r in published["rows"] if _key(r["workload"]) not in measured]
+        # rows from before per-row machine records ran on the machine the file names
+        keep = [{**r, "machine": r.get("machine", published.get("machine"))} for r in published["rows"]
+                if _key(r["workload"]) not in measured]
         earlier = published.get("commands", [published["command"]] if "command" in published else [])
         notes = published.get("notes", [])
     result = run_rows(args.suite, rows, repeats=args.repeats, out=out, command=command, console=console, keep=keep,

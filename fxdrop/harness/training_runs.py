@@ -12,13 +12,17 @@ ratio recorded. Nothing here is a test: ``benchmarks/training_runs.py`` drives i
 files, and it warns when a rerun of a published row moves by more than 15%.
 
 Workloads: the paper's MNIST MLP (:func:`fxdrop.harness.models.mnist_mlp`, batch 256, random images:
-the cost does not depend on the pixels) and the PTB word LM (:class:`fxdrop.harness.models.WordLM`,
+the cost does not depend on the pixels), the fused chain op alone (``chain``: ``Linear(h, h) -> ReLU ->
+Dropout -> Linear(h, h)``, batch 256, mean squared error against a fixed random target: the smallest model
+that is one ``fxdrop::chain`` call) and the PTB word LM (:class:`fxdrop.harness.models.WordLM`,
 BPTT 35, batch 20, random token ids, gradient norm clipped at 5 as Zaremba et al. do). Optimizers:
 ``sgd`` (plain), ``momentum`` (SGD, 0.9) and ``adamw`` (PyTorch's default implementation). ``compile``:
 ``eager`` (both sides as they are), ``inductor`` (``torch.compile(standard)`` against
 ``torch.compile(fxdrop.convert(standard), fullgraph=True)``) or ``backend`` (``torch.compile(standard)``
 against ``torch.compile(standard, backend=fxdrop.backend.make_backend(...))`` with the row's convert options);
-compilation happens in the warm-up steps, outside the timed ones.
+compilation happens in the warm-up steps, outside the timed ones. ``kernels``: ``compiled`` (fxdrop's C++
+kernels, csrc/) or ``composite`` (the fxdrop block runs with ``FXDROP_NO_EXT=1``: the composite PyTorch
+kernels); each fxdrop block records which ones it ran.
 
 Imports torch, fxdrop and the harness's models and timing records.
 """
@@ -43,13 +47,15 @@ from ..roofline import OPTIMIZERS as ROOFLINE_OPTIMIZERS
 OPTIMIZERS = tuple(name for name in ROOFLINE_OPTIMIZERS if name)  # the names make_optimizer knows
 DRIFT = 0.15  # a rerun that moves a published figure by more than this is not a figure yet
 COMPILE_MODES = ("eager", "inductor", "backend")
+KERNELS = ("compiled", "composite")
+MODELS = ("mlp", "chain", "ptb")
 
 
 @dataclass(frozen=True)
 class Workload:
     """One row of a benchmark: the model, its size, the rate, the optimizer and the fxdrop options."""
 
-    model: str = "mlp"  # "mlp" or "ptb"
+    model: str = "mlp"  # one of MODELS
     width: int = 4096
     p: float = 0.5
     optimizer: str = "momentum"
@@ -61,10 +67,15 @@ class Workload:
     retain_freed_memory: bool = False
     seed: int = 0
     compile: str = "eager"  # one of COMPILE_MODES
+    kernels: str = "compiled"  # one of KERNELS: the fxdrop side's kernels
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"Workload.compile={self.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"Workload.kernels={self.kernels!r}; expected one of {', '.join(KERNELS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"Workload.model={self.model!r}; expected one of {', '.join(MODELS)}")
 
     def options(self) -> dict[str, Any]:
         return dict(self.convert)
@@ -72,6 +83,7 @@ class Workload:
     def label(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.convert) or "standard"
         mode = "" if self.compile == "eager" else f" compile={self.compile}"
+        mode += "" if self.kernels == "compiled" else f" kernels={self.kernels}"
         return f"{self.model} h={self.width} p={self.p} {self.optimizer}{mode} [{options}]"
 
 
@@ -104,6 +116,14 @@ def _build(workload: Workload, converted: bool):
 
         def loss_of(out):
             return F.cross_entropy(out, target)
+    elif workload.model == "chain":
+        width = workload.width
+        model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Dropout(workload.p), nn.Linear(width, width))
+        inputs = (torch.rand(workload.batch, width),)
+        target = torch.randn(workload.batch, width)
+
+        def loss_of(out):
+            return F.mse_loss(out, target)
     elif workload.model == "ptb":
         vocab, bptt = 10_000, 35
         model = WordLM(vocab, workload.width, 2, workload.p)
@@ -115,7 +135,7 @@ def _build(workload: Workload, converted: bool):
             logits, _ = out
             return F.cross_entropy(logits.view(-1, vocab), target) * bptt
     else:
-        raise ValueError(f"unknown workload model {workload.model!r}; expected 'mlp' or 'ptb'")
+        raise ValueError(f"unknown workload model {workload.model!r}; expected one of {', '.join(MODELS)}")
     model.train()
     if converted and workload.compile == "backend":
         from ..backend import make_backend
@@ -193,9 +213,14 @@ def run_block(workload: Workload, converted: bool) -> dict[str, Any]:
     hwm = _status_kib("VmHWM")
     peak_rss = None if rss_before is None or hwm is None else hwm * 1024 - rss_before
     peak = peak_step_memory(lambda: step(False))
-    return {"ms_per_step": 1e3 * elapsed / workload.steps,
-            "phases_ms": {k: 1e3 * v / workload.steps for k, v in phases.items()},
-            "peak_rss_bytes": peak_rss, "peak_bytes": peak, "machine": machine_info()}
+    result = {"ms_per_step": 1e3 * elapsed / workload.steps,
+              "phases_ms": {k: 1e3 * v / workload.steps for k, v in phases.items()},
+              "peak_rss_bytes": peak_rss, "peak_bytes": peak, "machine": machine_info()}
+    if converted:
+        from ..ops import extension
+
+        result["kernels_ran"] = extension.ensure_loaded() or "composite"
+    return result
 
 
 def _worker(payload: str) -> int:
@@ -208,8 +233,11 @@ def _worker(payload: str) -> int:
 def block_in_process(workload: Workload, converted: bool, timeout: float = 1800) -> dict[str, Any]:
     """:func:`run_block` in a fresh interpreter (its own allocator, caches and threads)."""
     payload = json.dumps({"workload": asdict(workload), "converted": converted})
+    env = {**os.environ}
+    if converted and workload.kernels == "composite":
+        env["FXDROP_NO_EXT"] = "1"
     result = subprocess.run([sys.executable, "-m", "fxdrop.harness.training_runs", "--worker", payload],
-                            capture_output=True, text=True, timeout=timeout, env={**os.environ})
+                            capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"benchmark block failed ({workload.label()}, converted={converted}):\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -232,6 +260,7 @@ class Row:
     fxdrop_peak_bytes: int = 0
     ideal_flops: float | None = None
     ideal_roofline: float | None = None
+    fxdrop_kernels_ran: list[str] = field(default_factory=list)  # each fxdrop block's kernels
 
     @property
     def speedup(self) -> float:
@@ -244,13 +273,15 @@ def _median_phases(blocks: list[dict]) -> dict:
 
 def measure(workload: Workload, *, repeats: int = 3, progress=None) -> tuple[Row, dict]:
     """Alternating blocks (ABBA), ``repeats`` rounds: the row and the machine record of its last block."""
-    standard = Workload(**{**asdict(workload), "convert": ()})
+    standard = Workload(**{**asdict(workload), "convert": (), "kernels": "compiled"})
     row = Row(workload={**asdict(workload), "convert": workload.options()})
     blocks = {"standard": [], "fxdrop": []}
     for round_ in range(repeats):
         order = (("standard", standard, False), ("fxdrop", workload, True))
         for name, load, converted in (order if round_ % 2 == 0 else order[::-1]):
             blocks[name].append(block_in_process(load, converted))
+            if converted:
+                row.fxdrop_kernels_ran.append(blocks[name][-1]["kernels_ran"])
             if progress is not None:
                 progress()
         row.standard_ms.append(blocks["standard"][-1]["ms_per_step"])

@@ -16,7 +16,8 @@ else ``~/.cache/fxdrop``). ``python -m fxdrop.build`` prebuilds. ``FXDROP_NO_EXT
   never raises (``build(strict=True)`` does, with the compiler output).
 - :func:`registered_kernels` / :func:`backend_info`: which ``(op, dispatch key)`` run compiled code.
 - :func:`composite_kernels`: a context manager that puts the composite kernels back on a device
-  key for a while (tests and ``benchmarks/ops.py --backend composite`` compare the two).
+  key for a while (the tests compare the two; ``fxdrop bench --kernels composite`` times the composite
+  kernels in training runs, with ``FXDROP_NO_EXT=1`` in the fxdrop blocks).
 
 Imports torch and :mod:`fxdrop.ops.composite` only.
 """
