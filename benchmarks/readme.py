@@ -34,14 +34,13 @@ ROOFLINE_WITHIN = 0.15  # the roofline target: predicted and measured speedups w
 COVERAGE = RESULTS / "coverage.json"
 DEMO = RESULTS / "demo" / "demo.json"
 DEMO_RERUNS = RESULTS / "demo" / "reruns"  # the same command run again: README shows how far they spread
-OPS = RESULTS / "ops.json"
-OPS_RETAINED = RESULTS / "ops_retained.json"
 DDP = (RESULTS / "ddp_mlp_independent.json", RESULTS / "ddp_mlp_sync_comm_hook.json")
 DDP_COMM = RESULTS / "ddp_comm.json"
-BACKENDS = RESULTS / "backends.json"
 MAX_DP_STUDY = ROOT / "examples" / "results" / "max_dp_study"
 MASK_STUDY = ROOT / "examples" / "results" / "ptb_mask_study"
 CODROP = RESULTS / "codrop.json"
+SHUFFLE_COST = RESULTS / "shuffle_cost.json"
+SHUFFLE_RERUN = RESULTS / "shuffle_cost_rerun.json"  # the same command again: the figures' spread
 
 
 def _load(path: Path) -> dict | None:
@@ -109,10 +108,13 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
              "| model | p | optimizer | fxdrop options | standard ms | fxdrop ms | speedup | rounds | FLOP ideal | "
              "roofline | measured / roofline | peak MiB standard / fxdrop |",
              "|:---|---:|:---|:---|---:|---:|---:|:---|---:|---:|---:|---:|"]
+    cpus = {(row.get("machine") or machine).get("cpu") for row in result["rows"]}
     for row in result["rows"]:
         w = row["workload"]
         model = {"mlp": f"MLP h={w['width']}", "chain": f"chain h={w['width']}"}.get(w["model"],
                                                                                     f"LSTM LM 2 × {w['width']}")
+        if len(cpus) > 1:  # a merged file with rows from different machines: say which ran where
+            model += f" ({(row.get('machine') or machine).get('cpu')})"
         roofline = row.get("ideal_roofline")
         lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(w['convert'], w.get('compile', 'eager'), w.get('kernels', 'compiled'))} | "
                      f"{_median(row['standard_ms']):.1f} | {_median(row['fxdrop_ms']):.1f} | "
@@ -136,6 +138,9 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
                       f"(`python benchmarks/training_runs.py reprice`: GEMMs {m['gemm_gflops']:.0f} GFLOP/s, copy "
                       f"{m['bandwidth_gb_s']:.1f} GB/s, load average {repriced['load_average_1m']:.2f}); each row's "
                       "figure from the time it was measured is kept in the file as `ideal_roofline_as_measured`.")
+    if len(cpus) > 1:
+        lines += ["", "**These rows ran on different machines** (named in the model column): compare speedups "
+                  "only between rows of one machine."]
     lines += ["", f"{_machine(machine)}; allocator: {machine.get('allocator', 'glibc malloc')}; "
               f"timed steps per block: {counts}, after {first['warmup']} warm-up steps; "
               f"{result['repeats']} rounds. Reproduce: "
@@ -313,6 +318,25 @@ def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
+def shuffle_cost_section(result: dict, rerun: dict | None) -> list[str]:
+    """What permuting the units every step would cost, against fxdrop's own step (benchmarks/shuffle_cost.py)."""
+    medians, step = result["median_ms"], result["median_ms"]["fxdrop step"]
+    lines = [f"### {result['title']} ({_rel(SHUFFLE_COST)})", "",
+             "The shuffled pattern of the mask references needs every weight read in permuted order each step. "
+             f"Medians over {result['rounds']} rounds of {result['reps']} consecutive repetitions each, one process: "
+             "a training step of `fxdrop.convert(model)` (the defaults), a plain copy of every Linear weight "
+             f"({result['weight_mib']:.0f} MiB: the least any per-step permutation costs), the permuted copies with "
+             "ATen's `index_select`, and those with their backward (gradients scattered back).", "",
+             "| block | ms | share of fxdrop's step |" + (" rerun ms |" if rerun else ""),
+             "|:---|---:|---:|" + ("---:|" if rerun else "")]
+    for name, value in medians.items():
+        lines.append(f"| {name} | {value:.1f} | {value / step:.2f} |"
+                     + (f" {rerun['median_ms'][name]:.1f} |" if rerun else ""))
+    lines += ["", f"{_machine(result['machine'])}. Reproduce: `{result['command']}`"
+              + (f" (run twice: the rerun is {_rel(SHUFFLE_RERUN)})." if rerun else "."), ""]
+    return lines
+
+
 def ptb_overfit_section(runs: list[tuple[Path, dict]]) -> list[str]:
     """examples/ptb_lstm.py --with-none: a PTB regime where dropout matters, and the share of its gain kept."""
     lines = ["### LSTM language model, Penn Treebank, where dropout matters", "",
@@ -386,11 +410,6 @@ def demo_section(result: dict) -> list[str]:
                       + (": more than 15%, so read the speedup as a range, not a figure." if spread > 0.15 else "."),
                       ""]
     return lines
-
-
-RETAINED_NOTE = ("With `fxdrop.allocator.retain_freed_memory()` (both sides, one process): glibc keeps freed "
-                 "memory, so each step's new weight gradients land on resident pages instead of fresh ones "
-                 "that the kernel faults in and zeroes (see `fxdrop/allocator.py`; jemalloc/tcmalloc do the same).")
 
 
 def max_dp_section(studies: list[tuple[Path, dict]]) -> list[str]:
@@ -492,22 +511,6 @@ def mask_study_section(studies: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
-def ops_section(path: Path, result: dict) -> list[str]:
-    retained = result["machine"].get("retain_freed_memory", False)
-    lines = [f"### The fused chain op ({_rel(path)})", "",
-             f"`Linear → ReLU → Dropout → Linear`, hidden {result['hidden']}, batch {result['batch']}, forward + "
-             "backward, against `fxdrop::chain` (row, block) and `fxdrop::tile_linear` (tile: only the second "
-             "GEMM shrinks). " + (RETAINED_NOTE if retained else "glibc's default allocator settings."), "",
-             "| p | family | speedup (median) | speedup (total) | ideal | efficiency |", "|---:|:---|---:|---:|---:|---:|"]
-    for row in result["rows"]:
-        total = row.get("total_ratio", row["speedup"])
-        lines.append(f"| {row['p']:g} | {row['family']} | {row['speedup']:.2f}× | **{total:.2f}×** | "
-                     f"{row['ideal']:.2f}× | {100 * total / row['ideal']:.0f}% |")
-    lines += ["", f"{_machine(result['machine'])}; {_kernels(result['machine'])}. Reproduce: "
-              f"`python benchmarks/ops.py{' --retain-freed-memory' if retained else ''}`.", ""]
-    return lines
-
-
 def ddp_section(runs: list[dict], comm: dict | None) -> list[str]:
     lines = ["### DistributedDataParallel (2 ranks, gloo, this 2-core CPU)", ""]
     if runs:
@@ -526,17 +529,6 @@ def ddp_section(runs: list[dict], comm: dict | None) -> list[str]:
         lines += [f"The kept-block comm hook ({_rel(DDP_COMM)}) sends {100 * min(savings):.0f}–"
                   f"{100 * max(savings):.0f}% fewer all-reduce bytes on the benchmark MLP "
                   "(`python benchmarks/ddp_comm.py`).", ""]
-    return lines
-
-
-def backends_section(result: dict) -> list[str]:
-    lines = [f"### Compiled C++ CPU kernels against the composite PyTorch ones ({_rel(BACKENDS)})", "",
-             f"{result['benchmark']}, hidden {result['hidden']}, batch {result['batch']}.", "",
-             "| p | family | composite ms | compiled ms | speedup (median) |", "|---:|:---|---:|---:|---:|"]
-    for row in result["rows"]:
-        lines.append(f"| {row['p']:g} | {row['family']} | {row['composite_ms']:.0f} | {row['compiled_ms']:.0f} | "
-                     f"{row['speedup']:.2f}× |")
-    lines += ["", "Reproduce: `python benchmarks/backends.py`.", ""]
     return lines
 
 
@@ -563,6 +555,8 @@ def render() -> str:
     ptb = [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob(PTB_OVERFIT))]
     if ptb:
         lines += ptb_overfit_section(ptb)
+    if (result := _load(SHUFFLE_COST)) is not None:
+        lines += shuffle_cost_section(result, _load(SHUFFLE_RERUN))
     if (result := _load(COVERAGE)) is not None:
         lines += coverage_section(result)
     old = ["## Earlier measurements (previous protocol)", "",
@@ -584,15 +578,10 @@ def render() -> str:
     studies = [(path, json.loads(path.read_text())) for path in sorted(MASK_STUDY.glob("*.json"))]
     if studies:
         old += mask_study_section(studies)
-    for path in (OPS, OPS_RETAINED):
-        if (result := _load(path)) is not None:
-            old += ops_section(path, result)
     runs = [(path, run) for path in DDP if (run := _load(path)) is not None]
     comm = _load(DDP_COMM)
     if runs or comm is not None:
         old += ddp_section(runs, comm)
-    if (result := _load(BACKENDS)) is not None:
-        old += backends_section(result)
     if len(old) > 4:
         lines += old
     return "\n".join(lines).rstrip() + "\n"
