@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = torch.rand(256, 784), torch.randint(0, 10, (256,))
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     leaves = [w.detach().clone().requires_grad_() for w in weights]
+    upstream = [torch.ones_like(w) for w in weights]  # the permuted copies' gradients, made once
 
     def step():
         optimizer.zero_grad()
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def permute_backward():
         outs = _permuted(leaves, args.width)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        torch.autograd.backward(outs, upstream)
         for leaf in leaves:
             leaf.grad = None
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
     result = {"title": f"Per-step permutation of the hidden units against fxdrop's step, MLP 784-{args.width}x3-10, "
                        f"p = {args.p}, batch 256, SGD momentum",
-              "command": "python benchmarks/shuffle_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": " ".join(["python benchmarks/shuffle_cost.py", *(argv if argv is not None else sys.argv[1:])]),
               "width": args.width, "p": args.p, "reps": args.reps, "rounds": args.rounds,
               "weight_mib": weight_bytes / 2**20, "ms": times, "median_ms": medians,
               "fxdrop_sites": [{"name": s.name, "row_classes": s.row_classes} for s in fxdrop.sites(model)],

@@ -157,8 +157,9 @@ def _exact(p: float, max_dp: int) -> torch.Tensor:
 def _narrow(p: float, max_dp: int) -> torch.Tensor:
     """The two periods around ``1 / (1 - p)`` (one when it is an integer), mixed to reach ``p`` exactly.
 
-    Among distributions with rate ``p`` this one has the least variance of the kept share ``1 / dp`` (the
-    kept share is convex in ``dp``, so any mass further out must be balanced by mass further in).
+    Among distributions with rate ``p`` (mean kept share ``E[1 / dp] = 1 - p``) this one has the least
+    variance of the kept share: the shares ``1 / dp`` lie on a grid, and for a fixed mean the two grid points
+    around it carry the least spread.
     """
     probs = torch.zeros(max_dp, dtype=torch.float64)
     keep = 1.0 - p
