@@ -21,8 +21,8 @@ A reference is written ``ref/<kind>/<classes>``:
     ``row`` (every row its own mask, as Bernoulli dropout) or an int ``M``: row ``r`` uses class ``r mod M``,
     one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
 
-Masks come from the module's own generator (seeded), never the global RNG. Imports torch, fxdrop.search
-and the harness's masking (which applies a row-class mask).
+Masks come from the module's own generator (seeded), never the global RNG. Imports torch, fxdrop.search,
+fxdrop.patterns (the block's index math) and the harness's masking (which applies a row-class mask).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..patterns import kept_slice
 from .masking import apply_mask
 
 KINDS = ("subset", "window", "block", "rot", "shuffled", "perm<g>")
@@ -86,17 +87,18 @@ class ReferenceMask(nn.Module):
             else:
                 dp = int(torch.multinomial(self.probs, 1, generator=g)) + 1
                 offset = int(torch.randint(dp, (), generator=g))
+                block = kept_slice("block", n, dp, offset)  # fxdrop's block of the balanced partition
                 if self.kind == "block":
-                    masks[c, offset * n // dp:(offset + 1) * n // dp] = dp
+                    masks[c, block] = dp
                 elif self.kind == "shuffled":
-                    masks[c, shared[offset * n // dp:(offset + 1) * n // dp]] = dp
+                    masks[c, shared[block]] = dp
                 elif self.kind == "rot":
                     start = int(torch.randint(n, (), generator=g))
-                    masks[c, (torch.arange(offset * n // dp, (offset + 1) * n // dp) + start) % n] = dp
+                    masks[c, (torch.arange(block.start, block.stop) + start) % n] = dp
                 else:  # perm<g>: block `offset` of a random order of the chunks
                     size = int(self.kind[4:])
                     chunks = -(-n // size)
-                    order = torch.randperm(chunks, generator=g)[offset * chunks // dp:(offset + 1) * chunks // dp]
+                    order = torch.randperm(chunks, generator=g)[kept_slice("block", chunks, dp, offset)]
                     units = (order.unsqueeze(1) * size + torch.arange(size)).flatten()
                     masks[c, units[units < n]] = dp
         return masks
