@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from . import architectures as A
 
@@ -171,17 +172,6 @@ def _eval_exact(model: nn.Module, converted: nn.Module, batch: A.Batch):
     return True if _same(got, want) else "eval outputs differ"
 
 
-def _double(value):
-    """Floating tensors of a batch (args tuple or kwargs dict, nested) as float64; the rest as they are."""
-    if isinstance(value, torch.Tensor):
-        return value.double() if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_double(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _double(v) for k, v in value.items()}
-    return value
-
-
 def _train_contract(model: nn.Module, converted: nn.Module, arch: A.Architecture, batch: A.Batch):
     """One training step of a converted copy against the original with the sites' masks, every other source of
     randomness off: all rates are set to 0 before converting the copy, then the converted sites get their
@@ -195,7 +185,8 @@ def _train_contract(model: nn.Module, converted: nn.Module, arch: A.Architecture
     # masks' semantics, and fp32 rounding carried back through a deep CNN trained on a batch of two
     # swamps gradients that are zero in exact arithmetic (a BatchNorm bias ahead of another BatchNorm)
     original = copy.deepcopy(model).double()
-    batch = A.Batch(*(_double(part) for part in (batch.args, batch.kwargs)))
+    batch = A.Batch(*tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                              (batch.args, batch.kwargs)))
     _quiet(original)
     twin = fxdrop.convert(original, seed=0, example_inputs=batch.args, example_kwargs=batch.kwargs)
     fxdrop.set_p(twin, {name: rate for name, rate in rates.items() if name in {s.name for s in fxdrop.sites(twin)}})
