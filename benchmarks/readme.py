@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fxdrop.harness.quality import format_difference
+from fxdrop.harness.training_runs import Workload
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -72,13 +73,14 @@ def _median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _options(convert: dict, compile: str = "eager", kernels: str = "compiled") -> str:
-    text = ", ".join(f"{k}={v}" for k, v in sorted(convert.items())) or "defaults"
-    if kernels != "compiled":
-        text = f"**{kernels} kernels**: {text}"
-    if compile == "backend":
-        return f"`torch.compile(backend=\"fxdrop\")`: {text}"
-    return f"`torch.compile(convert(m))`: {text}" if compile == "inductor" else text
+def _options(workload: Workload) -> str:
+    """A row's fxdrop options, with its execution modes (:meth:`Workload.modes`) written for README."""
+    text = ", ".join(f"{k}={v}" for k, v in workload.convert) or "defaults"
+    written = {f"kernels={workload.kernels}": f"**{workload.kernels} kernels**: ",
+               "compile=backend": '`torch.compile(backend="fxdrop")`: ', "compile=inductor": "`torch.compile(convert(m))`: "}
+    for mode in reversed(workload.modes()):  # the compile mode outermost, as Workload.label writes it
+        text = written[mode] + text
+    return text
 
 
 def _mib(value: int | None) -> str:
@@ -116,7 +118,7 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
         if len(cpus) > 1:  # a merged file with rows from different machines: say which ran where
             model += f" ({(row.get('machine') or machine).get('cpu')})"
         roofline = row.get("ideal_roofline")
-        lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(w['convert'], w.get('compile', 'eager'), w.get('kernels', 'compiled'))} | "
+        lines.append(f"| {model} | {w['p']:g} | {w['optimizer']} | {_options(Workload.from_row(row))} | "
                      f"{_median(row['standard_ms']):.1f} | {_median(row['fxdrop_ms']):.1f} | "
                      f"**{row['speedup']:.2f}×** | {' '.join(f'{r:.2f}' for r in row['ratios'])} | "
                      f"{row['ideal_flops']:.2f}× | " + (f"{roofline:.2f}× | {100 * row['speedup'] / roofline:.0f}% | "

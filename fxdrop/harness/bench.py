@@ -96,11 +96,8 @@ def table(result: dict):
                    "roofline", "peak MiB std", "peak MiB fxdrop"):
         out.add_column(column, justify="right")
     for row in result["rows"]:
-        w = row["workload"]
-        mode = "" if w.get("compile", "eager") == "eager" else f" compile={w['compile']}"
-        mode += "" if w.get("kernels", "compiled") == "compiled" else f" kernels={w['kernels']}"
-        out.add_row(f"{w['model']} h={w['width']} p={w['p']} {w['optimizer']}{mode}",
-                    ", ".join(f"{k}={v}" for k, v in w["convert"].items()),
+        workload = Workload.from_row(row)
+        out.add_row(workload.describe(), ", ".join(f"{k}={v}" for k, v in workload.convert),
                     f"{sorted(row['standard_ms'])[len(row['standard_ms']) // 2]:.1f}",
                     f"{sorted(row['fxdrop_ms'])[len(row['fxdrop_ms']) // 2]:.1f}", f"{row['speedup']:.2f}x",
                     " ".join(f"{r:.2f}" for r in row["ratios"]),
@@ -145,21 +142,14 @@ def run_rows(suite: str, rows_to_run: list[Workload], *, repeats: int, out: Path
 
 
 def _order(row: dict) -> tuple:
-    w = row["workload"]
-    return (w["width"], w["p"], OPTIMIZERS.index(w["optimizer"]), COMPILE_MODES.index(w.get("compile", "eager")),
-            KERNELS.index(w.get("kernels", "compiled")), sorted(w["convert"].items()))
+    w = Workload.from_row(row)
+    return (w.width, w.p, OPTIMIZERS.index(w.optimizer), COMPILE_MODES.index(w.compile), KERNELS.index(w.kernels),
+            w.convert)
 
 
-def _key(workload: dict) -> tuple:
-    return (workload["model"], workload["width"], workload["p"], workload["optimizer"],
-            workload.get("compile", "eager"), workload.get("kernels", "compiled"),
-            tuple(sorted(workload["convert"].items())))
-
-
-def published_workload(row: dict) -> Workload:
-    """The workload of a row of a published file (its ``convert`` options back as a sorted tuple)."""
-    w = row["workload"]
-    return Workload(**{**w, "convert": tuple(sorted(w["convert"].items()))})
+def _key(w: Workload) -> tuple:
+    """What makes two rows the same measurement (a merge replaces the earlier one)."""
+    return (w.model, w.width, w.p, w.optimizer, w.compile, w.kernels, w.convert)
 
 
 def check(files: list[Path], out: Path, console) -> int:
@@ -171,7 +161,7 @@ def check(files: list[Path], out: Path, console) -> int:
             continue
         published = json.loads(path.read_text())
         last = published["rows"][-1]
-        workload = published_workload(last)
+        workload = Workload.from_row(last)
         row, machine = measure(workload, repeats=published["repeats"])
         moved = drift(last, row)
         console.print(f"{workload.label()}: published {last['speedup']:.2f}x, now {row.speedup:.2f}x "
@@ -200,7 +190,7 @@ def reprice(files: list[Path], console) -> int:
             continue
         published = json.loads(path.read_text())
         for row in published["rows"]:
-            workload = published_workload(row)
+            workload = Workload.from_row(row)
             previous = row.get("ideal_roofline")
             row["ideal_flops"], row["ideal_roofline"] = ideals(workload)
             row.setdefault("ideal_roofline_as_measured", previous)
@@ -276,11 +266,11 @@ def run(args: argparse.Namespace, command: str = "fxdrop bench") -> int:
     out = args.out or DEFAULT_OUT / f"training_runs_{args.suite}.json"
     keep, earlier, notes = [], [], []
     if args.merge and out.exists():
-        measured = {_key(asdict(w) | {"convert": w.options()}) for w in rows}
+        measured = {_key(w) for w in rows}
         published = json.loads(out.read_text())
         # rows from before per-row machine records ran on the machine the file names
         keep = [{**r, "machine": r.get("machine", published.get("machine"))} for r in published["rows"]
-                if _key(r["workload"]) not in measured]
+                if _key(Workload.from_row(r)) not in measured]
         earlier = published.get("commands", [published["command"]] if "command" in published else [])
         notes = published.get("notes", [])
     result = run_rows(args.suite, rows, repeats=args.repeats, out=out, command=command, console=console, keep=keep,

@@ -80,11 +80,25 @@ class Workload:
     def options(self) -> dict[str, Any]:
         return dict(self.convert)
 
+    @classmethod
+    def from_row(cls, row: dict) -> "Workload":
+        """The workload of a row of a results file (``convert`` back as a sorted tuple; fields an older
+        file lacks take their defaults here, and nowhere else)."""
+        w = row["workload"]
+        return cls(**{**w, "convert": tuple(sorted(w["convert"].items()))})
+
+    def modes(self) -> list[str]:
+        """The execution modes that differ from the default (eager, compiled kernels), as ``key=value``."""
+        return ([] if self.compile == "eager" else [f"compile={self.compile}"]) + \
+            ([] if self.kernels == "compiled" else [f"kernels={self.kernels}"])
+
+    def describe(self) -> str:
+        """The workload without its fxdrop options: model, width, rate, optimizer and modes."""
+        return " ".join([f"{self.model} h={self.width} p={self.p} {self.optimizer}", *self.modes()])
+
     def label(self) -> str:
         options = ", ".join(f"{k}={v}" for k, v in self.convert) or "standard"
-        mode = "" if self.compile == "eager" else f" compile={self.compile}"
-        mode += "" if self.kernels == "compiled" else f" kernels={self.kernels}"
-        return f"{self.model} h={self.width} p={self.p} {self.optimizer}{mode} [{options}]"
+        return f"{self.describe()} [{options}]"
 
 
 def option_value(text: str) -> int | str:
