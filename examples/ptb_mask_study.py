@@ -13,6 +13,11 @@ many rows of the ``(T, B, units)`` activation share one draw:
 ``time``       one pattern per time step, shared by the batch
 ``chunk``      the time steps cut into one contiguous chunk per pattern of the distribution, chunk
                lengths proportional to the pattern's probability (stratified), chunks in random order
+``classesK``   K patterns per forward, row ``r`` of the flattened ``(T * B)`` rows using pattern
+               ``r mod K`` (fxdrop's ``granularity="rows"`` with ``row_classes=K``)
+``tchunksK``   K patterns per forward, the time steps cut into K equal contiguous chunks, each chunk's
+               steps and batch elements sharing one pattern
+``none``       no dropout at that site (with ``none`` alone: the model without dropout)
 
 A mode ``A/B`` uses ``A`` for the LSTM-input sites (embedding and between layers) and ``B`` for the
 decoder's input (e.g. ``shared/row``).
@@ -43,13 +48,25 @@ from fxdrop.harness.models import WordLM
 from fxdrop.patterns import unit_mask
 from fxdrop.search import search_distribution
 
-GRANULARITIES = ("bernoulli", "shared", "sample", "row", "time", "chunk")
+GRANULARITIES = ("bernoulli", "shared", "sample", "row", "time", "chunk", "none")
+COUNTED = ("classes", "tchunks")  # followed by a pattern count, e.g. classes8
+
+
+def _known(part: str) -> bool:
+    if part in GRANULARITIES:
+        return True
+    for prefix in COUNTED:
+        count = part[len(prefix):]
+        if part.startswith(prefix) and count.isdigit() and int(count) >= 1:
+            return True
+    return False
 
 
 def check_mode(mode: str) -> str:
     parts = mode.split("/")
-    if len(parts) not in (1, 2) or any(part not in GRANULARITIES for part in parts):
-        raise argparse.ArgumentTypeError(f"mode {mode!r}: expected one of {GRANULARITIES} or A/B of them")
+    if len(parts) not in (1, 2) or not all(_known(part) for part in parts):
+        raise argparse.ArgumentTypeError(f"mode {mode!r}: expected one of {GRANULARITIES}, "
+                                         f"{' or '.join(p + 'K' for p in COUNTED)}, or A/B of them")
     return mode
 
 
@@ -112,7 +129,7 @@ class MaskedLM(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     def drop(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        if not self.training:
+        if not self.training or mode == "none":
             return x
         if mode == "bernoulli":
             keep = torch.rand(x.shape, generator=self.generator) >= self.p
@@ -120,6 +137,14 @@ class MaskedLM(nn.Module):
         T, B, _ = x.shape
         if mode == "chunk":
             return x * self.table.chunks(T, self.generator)
+        if mode.startswith("classes"):
+            plan = self.table.draw((int(mode[len("classes"):]),), self.generator)
+            rows = torch.arange(T * B) % plan.shape[0]
+            return x * plan[rows].reshape(T, B, -1)
+        if mode.startswith("tchunks"):
+            plan = self.table.draw((int(mode[len("tchunks"):]),), self.generator)
+            chunk = torch.arange(T) * plan.shape[0] // T  # equal contiguous chunks of time steps
+            return x * plan[chunk].unsqueeze(1)
         shape = {"shared": (1, 1), "sample": (1, B), "row": (T, B), "time": (T, 1)}[mode]
         return x * self.table.draw(shape, self.generator)
 
