@@ -69,8 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-dp", type=max_dp_arg, default="auto",
                         help="largest pattern period, or auto (fxdrop.convert's max_dp; default)")
     parser.add_argument("--granularity", choices=("rows", "forward"), default="rows",
-                        help="decoder input site: a pattern per token row (default) or one per forward; the LSTM "
-                             "sites draw one per forward either way (fxdrop.convert's granularity)")
+                        help="rows (default): the decoder input site draws a pattern per row class of tokens, "
+                             "the LSTM sites one per class of contiguous time chunks; forward: one per site per "
+                             "forward (fxdrop.convert's granularity)")
     parser.add_argument("--bptt", type=int, default=35)
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--eval-batch", type=int, default=10)

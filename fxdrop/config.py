@@ -47,7 +47,8 @@ class DropoutConfig:
     from it and the site's name (None: drawn from the global RNG at conversion). ``scale``: ``"kept"``
     (kept units times ``dp``) or ``"rate"`` (times ``1 / (1 - p)``). ``tile``: the tile family's tile
     size. ``granularity``: ``"rows"`` (Linear sites draw one pattern per row class, row ``r`` in class
-    ``r mod row_classes``) or ``"forward"`` (one pattern per site per forward, the paper's method).
+    ``r mod row_classes``; RNN sites one per class of equal contiguous chunks of time steps) or
+    ``"forward"`` (one pattern per site per forward, the paper's method).
     ``row_classes``: a power of two, or ``"auto"``: 8 for a site whose rate at conversion is above 0.5,
     2 otherwise (:func:`fxdrop.scheduler.classes_for`; the count is fixed at conversion, so a later
     change of p keeps it). ``distribution``: how ``P(dp)`` is found for a rate (:mod:`fxdrop.search`):
@@ -184,10 +185,10 @@ class DropoutConfig:
         return None if self.seed is None else derive_seed(self.seed, name_salt(name))
 
     def granularity_for(self, family: str, plan: str | None) -> str:
-        """``"rows"`` applies to unit sites of Linears (and unit dropouts); tile sites mask the weight every
-        row shares, and RNN sites (inter-layer and input) are locked dropout: one pattern per forward for
-        every time step, which the RNN kernel's one input GEMM per sequence needs."""
-        if self.granularity == "rows" and family in UNIT_FAMILIES and plan not in ("rnn", "rnn_input"):
+        """``"rows"`` applies to unit sites: of Linears and unit dropouts (row ``r`` in class
+        ``r mod row_classes``) and of RNNs (inter-layer and input: class per chunk of time steps,
+        :mod:`fxdrop.modules.rnn`); tile sites mask the weight every row shares."""
+        if self.granularity == "rows" and family in UNIT_FAMILIES:
             return "rows"
         return "forward"
 

@@ -91,6 +91,24 @@ def kept(family: str, n: int, dp: int, offset: int) -> torch.Tensor:
     return torch.arange(s.start, s.stop, s.step, dtype=torch.long)
 
 
+def time_chunks(steps: int, classes: int) -> list[tuple[int, int, int]]:
+    """The ``classes`` equal contiguous chunks of ``steps`` time steps as ``(class, start, stop)``, empty
+    chunks left out: step ``t`` is in class ``t * classes // steps``. An RNN site with ``row_classes``
+    gives each chunk its own pattern (the RNN runs chunk after chunk, its state carried across)."""
+    if steps < 0 or classes < 1:
+        raise ValueError(f"time_chunks needs steps >= 0 and classes >= 1, got steps={steps}, classes={classes}")
+    bounds = [-(-c * steps // classes) for c in range(classes + 1)]  # first step of class c: ceil(c T / K)
+    return [(c, bounds[c], bounds[c + 1]) for c in range(classes) if bounds[c] < bounds[c + 1]]
+
+
+def time_classes(steps: int, classes: int) -> torch.Tensor:
+    """The class of each of ``steps`` time steps (:func:`time_chunks`): ``LongTensor (steps,)``."""
+    out = torch.empty(steps, dtype=torch.long)
+    for c, start, stop in time_chunks(steps, classes):
+        out[start:stop] = c
+    return out
+
+
 def scale_value(dp: int, scale: str = "kept", p: float = 0.0) -> float:
     """Multiplier for kept units or tiles: ``dp`` (``scale="kept"``) or ``1 / (1 - p)`` (``"rate"``).
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .patterns import DEFAULT_TILE, FULL, Pattern, check_family, check_scale, tile_weight_mask, unit_mask
+from .patterns import (DEFAULT_TILE, FULL, Pattern, check_family, check_scale, tile_weight_mask, time_classes,
+                       unit_mask)
 from .scheduler import PatternScheduler, classes_for, draw, draw_classes
 from .search import PatternDistribution, check_rate, search_distribution
 
@@ -115,6 +116,7 @@ class Site:
         self.kind = kind
         self.producer = producer
         self.consumer = consumer
+        self._time_layout: tuple[int | None, tuple[int, ...]] | None = None  # an RNN site's last call
         self._distributions: dict[float, PatternDistribution] = {}
         self.scheduler = PatternScheduler(self._distribution(self.p), seed=seed)
 
@@ -181,6 +183,16 @@ class Site:
         self.sync()
         return torch.ops.fxdrop.sample_classes(self.scheduler.state, self.scheduler.cdf, self.row_classes)
 
+    def sample_over_time(self, steps: int | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """An RNN site's plan for one call (``granularity="rows"``): :meth:`sample_rows`, class ``c`` for the
+        ``c``-th of ``row_classes`` equal contiguous chunks of the call's ``steps`` time steps
+        (:func:`fxdrop.patterns.time_chunks`), shared by the batch; ``steps=None`` (a ``PackedSequence``)
+        gives every step class 0. ``shape``: the per-step mask's shape over the RNN's input for
+        :attr:`last_mask`: ``(steps, 1, units)`` time-major, ``(1, steps, units)`` batch-first,
+        ``(steps, units)`` unbatched."""
+        self._time_layout = (steps, shape)
+        return self.sample_rows()
+
     def draw(self) -> torch.Tensor:
         """What the op of this site's granularity takes: :meth:`sample` or :meth:`sample_rows`."""
         return self.sample_rows() if self.granularity == "rows" else self.sample()
@@ -206,10 +218,18 @@ class Site:
     @property
     def last_mask(self) -> torch.Tensor | None:
         """The multiplier of the last draw: ``(units,)`` or the weight's shape (tile); for a ``"rows"`` site
-        ``(row_classes, units)``, row ``r`` of the input (flattened to 2-D) using row ``r mod row_classes``."""
+        ``(row_classes, units)``, row ``r`` of the input (flattened to 2-D) using row ``r mod row_classes``;
+        for a ``"rows"`` RNN site (:meth:`sample_over_time`) the last call's per-step mask, broadcast over
+        the batch (``(units,)`` after a ``PackedSequence``)."""
         if self.granularity == "rows":
             plan = self.last_plan
-            return None if plan is None else torch.stack([self.mask(pattern) for pattern in plan])
+            if plan is None:
+                return None
+            per_class = torch.stack([self.mask(pattern) for pattern in plan])
+            if self._time_layout is None:
+                return per_class
+            steps, shape = self._time_layout
+            return per_class[0] if steps is None else per_class[time_classes(steps, len(plan))].reshape(shape)
         pattern = self.last_pattern
         return None if pattern is None else self.mask(pattern)
 

@@ -384,14 +384,15 @@ class WordModel(nn.Module):
 def test_lstm_convert_before_compiling(granularity):
     """What works for LSTMs: convert first (StructuredLSTM), then compile; Dynamo breaks the graph
     at the LSTM's pattern (a data-dependent slice), the rest compiles. With granularity="rows" the
-    decoder's row-class plans come through fxdrop::sample_rows, so the compiled model draws what eager does."""
+    decoder's row-class plans and the LSTM sites' time-chunk plans come through fxdrop::sample_classes, so
+    the compiled model draws what eager does."""
     torch.manual_seed(0)
     model = WordModel()
     converted = fxdrop.convert(model, seed=0, granularity=granularity)
     twin = fxdrop.convert(copy.deepcopy(model), seed=0, granularity=granularity)
     assert {s.name for s in fxdrop.sites(converted)} == {"drop", "lstm.layer0", "out_drop"}
     assert {s.name: s.granularity for s in fxdrop.sites(converted)} == {
-        "drop": "forward", "lstm.layer0": "forward", "out_drop": granularity}  # LSTM sites: locked
+        "drop": granularity, "lstm.layer0": granularity, "out_drop": granularity}
     compiled = torch.compile(converted, backend="aot_eager")
     idx = torch.randint(0, 20, (5, 3))
     for _ in range(2):

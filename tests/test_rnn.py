@@ -2,7 +2,8 @@
 by its site's mask.
 
 The reference runs one single-layer ``nn.LSTM``/``nn.GRU`` per layer, sharing the original Parameters,
-and multiplies each layer's input by the mask its site reports, broadcast over time and batch.
+and multiplies each layer's input by the mask its site reports (``last_mask``): broadcast over time and
+batch for granularity ``"forward"``, per time step (broadcast over the batch) for ``"rows"``.
 """
 
 import copy
@@ -38,9 +39,10 @@ def structure(rnn, family="row", seed=3, **options):
     return structure_rnn(rnn, name="rnn", records=plan.sites if plan else [], config=config)
 
 
-def input_site(rnn, p=0.5, family="row", seed=7):
+def input_site(rnn, p=0.5, family="row", seed=7, granularity="forward", row_classes=2):
     """An input site whose mode follows ``rnn`` (in a converted model it follows its Dropout module)."""
-    return Site("drop", family, CallerOwner(rnn, p), seed=seed, units=rnn.input_size)
+    return Site("drop", family, CallerOwner(rnn, p), seed=seed, units=rnn.input_size, granularity=granularity,
+                row_classes=row_classes)
 
 
 def single_layers(rnn) -> list[nn.Module]:
@@ -69,7 +71,7 @@ def reference(rnn, structured, x, hx=None, site=None):
     def masked(t, site):
         if site is None:
             return t
-        mask = site.mask(site.last_pattern, dtype=t.data.dtype if packed else t.dtype)
+        mask = site.last_mask.to(t.data.dtype if packed else t.dtype)
         return t._replace(data=t.data * mask) if packed else t * mask
 
     h_n, c_n = [], []
@@ -115,12 +117,14 @@ def check_training(rnn, structured, x, hx, atol, site=None):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("granularity", ["rows", "forward"])
 @pytest.mark.parametrize("layers,bidirectional,batch_first,with_hx", [
     (2, False, False, False), (3, False, True, True), (2, True, False, True), (3, True, True, False)])
-def test_training_matches_masked_reference(kind, family, layers, bidirectional, batch_first, with_hx):
+def test_training_matches_masked_reference(kind, family, granularity, layers, bidirectional, batch_first, with_hx):
     rnn = make_rnn(kind, layers, bidirectional=bidirectional, batch_first=batch_first)
-    structured = structure(rnn, family)
+    structured = structure(rnn, family, granularity=granularity, row_classes=4)
     assert isinstance(structured, KINDS[kind])
+    assert all(s.granularity == granularity for s in structured.layer_sites)
     x = torch.randn(B, T, IN) if batch_first else torch.randn(T, B, IN)
     x.requires_grad_()
     hx = None
@@ -132,10 +136,11 @@ def test_training_matches_masked_reference(kind, family, layers, bidirectional, 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("family", ["row", "block"])
-def test_input_site_and_fp64(kind, family):
+@pytest.mark.parametrize("granularity", ["rows", "forward"])
+def test_input_site_and_fp64(kind, family, granularity):
     rnn = make_rnn(kind, 2, dtype=torch.float64)
-    structured = structure(rnn, family)
-    site = input_site(rnn, family=family)
+    structured = structure(rnn, family, granularity=granularity)
+    site = input_site(rnn, family=family, granularity=granularity, row_classes=8)
     x = torch.randn(T, B, IN, dtype=torch.float64, requires_grad=True)
     check_training(rnn, structured, x, None, atol=1e-10, site=site)
 
@@ -156,30 +161,34 @@ def test_proj_size():
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_unbatched_and_no_bias(kind):
+@pytest.mark.parametrize("granularity", ["rows", "forward"])
+def test_unbatched_and_no_bias(kind, granularity):
     rnn = make_rnn(kind, 2, bias=False)
-    structured = structure(rnn)
+    structured = structure(rnn, granularity=granularity)
     x = torch.randn(T, IN, requires_grad=True)
     out, state = structured(x)
-    ref_out, ref_state = reference(rnn, structured, x.unsqueeze(1))
-    torch.testing.assert_close(out, ref_out.squeeze(1), atol=1e-5, rtol=0)
+    ref_out, ref_state = reference(rnn, structured, x)  # nn.LSTM / nn.GRU take unbatched input too
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     h = state[0] if kind == "lstm" else state
     ref_h = ref_state[0] if kind == "lstm" else ref_state
     assert h.shape == (2, H)
-    torch.testing.assert_close(h, ref_h.squeeze(1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h, ref_h, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
-def test_packed_sequence(kind, enforce_sorted):
+@pytest.mark.parametrize("granularity", ["rows", "forward"])
+def test_packed_sequence(kind, enforce_sorted, granularity):
+    """A packed call takes one pattern for all its steps (with ``"rows"``: its plan's first)."""
     rnn = make_rnn(kind, 2)
-    structured = structure(rnn)
+    structured = structure(rnn, granularity=granularity)
     lengths = torch.tensor([5, 3, 2]) if enforce_sorted else torch.tensor([2, 5, 3])
     padded = torch.randn(T, B, IN)
     packed = pack_padded_sequence(padded, lengths, enforce_sorted=enforce_sorted)
     out, _ = structured(packed)
     ref_out, _ = reference(rnn, structured, packed)
     torch.testing.assert_close(out.data, ref_out.data, atol=1e-5, rtol=0)
+    assert structured.layer_sites[0].last_mask.shape == (H,)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -239,7 +248,7 @@ def test_deepcopy_save_and_dtype(kind):
     # Same scheduler state, so the same next pattern and the same output.
     out = structured(x)[0]
     assert torch.equal(twin(x)[0], out) and torch.equal(loaded(x)[0], out)
-    assert twin.layer_sites[0].last_pattern == structured.layer_sites[0].last_pattern
+    assert torch.equal(twin.layer_sites[0].last_mask, structured.layer_sites[0].last_mask)
     assert twin.layer_sites[0].owner.rnn is twin  # the copy's sites read the copy's rate and mode
     doubled = copy.deepcopy(structured).double()
     assert doubled(x.double())[0].dtype == torch.float64
@@ -272,18 +281,46 @@ class _KernelWidths(TorchDispatchMode):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("family", ["row", "block"])
-def test_input_kernels_see_only_kept_columns(kind, family):
+@pytest.mark.parametrize("granularity", ["rows", "forward"])
+def test_input_kernels_see_only_kept_columns(kind, family, granularity):
+    """Each kernel call's input is the compact one: with ``"rows"``, one call per time chunk, each on its
+    own chunk's kept columns (T = 5 steps in 2 chunks)."""
     rnn = make_rnn(kind, 2, input_size=16, p=0.7)
-    structured = structure(rnn, family, seed=11)
-    site = input_site(rnn, p=0.7, family=family)
+    structured = structure(rnn, family, seed=11, granularity=granularity)
+    site = input_site(rnn, p=0.7, family=family, granularity=granularity)
     x = torch.randn(T, B, 16)
+    hidden = structured.layer_sites[0]
     for _ in range(5):
         with _KernelWidths() as kernels, structured.input_site_for_call(site):
             structured(x)
-        kept_in = P.num_kept(family, 16, *site.last_pattern)
-        kept_hidden = P.num_kept(family, H, *structured.layer_sites[0].last_pattern)
-        assert kept_in in kernels.widths and kept_hidden in kernels.widths, kernels.widths
-        assert 16 not in kernels.widths or kept_in == 16
+        # with "rows", the classes of the 5 steps' chunks (8 classes at p = 0.7 leave some empty)
+        plans = ([plan[c] for c, _, _ in P.time_chunks(T, len(plan))] for plan in (site.last_plan, hidden.last_plan)) \
+            if granularity == "rows" else ([site.last_pattern], [hidden.last_pattern])
+        plans = list(plans)
+        kept_in = [P.num_kept(family, 16, *pattern) for pattern in plans[0]]
+        kept_hidden = [P.num_kept(family, H, *pattern) for pattern in plans[1]]
+        assert all(k in kernels.widths for k in kept_in + kept_hidden), kernels.widths
+        assert 16 not in kernels.widths or 16 in kept_in
+
+
+def test_rows_sites_draw_a_pattern_per_time_chunk():
+    """The plan's classes are contiguous chunks of time steps: the mask is constant within a chunk, shared
+    by the batch, and differs between chunks on some draw."""
+    rnn = make_rnn("lstm", 2, input_size=16, p=0.5)
+    structured = structure(rnn, "block", seed=5, granularity="rows", row_classes=4)
+    (site,) = structured.layer_sites
+    assert site.row_classes == 4
+    x = torch.randn(11, B, 16)
+    differ = False
+    for _ in range(10):
+        structured(x)
+        mask = site.last_mask
+        assert mask.shape == (11, 1, H)
+        for c, start, stop in P.time_chunks(11, 4):
+            assert (mask[start:stop] == mask[start]).all()
+            assert torch.equal(mask[start, 0], site.mask(site.last_plan[c]))
+        differ |= not (mask == mask[0]).all()
+    assert differ
 
 
 def test_blockers_and_errors():

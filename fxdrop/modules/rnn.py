@@ -3,12 +3,16 @@
 ``nn.LSTM``/``nn.GRU(num_layers > 1, dropout=p)`` drop layer ``l``'s output (both directions,
 concatenated) before layer ``l + 1`` reads it. Here each such dropout is a
 :class:`~fxdrop.site.Site` named ``<rnn name>.layer{l}`` (``l`` = the layer whose output it masks,
-``0 .. num_layers - 2``) that draws one pattern per forward call, shared by every time step and batch
-element (as locked / variational dropout is), with the rate and mode of the module itself
-(``rnn.dropout``, ``rnn.training``). Layer ``l + 1`` then runs on the compact input
-``x[..., kept] * scale`` with ``weight_ih_l{l+1}[:, kept]``: its input projection, which the kernel
-computes as one GEMM over the whole sequence, shrinks to the kept columns; the recurrent path is
-unchanged. An *input site* (a dropout just before the RNN, given per call by the converted region's
+``0 .. num_layers - 2``), with the rate and mode of the module itself (``rnn.dropout``, ``rnn.training``).
+Layer ``l + 1`` then runs on the compact input ``x[..., kept] * scale`` with ``weight_ih_l{l+1}[:, kept]``:
+its input projection, which the kernel computes as one GEMM over the sequence, shrinks to the kept
+columns; the recurrent path is unchanged. A site of granularity ``"forward"`` draws one pattern per call,
+shared by every time step and batch element; one of granularity ``"rows"`` (the default) draws
+``row_classes`` patterns per call, one per equal contiguous chunk of the time steps
+(:func:`fxdrop.patterns.time_chunks`), shared by the batch: the layer runs chunk after chunk with its state
+carried across, so each chunk's input GEMM shrinks to its own columns (a ``PackedSequence`` call uses the
+plan's first pattern for every step). One pattern per call regularised a PTB LM measurably less than
+dropout in an overfitting regime (README, "Mask granularity on PTB"). An *input site* (a dropout just before the RNN, given per call by the converted region's
 program through :meth:`StructuredRNN.input_site_for_call`) does the same for layer 0.
 
 The layers run through ``torch._VF.lstm`` / ``torch._VF.gru``, the kernels the modules themselves call,
@@ -29,7 +33,7 @@ from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import ops as _ops  # noqa: F401  (registers fxdrop::sample_pattern, which Site.sample calls)
-from ..patterns import UNIT_FAMILIES, kept_slice, unit_scale
+from ..patterns import UNIT_FAMILIES, kept_slice, time_chunks, unit_scale
 from ..site import RNNOwner, Site
 
 __all__ = ["StructuredRNN", "StructuredLSTM", "StructuredGRU", "structure_rnn"]
@@ -117,13 +121,15 @@ class StructuredRNN:
         site = input_site
         for layer in range(self.num_layers):
             weights = self._flat_weights[layer * per_layer: (layer + 1) * per_layer]
-            if site is not None and site.active:
-                x, keep = _structured_input(x, site.sample(), site)
-                if keep is not None:
-                    weights = self._shrink_input_weights(weights, keep)
             rows = slice(layer * directions, (layer + 1) * directions)
             state = (hx[0][rows], hx[1][rows]) if self._lstm else hx[rows]
-            x, h, c = self._run_layer(x, batch_sizes, state, weights, packed)
+            if site is not None and site.active and site.granularity == "rows":
+                x, h, c = self._run_layer_over_time(x, batch_sizes, state, weights, site, is_batched)
+            else:
+                if site is not None and site.active:
+                    x, keep = _structured_input(x, site.sample(), site)
+                    weights = self._shrink_input_weights(weights, keep, directions)
+                x, h, c = self._run_layer(x, batch_sizes, state, weights, packed)
             h_n.append(h)
             c_n.append(c)
             site = self.layer_sites[layer] if layer < len(self.layer_sites) else None
@@ -148,9 +154,58 @@ class StructuredRNN:
             x, h = _VF.gru(x, state, weights, self.bias, 1, 0.0, True, self.bidirectional, self.batch_first)
         return x, h, None
 
-    def _shrink_input_weights(self, weights: list[torch.Tensor], keep: slice) -> list[torch.Tensor]:
-        """Each direction's ``weight_ih`` restricted to the kept input columns (autograd-tracked views)."""
-        per_direction = len(weights) // (2 if self.bidirectional else 1)
+    def _run_layer_over_time(self, x, batch_sizes, state, weights, site: Site, is_batched: bool):
+        """One layer whose input site draws a pattern per time chunk (:meth:`Site.sample_over_time`): the
+        layer runs chunk after chunk, each direction carrying its state across the chunks (the reverse
+        direction from the last chunk back, on time-flipped chunks), each chunk's input GEMM on its own
+        kept columns. A ``PackedSequence`` takes the plan's first pattern for every step."""
+        directions = 2 if self.bidirectional else 1
+        units = x.shape[-1]
+        if batch_sizes is not None:
+            compact, keep = _structured_input(x, site.sample_over_time(None, (units,))[0], site)
+            return self._run_layer(compact, batch_sizes, state, self._shrink_input_weights(weights, keep, directions),
+                                   True)
+        time_dim = 1 if self.batch_first else 0
+        steps = x.shape[time_dim]
+        shape = ((1, steps, units) if self.batch_first else (steps, 1, units)) if is_batched else (steps, units)
+        plan = site.sample_over_time(steps, shape)
+        chunks = [_structured_input(x.narrow(time_dim, start, stop - start), plan[c], site)
+                  for c, start, stop in time_chunks(steps, plan.shape[0])]
+        if len(chunks) == 1:
+            compact, keep = chunks[0]
+            return self._run_layer(compact, None, state, self._shrink_input_weights(weights, keep, directions), False)
+        per_direction = len(weights) // directions
+        outputs, h_n, c_n = [], [], []
+        for d in range(directions):
+            group = weights[d * per_direction: (d + 1) * per_direction]
+            carried = (state[0][d: d + 1], state[1][d: d + 1]) if self._lstm else state[d: d + 1]
+            pieces: list[torch.Tensor | None] = [None] * len(chunks)
+            for i in (range(len(chunks)) if d == 0 else reversed(range(len(chunks)))):
+                compact, keep = chunks[i]
+                shrunk = self._shrink_input_weights(group, keep, 1)
+                y, h, c = self._run_direction(compact if d == 0 else compact.flip(time_dim), carried, shrunk)
+                carried = (h, c) if self._lstm else h
+                pieces[i] = y if d == 0 else y.flip(time_dim)
+            outputs.append(torch.cat(pieces, time_dim))
+            h_n.append(carried[0] if self._lstm else carried)
+            c_n.append(carried[1] if self._lstm else None)
+        out = torch.cat(outputs, -1) if directions == 2 else outputs[0]
+        return out, torch.cat(h_n, 0), (torch.cat(c_n, 0) if self._lstm else None)
+
+    def _run_direction(self, x, state, weights):
+        """One direction of one layer, forward in time, on a padded (not packed) input."""
+        if self._lstm:
+            return _VF.lstm(x, state, weights, self.bias, 1, 0.0, True, False, self.batch_first)
+        y, h = _VF.gru(x, state, weights, self.bias, 1, 0.0, True, False, self.batch_first)
+        return y, h, None
+
+    def _shrink_input_weights(self, weights: list[torch.Tensor], keep: slice | None,
+                              directions: int) -> list[torch.Tensor]:
+        """Each direction's ``weight_ih`` restricted to the kept input columns (autograd-tracked views);
+        ``keep=None`` (every column kept): the weights as they are."""
+        if keep is None:
+            return weights
+        per_direction = len(weights) // directions
         shrunk = list(weights)
         for start in range(0, len(weights), per_direction):  # weight_ih leads each direction's group
             w_ih = weights[start][:, keep]
