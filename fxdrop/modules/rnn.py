@@ -12,8 +12,9 @@ shared by every time step and batch element; one of granularity ``"rows"`` (the 
 (:func:`fxdrop.patterns.time_chunks`), shared by the batch: the layer runs chunk after chunk with its state
 carried across, so each chunk's input GEMM shrinks to its own columns (a ``PackedSequence`` call uses the
 plan's first pattern for every step). One pattern per call regularised a PTB LM measurably less than
-dropout in an overfitting regime (README, "Mask granularity on PTB"). An *input site* (a dropout just before the RNN, given per call by the converted region's
-program through :meth:`StructuredRNN.input_site_for_call`) does the same for layer 0.
+dropout in an overfitting regime (README, "PTB mask granularity where dropout matters"). An *input site*
+(a dropout just before the RNN, given per call by the converted region's program through
+:meth:`StructuredRNN.input_site_for_call`) does the same for layer 0.
 
 The layers run through ``torch._VF.lstm`` / ``torch._VF.gru``, the kernels the modules themselves call,
 one layer at a time, with the module's own ``Parameter`` objects (sliced by autograd, so weight
