@@ -17,6 +17,9 @@ many rows of the ``(T, B, units)`` activation share one draw:
                ``r mod K`` (fxdrop's ``granularity="rows"`` with ``row_classes=K``)
 ``tchunksK``   K patterns per forward, the time steps cut into K equal contiguous chunks, each chunk's
                steps and batch elements sharing one pattern
+``tshuffK``    ``tchunksK`` over one uniformly random permutation of the units per forward (the
+               permutation shared by the chunks: fxdrop's block partition no longer fixed)
+``cshuffK``    ``classesK`` over one random permutation of the units per forward, likewise
 ``none``       no dropout at that site (with ``none`` alone: the model without dropout)
 
 A mode ``A/B`` uses ``A`` for the LSTM-input sites (embedding and between layers) and ``B`` for the
@@ -49,7 +52,7 @@ from fxdrop.patterns import unit_mask
 from fxdrop.search import search_distribution
 
 GRANULARITIES = ("bernoulli", "shared", "sample", "row", "time", "chunk", "none")
-COUNTED = ("classes", "tchunks")  # followed by a pattern count, e.g. classes8
+COUNTED = ("classes", "tchunks", "cshuff", "tshuff")  # followed by a pattern count, e.g. classes8
 
 
 def _known(part: str) -> bool:
@@ -137,14 +140,16 @@ class MaskedLM(nn.Module):
         T, B, _ = x.shape
         if mode == "chunk":
             return x * self.table.chunks(T, self.generator)
-        if mode.startswith("classes"):
-            plan = self.table.draw((int(mode[len("classes"):]),), self.generator)
-            rows = torch.arange(T * B) % plan.shape[0]
-            return x * plan[rows].reshape(T, B, -1)
-        if mode.startswith("tchunks"):
-            plan = self.table.draw((int(mode[len("tchunks"):]),), self.generator)
-            chunk = torch.arange(T) * plan.shape[0] // T  # equal contiguous chunks of time steps
-            return x * plan[chunk].unsqueeze(1)
+        for prefix in COUNTED:
+            if mode.startswith(prefix):
+                plan = self.table.draw((int(mode[len(prefix):]),), self.generator)
+                if prefix in ("cshuff", "tshuff"):
+                    plan = plan[:, torch.randperm(plan.shape[1], generator=self.generator)]
+                if prefix in ("classes", "cshuff"):
+                    rows = torch.arange(T * B) % plan.shape[0]
+                    return x * plan[rows].reshape(T, B, -1)
+                chunk = torch.arange(T) * plan.shape[0] // T  # equal contiguous chunks of time steps
+                return x * plan[chunk].unsqueeze(1)
         shape = {"shared": (1, 1), "sample": (1, B), "row": (T, B), "time": (T, 1)}[mode]
         return x * self.table.draw(shape, self.generator)
 
