@@ -118,6 +118,9 @@ def main(argv=None) -> dict:
                               scale=args.scale, max_dp=args.max_dp, granularity=args.granularity,
                               row_classes=args.row_classes)
     console.print(f"fxdrop sites: {[site.name for site in fxdrop.sites(structured)]}")
+    # what each converted site draws, read off the model (the results file records it; README labels by it)
+    args.sites = {site.name: {"granularity": site.granularity, "row_classes": site.row_classes}
+                  for site in fxdrop.sites(structured)}
     runs = {"standard": {"model": standard}, "fxdrop": {"model": structured}}
     if args.with_none:
         runs["none"] = {"model": without_dropout(copy.deepcopy(standard))}
