@@ -39,6 +39,7 @@ DDP = (RESULTS / "ddp_mlp_independent.json", RESULTS / "ddp_mlp_sync_comm_hook.j
 DDP_COMM = RESULTS / "ddp_comm.json"
 MAX_DP_STUDY = ROOT / "examples" / "results" / "max_dp_study"
 MASK_STUDY = ROOT / "examples" / "results" / "ptb_mask_study"
+MASK_STUDY_OVERFIT = ROOT / "examples" / "results" / "ptb_mask_study_overfit"  # seed<k>/<mode>.json
 CODROP = RESULTS / "codrop.json"
 SHUFFLE_COST = RESULTS / "shuffle_cost.json"
 SHUFFLE_RERUN = RESULTS / "shuffle_cost_rerun.json"  # the same command again: the figures' spread
@@ -149,6 +150,8 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
               + ", then ".join(f"`{c}`" for c in result.get("commands") or [result.get(
                   "command", f"python benchmarks/training_runs.py {suite}")])
               + " (or `fxdrop bench` with the same flags).", ""]
+    if result.get("notes"):  # the file's own history of its rows (what a row replaced, what changed since)
+        lines += ["History of these rows (the file's notes): " + " ".join(result["notes"]), ""]
     return lines
 
 
@@ -451,7 +454,12 @@ def codrop_section(result: dict) -> list[str]:
 def _decoder_patterns(config: dict) -> str:
     granularity = config.get("granularity", "forward")
     classes = config.get("row_classes")
-    return f"{granularity}, {classes} classes" if granularity == "rows" and classes else granularity
+    text = f"{granularity}, {classes} classes" if granularity == "rows" and classes else granularity
+    lstm = config.get("sites", {}).get("rnn.layer0", {"granularity": "forward"})  # files before sites were recorded
+    if granularity == "rows":
+        text += "; LSTM sites: " + ("one pattern per forward" if lstm["granularity"] == "forward" else
+                                    f"{lstm['row_classes']} time chunks")
+    return text
 
 
 def lstm_section(quality: list[tuple[Path, dict]]) -> list[str]:
@@ -483,7 +491,59 @@ def lstm_section(quality: list[tuple[Path, dict]]) -> list[str]:
 MODE_NAMES = {"bernoulli": "Bernoulli per element (standard dropout)", "shared": "one pattern per forward",
               "sample": "a pattern per sequence (shared over time)", "row": "a pattern per token",
               "time": "a pattern per time step (shared by the batch)",
-              "chunk": "one contiguous chunk of time steps per pattern"}
+              "chunk": "one contiguous chunk of time steps per pattern", "none": "no dropout"}
+
+
+def mode_name(part: str) -> str:
+    """README's words for one part of an examples/ptb_mask_study.py mode."""
+    for prefix, words in (("classes", "{} patterns, token r in class r mod {}"),
+                          ("tchunks", "{} patterns, one per contiguous chunk of time steps"),
+                          ("cshuff", "{} patterns, token r in class r mod {}, units permuted per forward"),
+                          ("tshuff", "{} patterns, one per chunk of time steps, units permuted per forward")):
+        if part.startswith(prefix):
+            count = int(part[len(prefix):])
+            return words.format(count, count)
+    return MODE_NAMES[part]
+
+
+def mask_study_overfit_section(runs: list[dict]) -> list[str]:
+    """examples/ptb_mask_study.py in the overfitting regime, several seeds: the share of dropout's gain kept."""
+    by_mode: dict[str, dict[int, float]] = {}
+    for run in runs:
+        by_mode.setdefault(run["mode"], {})[run["config"]["seed"]] = run["epochs"][-1]["val_ppl"]
+    none, standard = by_mode.get("none", {}), by_mode.get("bernoulli", {})
+    config = runs[0]["config"]
+    lines = [f"### PTB mask granularity where dropout matters ({_rel(MASK_STUDY_OVERFIT)})", "",
+             f"Dense masks (quality only, no speed): {config['layers']} × {config['hidden']} LSTM, p = {config['p']:g}, "
+             f"{config['family']} patterns, max_dp {config['max_dp']}, {config['epochs']} epochs × "
+             f"{config['max_batches']} batches (the model without dropout overfits), SGD lr {config['lr']:g} with "
+             "clipping; every mode of a seed starts from the same weights and sees the same batches. *LSTM inputs*: "
+             "the embedding and between-layer sites; *decoder*: the site before the vocabulary GEMM. fxdrop's "
+             "`granularity=\"rows\"` with M classes is the mode *M patterns, one per contiguous chunk of time "
+             "steps* at the LSTM inputs and *M patterns, token r in class r mod M* at the decoder; before this "
+             "study its LSTM sites drew *one pattern per forward*. Δ and share kept: per seed, then averaged.", "",
+             "| LSTM inputs | decoder | seeds | val ppl (each seed) | Δ vs standard dropout | share of dropout's gain kept |",
+             "|:---|:---|---:|:---|---:|---:|"]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    order = sorted(by_mode, key=lambda m: mean(list(by_mode[m].values())))
+    for mode in order:
+        vals = by_mode[mode]
+        seeds = sorted(vals)
+        paired = [s for s in seeds if s in standard]
+        delta = f"{100 * mean([vals[s] / standard[s] - 1 for s in paired]):+.1f}%" if paired else "–"
+        gained = [s for s in paired if s in none]
+        share = f"{100 * mean([(none[s] - vals[s]) / (none[s] - standard[s]) for s in gained]):.0f}%" if gained else "–"
+        inputs, decoder = mode.split("/")[0], mode.split("/")[-1]
+        lines.append(f"| {mode_name(inputs)} | {mode_name(decoder)} | {len(seeds)} | "
+                     f"{' / '.join(f'{vals[s]:.1f}' for s in seeds)} | {delta} | {share} |")
+    lines += ["", "Reproduce, per mode and seed (about "
+              f"{mean([r['epochs'][-1]['train_seconds'] for r in runs]) / 60:.0f} min each here, two at a time): "
+              "`python examples/ptb_mask_study.py --modes MODE --family block --epochs 12 --max-batches 150 "
+              "--threads 1 --seed SEED --out examples/results/ptb_mask_study_overfit/seedSEED`.", ""]
+    return lines
 
 
 def mask_study_section(studies: list[tuple[Path, dict]]) -> list[str]:
@@ -503,7 +563,7 @@ def mask_study_section(studies: list[tuple[Path, dict]]) -> list[str]:
         inputs, decoder = mode.split("/")[0], mode.split("/")[-1]
         val = run["epochs"][-1]["val_ppl"]
         delta = "" if base is None else f"{100 * (val / base['epochs'][-1]['val_ppl'] - 1):+.1f}%"
-        lines.append(f"| {MODE_NAMES[inputs]} | {MODE_NAMES[decoder]} | {val:.1f} | {delta} | {run['test_ppl']:.1f} |")
+        lines.append(f"| {mode_name(inputs)} | {mode_name(decoder)} | {val:.1f} | {delta} | {run['test_ppl']:.1f} |")
     lines += ["", "One pattern per forward at every site costs ~20% perplexity here; a pattern per token at the "
               "decoder alone brings it to Bernoulli's, with the LSTM sites still locked (one pattern per forward, "
               "as the issue asks). `granularity=\"rows\"` approximates a pattern per token with 2 row classes "
@@ -557,6 +617,9 @@ def render() -> str:
     ptb = [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob(PTB_OVERFIT))]
     if ptb:
         lines += ptb_overfit_section(ptb)
+    overfit_masks = [json.loads(path.read_text()) for path in sorted(MASK_STUDY_OVERFIT.glob("seed*/*.json"))]
+    if overfit_masks:
+        lines += mask_study_overfit_section(overfit_masks)
     if (result := _load(SHUFFLE_COST)) is not None:
         lines += shuffle_cost_section(result, _load(SHUFFLE_RERUN))
     if (result := _load(COVERAGE)) is not None:
