@@ -499,7 +499,9 @@ def mode_name(part: str) -> str:
     for prefix, words in (("classes", "{} patterns, token r in class r mod {}"),
                           ("tchunks", "{} patterns, one per contiguous chunk of time steps"),
                           ("cshuff", "{} patterns, token r in class r mod {}, units permuted per forward"),
-                          ("tshuff", "{} patterns, one per chunk of time steps, units permuted per forward")):
+                          ("tshuff", "{} patterns, one per chunk of time steps, units permuted per forward"),
+                          ("csys", "{} patterns drawn as fxdrop does (systematic), token r in class r mod {}"),
+                          ("tsys", "{} patterns drawn as fxdrop does (systematic), one per chunk of time steps")):
         if part.startswith(prefix):
             count = int(part[len(prefix):])
             return words.format(count, count)
@@ -519,9 +521,11 @@ def mask_study_overfit_section(runs: list[dict]) -> list[str]:
              f"{config['max_batches']} batches (the model without dropout overfits), SGD lr {config['lr']:g} with "
              "clipping; every mode of a seed starts from the same weights and sees the same batches. *LSTM inputs*: "
              "the embedding and between-layer sites; *decoder*: the site before the vocabulary GEMM. fxdrop's "
-             "`granularity=\"rows\"` with M classes is the mode *M patterns, one per contiguous chunk of time "
-             "steps* at the LSTM inputs and *M patterns, token r in class r mod M* at the decoder; before this "
-             "study its LSTM sites drew *one pattern per forward*. Δ and share kept: per seed, then averaged.", "",
+             "`granularity=\"rows\"` with M classes is *M patterns drawn as fxdrop does, one per chunk of time "
+             "steps* at the LSTM inputs and *..., token r in class r mod M* at the decoder: it draws a site's M "
+             "patterns by systematic sampling (at p = 0.5 its 2 classes always take the two opposite halves); "
+             "the other class modes draw them independently. Before this study its LSTM sites drew *one pattern "
+             "per forward*. Δ and share kept: per seed, then averaged.", "",
              "| LSTM inputs | decoder | seeds | val ppl (each seed) | Δ vs standard dropout | share of dropout's gain kept |",
              "|:---|:---|---:|:---|---:|---:|"]
 

@@ -20,6 +20,9 @@ many rows of the ``(T, B, units)`` activation share one draw:
 ``tshuffK``    ``tchunksK`` over one uniformly random permutation of the units per forward (the
                permutation shared by the chunks: fxdrop's block partition no longer fixed)
 ``cshuffK``    ``classesK`` over one random permutation of the units per forward, likewise
+``tsysK``      ``tchunksK`` with the K patterns drawn as fxdrop draws a row-class plan (systematic
+               sampling: quantiles ``(u + j) / K`` of the distribution, rotated at random), not independently
+``csysK``      ``classesK`` drawn that way
 ``none``       no dropout at that site (with ``none`` alone: the model without dropout)
 
 A mode ``A/B`` uses ``A`` for the LSTM-input sites (embedding and between layers) and ``B`` for the
@@ -52,7 +55,7 @@ from fxdrop.patterns import unit_mask
 from fxdrop.search import search_distribution
 
 GRANULARITIES = ("bernoulli", "shared", "sample", "row", "time", "chunk", "none")
-COUNTED = ("classes", "tchunks", "cshuff", "tshuff")  # followed by a pattern count, e.g. classes8
+COUNTED = ("classes", "tchunks", "cshuff", "tshuff", "csys", "tsys")  # followed by a pattern count, e.g. classes8
 
 
 def _known(part: str) -> bool:
@@ -94,6 +97,16 @@ class PatternTable:
         count = math.prod(shape)
         idx = torch.multinomial(self.probs, count, replacement=True, generator=generator)
         return self.masks[idx].reshape(*shape, -1)
+
+    def systematic(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        """``count`` masks at the quantiles ``(u + j) / count`` of the distribution, rotated by a random
+        shift (what ``fxdrop.scheduler.draw_classes`` does for a row-class plan): ``(count, units)``."""
+        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        cdf = self.probs.cumsum(0)
+        quantiles = (u + torch.arange(count, dtype=torch.float64)) / count
+        idx = torch.searchsorted(cdf, quantiles, right=True).clamp(max=len(self.probs) - 1)
+        shift = int(torch.randint(count, (), generator=generator))
+        return self.masks[idx.roll(shift)]
 
     def chunks(self, steps: int, generator: torch.Generator) -> torch.Tensor:
         """Per-step masks ``(steps, 1, units)``: one contiguous chunk per pattern, stratified lengths."""
@@ -142,10 +155,12 @@ class MaskedLM(nn.Module):
             return x * self.table.chunks(T, self.generator)
         for prefix in COUNTED:
             if mode.startswith(prefix):
-                plan = self.table.draw((int(mode[len(prefix):]),), self.generator)
+                count = int(mode[len(prefix):])
+                plan = self.table.systematic(count, self.generator) if prefix in ("csys", "tsys") else \
+                    self.table.draw((count,), self.generator)
                 if prefix in ("cshuff", "tshuff"):
                     plan = plan[:, torch.randperm(plan.shape[1], generator=self.generator)]
-                if prefix in ("classes", "cshuff"):
+                if prefix in ("classes", "cshuff", "csys"):
                     rows = torch.arange(T * B) % plan.shape[0]
                     return x * plan[rows].reshape(T, B, -1)
                 chunk = torch.arange(T) * plan.shape[0] // T  # equal contiguous chunks of time steps
