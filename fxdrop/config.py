@@ -184,7 +184,7 @@ class DropoutConfig:
         """The stream seed of site ``name`` (None: the scheduler draws one from the global RNG)."""
         return None if self.seed is None else derive_seed(self.seed, name_salt(name))
 
-    def granularity_for(self, family: str, plan: str | None) -> str:
+    def granularity_for(self, family: str) -> str:
         """``"rows"`` applies to unit sites: of Linears and unit dropouts (row ``r`` in class
         ``r mod row_classes``) and of RNNs (inter-layer and input: class per chunk of time steps,
         :mod:`fxdrop.modules.rnn`); tile sites mask the weight every row shares."""

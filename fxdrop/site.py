@@ -128,7 +128,7 @@ class Site:
         kind = record.kind if record.kind in KINDS else "dropout"
         return cls(record.name, record.family, owner, scale=config.scale, max_dp=config.max_dp,
                    seed=config.seed_for(record.name), units=record.units, weight_shape=record.weight_shape,
-                   tile=config.tile, granularity=config.granularity_for(record.family, record.plan),
+                   tile=config.tile, granularity=config.granularity_for(record.family),
                    row_classes=classes_for(config.row_classes, record.p), kind=kind, producer=record.producer,
                    consumer=record.consumer, distribution=config.distribution)
 

@@ -60,7 +60,7 @@ def named(variant: tuple, p: float) -> tuple:
     # the config decides, as for convert: defaults, validation, and where "rows" applies (not to tile sites)
     config = DropoutConfig.from_options(dict(variant), where="fxdrop bench --variant")
     options = {"pattern": config.pattern, "granularity": config.granularity, **dict(variant)}
-    if config.granularity_for(config.pattern, None) == "rows":
+    if config.granularity_for(config.pattern) == "rows":
         options["row_classes"] = classes_for(config.row_classes, p)
     return tuple(sorted(options.items()))
 
