@@ -156,6 +156,15 @@ def test_mask_references_keep_the_rate_share_masks_by_class_and_leave_eval_alone
         first, second = kept[0], next(k for k in kept if not torch.equal(k, kept[0]))
         assert not (first & second).any() and kept.sum(1).tolist() == [20] * 8  # dp = 2 at p = 0.5
     assert len({tuple(k[0].tolist()) for k in draws}) == 4
+    # shuffled3: the same permutation for 3 forwards, then a new one: at dp = 2 each forward splits the units
+    # into the same two halves until the permutation is drawn again
+    assert parse_reference("ref/shuffled3/8") == ("shuffled3", 8)
+    with pytest.raises(ValueError, match="shuffled<K>"):
+        parse_reference("ref/shuffled0/8")
+    mask = ReferenceMask(0.5, "shuffled3", 8, torch.Generator().manual_seed(0)).train()
+    halves = [frozenset(frozenset(torch.nonzero(k).flatten().tolist()) for k in mask(x[:8]) != 0) for _ in range(6)]
+    assert all(len(h) == 2 for h in halves) and halves[0] == halves[1] == halves[2] and halves[3] == halves[5]
+    assert halves[3] != halves[0]
     per_row = ReferenceMask(0.5, "subset", None, torch.Generator().manual_seed(0)).train()(x) != 0
     assert len({tuple(r.tolist()) for r in per_row}) > 20, "one mask per row"
     model = with_reference_masks(mnist_mlp(16, 0.5), "window", 2, seed=3)

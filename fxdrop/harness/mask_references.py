@@ -17,6 +17,9 @@ A reference is written ``ref/<kind>/<classes>``:
     ``shuffled``: ``block`` over one uniformly random permutation of the units per forward, shared by every
     class (each class its own ``(dp, offset)``): what a kernel gets that permutes each weight once per step
     and then runs ``block`` on contiguous views.
+    ``shuffled<K>``: the same with the permutation drawn again only every ``K`` training forwards of the
+    site (``shuffled1`` is ``shuffled``): what permuting the hidden units of the weights (and their optimizer
+    state) in place every ``K`` steps gives, a reparametrisation that leaves the function unchanged.
 ``classes``
     ``row`` (every row its own mask, as Bernoulli dropout) or an int ``M``: row ``r`` uses class ``r mod M``,
     one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
@@ -33,13 +36,19 @@ from torch import nn
 from ..patterns import kept_slice
 from .masking import apply_mask
 
-KINDS = ("subset", "window", "block", "rot", "shuffled", "perm<g>")
+KINDS = ("subset", "window", "block", "rot", "shuffled", "shuffled<K>", "perm<g>")
+
+
+def _numbered(kind: str, stem: str) -> int | None:
+    """``K`` of ``<stem><K>`` (an int >= 1), else None."""
+    tail = kind[len(stem):] if kind.startswith(stem) else ""
+    return int(tail) if tail.isdigit() and int(tail) >= 1 else None
 
 
 def _check_kind(kind: str) -> str:
-    if kind in KINDS[:-1] or (kind.startswith("perm") and kind[4:].isdigit() and int(kind[4:]) >= 1):
+    if kind in KINDS[:5] or _numbered(kind, "perm") or _numbered(kind, "shuffled"):
         return kind
-    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)} (g an int >= 1)")
+    raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)} (g, K ints >= 1)")
 
 
 def parse_reference(variant: str) -> tuple[str, int | None] | None:
@@ -67,6 +76,8 @@ class ReferenceMask(nn.Module):
     def __init__(self, p: float, kind: str, classes: int | None, generator: torch.Generator):
         super().__init__()
         self.p, self.kind, self.classes, self.generator = float(p), _check_kind(kind), classes, generator
+        self.every = 1 if kind == "shuffled" else _numbered(kind, "shuffled")  # None: no permutation
+        self.order, self.forwards = None, 0
         if kind not in ("subset", "window"):
             from ..search import search_distribution
 
@@ -77,7 +88,10 @@ class ReferenceMask(nn.Module):
         count = rows if self.classes is None else self.classes
         g, masks = self.generator, torch.zeros(count, n)
         k = max(1, round(n * (1.0 - self.p)))
-        shared = torch.randperm(n, generator=g) if self.kind == "shuffled" else None
+        if self.every is not None and (self.forwards % self.every == 0 or self.order is None
+                                       or len(self.order) != n):
+            self.order = torch.randperm(n, generator=g)
+        self.forwards += 1
         for c in range(count):
             if self.kind == "subset":
                 masks[c, torch.randperm(n, generator=g)[:k]] = n / k
@@ -90,8 +104,8 @@ class ReferenceMask(nn.Module):
                 block = kept_slice("block", n, dp, offset)  # fxdrop's block of the balanced partition
                 if self.kind == "block":
                     masks[c, block] = dp
-                elif self.kind == "shuffled":
-                    masks[c, shared[block]] = dp
+                elif self.every is not None:
+                    masks[c, self.order[block]] = dp
                 elif self.kind == "rot":
                     start = int(torch.randint(n, (), generator=g))
                     masks[c, (torch.arange(block.start, block.stop) + start) % n] = dp
