@@ -10,6 +10,7 @@ from .scheduler import PatternScheduler
 from .search import PatternDistribution, search_distribution
 from .convert import convert, load_state_dict, set_p, sites, state_dict
 from .audit import AuditReport, audit, ideal_speedup
+from .reshuffle import reshuffle
 
 import sys as _sys
 
@@ -21,5 +22,5 @@ if "torch._dynamo" in _sys.modules:
 
 __all__ = ["backend_info", "DropoutConfig", "FxdropError", "Pattern", "PatternDistribution", "PatternScheduler",
            "search_distribution", "convert", "sites", "set_p", "state_dict", "load_state_dict", "audit",
-           "AuditReport", "ideal_speedup"]
+           "AuditReport", "ideal_speedup", "reshuffle"]
 __version__ = "0.2.0"

@@ -1,0 +1,196 @@
+"""Reshuffling the hidden units of chain sites: the model's function unchanged, new neighbours for the patterns.
+
+fxdrop's patterns keep contiguous blocks of a site's units (that is what lets the GEMMs shrink to views), so
+units next to each other are kept or dropped together at every step, where Bernoulli dropout separates every
+pair now and then. The hidden units of a site *between two Linears of a chain* can be put in any order
+without changing the function: permute the rows of the Linear that writes them (and its bias), the columns
+of the Linear that reads them, and the optimizer's state of those weights alike. :func:`reshuffle` does that
+every ``every`` optimizer steps with a fresh random permutation per site, so the contiguous patterns keep
+different units together over training, at the price of one permuted copy of those weights and their
+optimizer state every ``every`` steps (not every step, which is what a shuffled kernel would pay).
+
+What it touches, and what it refuses:
+
+- Only interior chain sites (``Linear -> activation -> Dropout -> Linear`` as fxdrop planned it, parameter-free
+  activations): the only places where fxdrop knows every reader and writer of the units. Input and output
+  sites of a chain, tile and unit sites and RNN sites are left alone; :attr:`Reshuffler.skipped` says why.
+- A weight that is not a plain Parameter of its module (parametrised, computed), or a Parameter that the model
+  holds more than once (tied), keeps its site out.
+- The optimizer must be one of PyTorch's elementwise ones (:data:`ELEMENTWISE`), whose state for a parameter
+  is tensors of its shape (momentum, Adam's moments) and scalars (the step): those are permuted with it.
+  Anything else is refused by name, since a factored or preconditioned state cannot be permuted this way.
+- Gradients present at the time (``.grad``) are permuted too, so code that reads them after the step sees
+  them with their weights.
+
+The model's ``state_dict`` then holds the units in their current order: loading it into the original model
+gives the same function. Copies of the weights made outside the optimizer (an EMA or SWA model, a teacher)
+do not follow and must not be averaged with a reshuffled model. Every rank of a data-parallel run draws the
+same permutations when given the same ``seed`` and stepped in lockstep, as DDP does.
+
+Imports torch and the converted model's regions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FxdropError
+
+ELEMENTWISE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad,
+               torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adadelta, torch.optim.Rprop,
+               torch.optim.ASGD)
+
+
+@dataclasses.dataclass
+class UnitAxis:
+    """The hidden units of one site: each ``(name, parameter, dim)`` holds them along ``dim``."""
+
+    site: str
+    units: int
+    members: list[tuple[str, nn.Parameter, int]]
+
+    def describe(self) -> str:
+        return f"{self.site}: {self.units} units in " + ", ".join(f"{n}[dim {d}]" for n, _, d in self.members)
+
+
+def _unit_axes(model: nn.Module) -> tuple[list[UnitAxis], dict[str, str]]:
+    """The interior chain sites of a converted ``model`` that can be permuted, and why the others cannot."""
+    from .convert import regions
+    from .passes.trace import get_path
+
+    owners: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        owners[id(parameter)] = owners.get(id(parameter), 0) + 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    axes: dict[str, UnitAxis] = {}
+    skipped: dict[str, str] = {}
+    for region in regions(model):
+        for program in region.programs.values():
+            if isinstance(program, str):
+                continue
+            plan = program.plan
+            for chain in plan.chains:
+                layout = chain.layout
+                for index, site in enumerate(chain.sites):
+                    writer = next((l for l in range(layout.layers) if layout.out_site(l) == index), None)
+                    reader = next((l for l in range(layout.layers) if layout.in_site(l) == index), None)
+                    if writer is None or reader is None:
+                        skipped.setdefault(site.name, "an input or output site of its chain: fxdrop does not "
+                                                      "see every reader and writer of its units")
+                        continue
+                    write, read = chain.linears[writer], chain.linears[reader]
+                    wanted = [(write.weight, 1 if write.transposed else 0), (write.bias, 0),
+                              (read.weight, 0 if read.transposed else 1)]
+                    members, reason = [], None
+                    for path, dim in wanted:
+                        if path is None:
+                            continue
+                        value = get_path(region.module, path) if isinstance(path, str) else None
+                        if not isinstance(value, nn.Parameter) or id(value) not in names:
+                            reason = f"{path if isinstance(path, str) else 'a weight'} is not a plain Parameter"
+                        elif owners[id(value)] > 1:
+                            reason = f"{names[id(value)]} is tied (the model holds it {owners[id(value)]} times)"
+                        else:
+                            members.append((names[id(value)], value, dim))
+                        if reason:
+                            break
+                    if reason:
+                        skipped.setdefault(site.name, reason)
+                        continue
+                    units = {m[1].shape[m[2]] for m in members}
+                    if len(units) != 1:
+                        skipped.setdefault(site.name, f"its weights disagree on the unit count {sorted(units)}")
+                        continue
+                    axes.setdefault(site.name, UnitAxis(site.name, units.pop(), members))
+    for record in (s for region in regions(model) for s in region.records if s.converted):
+        if record.name not in axes:
+            skipped.setdefault(record.name, f"a {record.plan} site: only sites between two Linears of a chain "
+                                            "can be reordered")
+    return list(axes.values()), {k: v for k, v in skipped.items() if k not in axes}
+
+
+class Reshuffler:
+    """Installed by :func:`reshuffle`: permutes the unit axes after every ``every``-th optimizer step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, every: int, seed: int):
+        self.model, self.optimizer, self.every = model, optimizer, every
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps = 0
+        self.shuffles = 0
+        self.axes, self.skipped = _unit_axes(model)
+        if not self.axes:
+            why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items()) or "it has no converted sites"
+            raise FxdropError(f"fxdrop.reshuffle: no site of this model can be reordered ({why})")
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self.shuffle()
+
+    def _tensors(self, name: str, parameter: nn.Parameter) -> list[torch.Tensor]:
+        """The parameter, its gradient and its optimizer state: everything that holds its units in order."""
+        tensors = [parameter] + ([parameter.grad] if parameter.grad is not None else [])
+        for key, value in self.optimizer.state.get(parameter, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape != parameter.shape:
+                    raise FxdropError(f"fxdrop.reshuffle: the optimizer's state {key!r} of {name} has shape "
+                                      f"{tuple(value.shape)}, not the parameter's {tuple(parameter.shape)}: it "
+                                      "cannot be reordered with it")
+                tensors.append(value)
+        return tensors
+
+    @torch.no_grad()
+    def shuffle(self) -> None:
+        """Draw a new order for every unit axis and apply it now (checked in full before anything moves)."""
+        moves = []
+        for axis in self.axes:
+            order = torch.randperm(axis.units, generator=self.generator)
+            for name, parameter, dim in axis.members:
+                index = order.to(parameter.device)
+                moves.extend((tensor, dim, index) for tensor in self._tensors(name, parameter))
+        for tensor, dim, index in moves:
+            tensor.copy_(tensor.index_select(dim, index))
+        self.shuffles += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "shuffles": self.shuffles, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.shuffles = int(state["steps"]), int(state["shuffles"])
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        return (f"Reshuffler(every={self.every}, steps={self.steps}, shuffles={self.shuffles}, "
+                f"sites=[{', '.join(a.site for a in self.axes)}])")
+
+
+def reshuffle(model: nn.Module, optimizer: torch.optim.Optimizer, *, every: int = 16, seed: int = 0) -> Reshuffler:
+    """Reorder the hidden units of ``model``'s interior chain sites every ``every`` steps of ``optimizer``.
+
+    ``model`` is what :func:`fxdrop.convert` returned (or a module holding it, e.g. DDP's ``.module``);
+    ``optimizer`` one of :data:`ELEMENTWISE` over its parameters. Returns the :class:`Reshuffler` (its
+    ``remove()`` stops it; its ``state_dict()`` resumes it). Raises :class:`FxdropError` when no site can
+    be reordered, naming each site's reason. See the module docstring for what it touches.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fxdrop.reshuffle expects the converted nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"fxdrop.reshuffle expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if type(optimizer) not in ELEMENTWISE:
+        raise FxdropError(f"fxdrop.reshuffle: {type(optimizer).__name__} is not one of the optimizers whose state is "
+                          f"elementwise ({', '.join(o.__name__ for o in ELEMENTWISE)}); its state could not be "
+                          "reordered with the weights")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"fxdrop.reshuffle: every must be an int >= 1 (optimizer steps), got {every!r}")
+    return Reshuffler(model, optimizer, every, seed)
+
+
+__all__ = ["ELEMENTWISE", "Reshuffler", "UnitAxis", "reshuffle"]
