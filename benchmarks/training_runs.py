@@ -11,6 +11,8 @@
     python benchmarks/training_runs.py compile --compile backend --widths 4096 --merge
     python benchmarks/training_runs.py chain --widths 4096 --variant pattern=row,granularity=forward ...
     python benchmarks/training_runs.py kernels --widths 4096 --kernels composite   # the composite kernels
+    python benchmarks/training_runs.py reshuffle --widths 4096 --steps 32 \
+        --variant pattern=block,granularity=rows --variant pattern=block,granularity=rows,reshuffle=16
 
 The protocol and every flag are ``fxdrop bench``'s (fxdrop/harness/bench.py); this script only names the
 published files: ``training_runs_<suite>.json`` and ``training_runs_check.json``. ``variants`` is the
@@ -37,7 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=("mlp", "ptb", "chain", "variants", "compile", "kernels", "check", "reprice"))
+    parser.add_argument("name", choices=("mlp", "ptb", "chain", "variants", "compile", "kernels", "reshuffle", "check",
+                                             "reprice"))
     bench.add_arguments(parser)
     args = parser.parse_args(argv)
     command = "python benchmarks/training_runs.py " + " ".join(argv)
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         files = [RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_ptb.json"]
         return bench.check(files, RESULTS / "training_runs_check.json", Console())
     if args.name == "reprice":
-        names = ("mlp", "ptb", "chain", "variants", "compile", "kernels")
+        names = ("mlp", "ptb", "chain", "variants", "compile", "kernels", "reshuffle")
         return bench.reprice([RESULTS / f"training_runs_{name}.json" for name in names], Console())
     args.suite = args.name if args.name in ("ptb", "chain") else "mlp"
     if args.out is None:

@@ -21,6 +21,8 @@ def test_variant_names_are_convert_options():
     assert fxdrop_options("row") == {"pattern": "row", "granularity": "forward"}
     assert fxdrop_options("block/rows/8/scale=rate/max_dp=4") == {
         "pattern": "block", "granularity": "rows", "row_classes": 8, "scale": "rate", "max_dp": 4}
+    assert fxdrop_options("block/rows/auto/reshuffle=16") == {
+        "pattern": "block", "granularity": "rows", "row_classes": "auto", "reshuffle": 16}
     with pytest.raises(ValueError, match="'=rate'"):
         fxdrop_options("block/rows/=rate")
 
@@ -42,8 +44,16 @@ def test_paired_differences_and_share_of_gain():
     assert summary["standard"]["vs_none"] == gain
 
 
-def test_a_run_trains_from_the_same_weights_for_every_variant():
-    """Tiny synthetic data: standard dropout and an fxdrop variant both learn; bad optimizers are named."""
+def test_a_run_trains_from_the_same_weights_for_every_variant(monkeypatch):
+    """Tiny synthetic data: standard dropout and fxdrop variants (one with fxdrop.reshuffle on the run's
+    optimizer) learn; bad optimizers are named."""
+    import importlib
+
+    module = importlib.import_module("fxdrop.reshuffle")  # the module (fxdrop.reshuffle is the function)
+
+    shufflers = []
+    real = module.reshuffle
+    monkeypatch.setattr(module, "reshuffle", lambda *a, **k: shufflers.append(real(*a, **k)) or shufflers[-1])
     torch.manual_seed(0)
     centers = torch.rand(10, 784)
     labels = torch.arange(200) % 10
@@ -51,13 +61,14 @@ def test_a_run_trains_from_the_same_weights_for_every_variant():
     data = SimpleNamespace(train_images=images, train_labels=labels, test_images=images[:100],
                            test_labels=labels[:100])
     out = {}
-    for variant in ("standard", "block/rows/4"):
+    for variant in ("standard", "block/rows/4", "block/rows/4/reshuffle=3"):
         run = MnistRun(variant=variant, p=0.5, lr=0.05, train_images=None, epochs=3, batch=32, width=64,
                        average_last=2)
         out[variant] = train_mnist(run, data)
         assert not out[variant]["diverged"] and out[variant]["accuracy"] > 0.5
         assert len(out[variant]["train_loss"]) == 3
     assert out["standard"]["key"] == "full/momentum/lr0.05/p0.5/standard/s0"
+    assert len(shufflers) == 1 and shufflers[0].steps == 3 * 7 and shufflers[0].shuffles == 7  # 200 / 32: 7 steps
     with pytest.raises(ValueError, match="'lamb'"):
         train_mnist(MnistRun(optimizer="lamb", width=8, epochs=1, train_images=None), data)
 

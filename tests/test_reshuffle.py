@@ -87,8 +87,10 @@ def test_units_move_together_weights_gradients_and_state():
     assert [(n, d) for n, _, d in shuffler.axes[0].members] == [("0.weight", 0), ("0.bias", 0), ("3.weight", 1)]
     x, y = data(1)[0]
     train(converted, opt, [(x, y)])
-    before = {n: (p.detach().clone(), p.grad.clone(), opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone())
-              for n, p in converted.named_parameters()}
+    def held(p):
+        return p, p.grad, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
+
+    before = {n: [t.detach().clone() for t in held(p)] for n, p in converted.named_parameters()}
     generator_state = shuffler.generator.get_state()
     shuffler.shuffle()
     replay = torch.Generator()
@@ -97,10 +99,10 @@ def test_units_move_together_weights_gradients_and_state():
     expected_moves = {"0.weight": [(0, first)], "0.bias": [(0, first)], "3.weight": [(1, first), (0, second)],
                       "3.bias": [(0, second)], "6.weight": [(1, second)], "6.bias": []}
     for n, p in converted.named_parameters():
-        for held, now in zip(before[n], (p, p.grad, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])):
+        for old, now in zip(before[n], held(p)):
             for dim, order in expected_moves[n]:
-                held = held.index_select(dim, order)
-            assert torch.equal(now, held), n
+                old = old.index_select(dim, order)
+            assert torch.equal(now, old), n
 
 
 def test_the_contract_holds_after_reshuffles():

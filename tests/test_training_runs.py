@@ -20,6 +20,28 @@ def test_a_block_trains_and_reports_its_phases(optimizer):
         assert out["machine"]["torch_threads"] == torch.get_num_threads()
 
 
+def test_a_reshuffle_option_is_the_runs_not_converts(monkeypatch):
+    """``reshuffle=K`` in a variant: not passed to fxdrop.convert (which would reject it), named in the row's
+    options, and applied with the block's optimizer on the fxdrop side only."""
+    import importlib
+
+    module = importlib.import_module("fxdrop.reshuffle")  # the module (fxdrop.reshuffle is the function)
+    from fxdrop.harness.bench import named
+
+    calls = []
+    real = module.reshuffle
+    monkeypatch.setattr(module, "reshuffle", lambda *a, **k: calls.append(k) or real(*a, **k))
+    variant = named((("pattern", "block"), ("reshuffle", 2)), 0.5)
+    assert dict(variant)["reshuffle"] == 2 and dict(variant)["granularity"] == "rows"
+    workload = Workload("mlp", 32, 0.5, "momentum", 16, variant, steps=4, warmup=1)
+    assert "reshuffle" not in workload.options() and workload.reshuffle() == 2
+    assert "reshuffle=2" in workload.label()
+    run_block(workload, converted=False)
+    assert calls == []
+    run_block(workload, converted=True)
+    assert calls == [{"every": 2, "seed": 0}]
+
+
 def test_compiled_workloads_compile_both_sides_and_name_their_mode():
     """``compile``: inductor compiles the standard model and the converted one (the converted one really
     converted), backend compiles the standard model with fxdrop's backend; an unknown mode is named."""

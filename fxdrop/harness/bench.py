@@ -29,7 +29,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .training_runs import COMPILE_MODES, DRIFT, KERNELS, OPTIMIZERS, Workload, drift, measure, option_value
+from .training_runs import (COMPILE_MODES, DRIFT, KERNELS, OPTIMIZERS, RUN_OPTIONS, Workload, drift, measure,
+                            option_value)
 
 DEFAULT_OUT = Path("bench-results")  # relative to the working directory
 MLP_DEFAULT = ((("granularity", "forward"), ("pattern", "block")),)
@@ -58,7 +59,8 @@ def named(variant: tuple, p: float) -> tuple:
     from ..scheduler import classes_for
 
     # the config decides, as for convert: defaults, validation, and where "rows" applies (not to tile sites)
-    config = DropoutConfig.from_options(dict(variant), where="fxdrop bench --variant")
+    config = DropoutConfig.from_options({k: v for k, v in variant if k not in RUN_OPTIONS},
+                                        where="fxdrop bench --variant")
     options = {"pattern": config.pattern, "granularity": config.granularity, **dict(variant)}
     if config.granularity_for(config.pattern) == "rows":
         options["row_classes"] = classes_for(config.row_classes, p)

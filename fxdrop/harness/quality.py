@@ -6,7 +6,8 @@ averaged over the last ``average_last`` epochs, the final one, the training loss
 diverged (a non-finite loss, or accuracy at chance). Every variant of a (rate, seed) starts from the same
 weights and sees the same data order: variants differ only in their dropout. Variants: ``none`` (rate
 0), ``standard`` (``nn.Dropout``) and fxdrop ones written ``family/granularity[/classes][/key=value...]``
-(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option), and dense
+(``block/rows/8``, ``row/forward``, ``block/rows/2/scale=rate``: any other convert option, and
+``reshuffle=K``: :func:`fxdrop.reshuffle` with the run's optimizer, every ``K`` steps), and dense
 mask references ``ref/<kind>/<classes>`` (:mod:`fxdrop.harness.mask_references`: the original model with
 masks of chosen statistics, no fxdrop kernel).
 :func:`run_many` runs a list of runs on worker processes (one torch thread each).
@@ -81,6 +82,7 @@ def _model(run: MnistRun):
         return model
     import fxdrop
 
+    options.pop("reshuffle", None)  # applied with the optimizer, in train_mnist
     return fxdrop.convert(model, seed=run.seed, **options)
 
 
@@ -108,6 +110,11 @@ def train_mnist(run: MnistRun, data=None) -> dict[str, Any]:
     from ..roofline import make_optimizer
 
     optimizer = make_optimizer(run.optimizer, model.parameters(), run.lr)
+    every = (fxdrop_options(run.variant) or {}).get("reshuffle")
+    if every is not None:
+        from ..reshuffle import reshuffle
+
+        reshuffle(model, optimizer, every=every, seed=run.seed + 3)
     order = torch.Generator().manual_seed(run.seed)
     torch.manual_seed(run.seed + 1)  # standard dropout's masks
     losses, accuracies, diverged, start = [], [], False, time.perf_counter()

@@ -49,6 +49,7 @@ DRIFT = 0.15  # a rerun that moves a published figure by more than this is not a
 COMPILE_MODES = ("eager", "inductor", "backend")
 KERNELS = ("compiled", "composite")
 MODELS = ("mlp", "chain", "ptb")
+RUN_OPTIONS = ("reshuffle",)  # variant options the training run applies itself, not fxdrop.convert
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,12 @@ class Workload:
             raise ValueError(f"Workload.model={self.model!r}; expected one of {', '.join(MODELS)}")
 
     def options(self) -> dict[str, Any]:
-        return dict(self.convert)
+        """The fxdrop.convert options (the variant's options less :data:`RUN_OPTIONS`)."""
+        return {k: v for k, v in self.convert if k not in RUN_OPTIONS}
+
+    def reshuffle(self) -> int | None:
+        """``reshuffle=K``: :func:`fxdrop.reshuffle` with the block's optimizer, every ``K`` steps."""
+        return dict(self.convert).get("reshuffle")
 
     @classmethod
     def from_row(cls, row: dict) -> "Workload":
@@ -196,6 +202,10 @@ def run_block(workload: Workload, converted: bool) -> dict[str, Any]:
         allocator.retain_freed_memory()
     model, inputs, loss_of = _build(workload, converted)
     optimizer = _optimizer(workload.optimizer, model.parameters(), workload.model)
+    if converted and workload.reshuffle() is not None:
+        from ..reshuffle import reshuffle
+
+        reshuffle(model, optimizer, every=workload.reshuffle(), seed=workload.seed)
     clip = workload.model == "ptb"
     phases = {"zero_grad": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
@@ -286,7 +296,7 @@ def _median_phases(blocks: list[dict]) -> dict:
 def measure(workload: Workload, *, repeats: int = 3, progress=None) -> tuple[Row, dict]:
     """Alternating blocks (ABBA), ``repeats`` rounds: the row and the machine record of its last block."""
     standard = Workload(**{**asdict(workload), "convert": (), "kernels": "compiled"})
-    row = Row(workload={**asdict(workload), "convert": workload.options()})
+    row = Row(workload={**asdict(workload), "convert": dict(workload.convert)})
     blocks = {"standard": [], "fxdrop": []}
     for round_ in range(repeats):
         order = (("standard", standard, False), ("fxdrop", workload, True))
