@@ -121,6 +121,12 @@ class Reshuffler:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.shuffles = 0
+        from .convert import regions
+
+        if not regions(model):
+            raise FxdropError(f"fxdrop.reshuffle: this {type(model).__name__} holds no region fxdrop.convert "
+                              "installed; pass the model fxdrop.convert returned (graphs of the torch.compile "
+                              "backend cannot be reordered)")
         self.axes, self.skipped = _unit_axes(model)
         if not self.axes:
             why = "; ".join(f"{k}: {v}" for k, v in self.skipped.items()) or "it has no converted sites"

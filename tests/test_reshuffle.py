@@ -160,6 +160,9 @@ def test_what_cannot_be_reordered_is_refused_or_skipped_by_name():
             reshuffle(converted, opt, every=bad)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         reshuffle(converted, "sgd")
+    plain = mlp()
+    with pytest.raises(FxdropError, match="this Sequential holds no region fxdrop.convert installed"):
+        reshuffle(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
     # only an output site: fxdrop does not see who reads its units
     head = fxdrop.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Dropout(0.5)), seed=1)
     with pytest.raises(FxdropError, match="no site of this model can be reordered.*output site"):
