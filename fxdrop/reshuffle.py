@@ -19,8 +19,10 @@ What it touches, and what it refuses:
 - The optimizer must be one of PyTorch's elementwise ones (:data:`ELEMENTWISE`), whose state for a parameter
   is tensors of its shape (momentum, Adam's moments) and scalars (the step): those are permuted with it.
   Anything else is refused by name, since a factored or preconditioned state cannot be permuted this way.
-- Gradients present at the time (``.grad``) are permuted too, so code that reads them after the step sees
-  them with their weights.
+- When: right after every ``every``-th optimizer step (a step post-hook), when the backward that used the old
+  order is done and no forward has saved the weights for the next one. Gradients present then (``.grad``)
+  move with their weights, so a loop that reads or accumulates them stays right; that is a third of the
+  work with SGD momentum, spent even when the loop's next ``zero_grad`` would drop them.
 
 The model's ``state_dict`` then holds the units in their current order: loading it into the original model
 gives the same function. Copies of the weights made outside the optimizer (an EMA or SWA model, a teacher)
@@ -121,6 +123,7 @@ class Reshuffler:
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
         self.shuffles = 0
+        self._buffers: dict[tuple, torch.Tensor] = {}
         from .convert import regions
 
         if not regions(model):
@@ -134,6 +137,8 @@ class Reshuffler:
         self._handle = optimizer.register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        # right after the step: the backward that used the old order is done, and no forward has yet saved
+        # weights for a backward (reordering then would break it); the gradients present move too
         self.steps += 1
         if self.steps % self.every == 0:
             self.shuffle()
@@ -150,21 +155,47 @@ class Reshuffler:
                 tensors.append(value)
         return tensors
 
+    def _scratch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A contiguous buffer of ``tensor``'s shape: a view of one flat buffer per dtype and device, kept
+        between calls (as large as the largest tensor moved). A fresh buffer per call would be a fresh mmap
+        for any weight above glibc's mmap threshold, and its page faults cost more than the gathers."""
+        key = (tensor.dtype, tensor.device)
+        flat = self._buffers.get(key)
+        if flat is None or flat.numel() < tensor.numel():
+            flat = self._buffers[key] = torch.empty(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        return flat[:tensor.numel()].view(tensor.shape)
+
     @torch.no_grad()
     def shuffle(self) -> None:
-        """Draw a new order for every unit axis and apply it now (checked in full before anything moves)."""
-        moves = []
+        """Draw a new order for every unit axis and apply it now (checked in full before anything moves).
+
+        Each tensor moves in place through the scratch buffer; a weight whose rows and columns both move takes
+        two gathers and no copy (rows into the scratch, columns back into the weight)."""
+        moves: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
         for axis in self.axes:
             order = torch.randperm(axis.units, generator=self.generator)
             for name, parameter, dim in axis.members:
                 index = order.to(parameter.device)
-                moves.extend((tensor, dim, index) for tensor in self._tensors(name, parameter))
-        for tensor, dim, index in moves:
-            tensor.copy_(tensor.index_select(dim, index))
+                for tensor in self._tensors(name, parameter):
+                    moves.setdefault(id(tensor), (tensor, {}))[1][dim] = index
+        for tensor, by_dim in moves.values():
+            if not tensor.is_contiguous():  # out= would not keep its strides: gather, then copy back
+                for dim, index in by_dim.items():
+                    tensor.copy_(tensor.index_select(dim, index))
+                continue
+            buffer = self._scratch(tensor)
+            (first, index), *rest = sorted(by_dim.items())
+            torch.index_select(tensor, first, index, out=buffer)
+            if rest:
+                torch.index_select(buffer, rest[0][0], rest[0][1], out=tensor)
+            else:
+                tensor.copy_(buffer)
         self.shuffles += 1
 
     def remove(self) -> None:
+        """Stop reshuffling (and free the scratch buffer)."""
         self._handle.remove()
+        self._buffers.clear()
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "shuffles": self.shuffles, "generator": self.generator.get_state()}
