@@ -24,12 +24,14 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 TRAINING_RUNS = (RESULTS / "training_runs_mlp.json", RESULTS / "training_runs_ptb.json",
                  RESULTS / "training_runs_chain.json", RESULTS / "training_runs_variants.json",
-                 RESULTS / "training_runs_compile.json", RESULTS / "training_runs_kernels.json")
+                 RESULTS / "training_runs_compile.json", RESULTS / "training_runs_kernels.json",
+                 RESULTS / "training_runs_reshuffle.json")
 TRAINING_CHECK = RESULTS / "training_runs_check.json"
 QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.json", RESULTS / "quality_full.json")
 # benchmarks/quality.py grid: the stability grid (one file per optimizer and data), and candidate defaults
 GRIDS = ("quality_grid_*.json", "quality_candidates_*.json", "quality_mask_references*.json")
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
+RESHUFFLE = "/reshuffle=16"  # the quality variants' option for fxdrop.reshuffle at its default period
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 ROOFLINE_WITHIN = 0.15  # the roofline target: predicted and measured speedups within 15% of each other
 COVERAGE = RESULTS / "coverage.json"
@@ -93,6 +95,9 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
     title = result["title"]
     if "variants" in path.name:
         title = f"Other fxdrop options against the same standard model (MLP, {title.split(', ', 1)[1]})"
+    if "reshuffle" in path.name:
+        title = ("`fxdrop.reshuffle`'s cost: the default with and without it, each against the same standard model "
+                 f"(MLP, {title.split(', ', 1)[1]})")
     if "compile" in path.name:
         title = "torch.compile on both sides, MLP batch 256: compiled standard dropout against compiled fxdrop"
     if "kernels" in path.name:
@@ -200,10 +205,11 @@ def default_variant(p: float | None = None) -> str:
     return f"{config.pattern}/{config.granularity}/{classes}"
 
 
-def _default_in(summary: dict, p: float) -> str | None:
-    """The variant of a grid cell that is convert's default at rate ``p``: the default itself
-    (``block/rows/auto``) if it ran, else the variant it resolves to at ``p``; None if neither ran."""
-    for variant in (default_variant(), default_variant(p)):
+def _default_in(summary: dict, p: float, extra: str = "") -> str | None:
+    """The variant of a grid cell that is convert's default at rate ``p`` (with ``extra`` options appended,
+    e.g. ``/reshuffle=16``): the default itself (``block/rows/auto``) if it ran, else the variant it resolves
+    to at ``p``; None if neither ran."""
+    for variant in (default_variant() + extra, default_variant(p) + extra):
         if variant in summary:
             return variant
     return None
@@ -237,7 +243,9 @@ def grid_section(path: Path, result: dict) -> list[str]:
                  "*rot*: *block* after a random cyclic rotation of the units; *perm&lt;g&gt;*: *block* over a "
                  "random order of the chunks of g contiguous units (*perm1*: a random n/dp of the units); "
                  "*shuffled*: *block* over one random permutation of the units per forward, shared by the "
-                 "classes (what permuting each weight once per step and then running *block* would give). "
+                 "classes (what permuting each weight once per step and then running *block* would give); "
+                 "*shuffled&lt;K&gt;*: the same permutation for K steps, then a new one (what `fxdrop.reshuffle` "
+                 "every K steps gives). "
                  "*row*: every row its own mask, as Bernoulli dropout; *8*: row r uses class r mod 8, one "
                  "mask per 16 rows of a batch of 128, as fxdrop's row classes do.", ""]
     lines = [f"### {title} ({_rel(path)})", "",
@@ -271,28 +279,34 @@ def grid_section(path: Path, result: dict) -> list[str]:
     return lines
 
 
-def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
+def default_grid_section(grids: list[tuple[Path, dict]], extra: str = "") -> list[str]:
     """convert's default on every stability grid cell where it ran: per optimizer and training set, the
-    variant the default resolves to at each p (row classes by rate), from whichever grid file holds it."""
+    variant the default resolves to at each p (row classes by rate), from whichever grid file holds it.
+    ``extra``: options appended to the default's variant (``/reshuffle=16``: with fxdrop.reshuffle)."""
     cells: dict[tuple, dict] = {}
     for path, result in grids:
         if path.name.startswith("quality_mask_references"):
             continue
         settings = result["settings"]
         for cell in result["cells"]:
-            variant = _default_in(cell["summary"], cell["p"])
+            variant = _default_in(cell["summary"], cell["p"], extra)
             if variant is None:
                 continue
             key = (settings["optimizer"], settings["images"] or 0, settings["epochs"], cell["p"], cell["lr"])
-            rank = (cell["summary"][variant]["runs"], variant == default_variant())  # more seeds, then its own runs
+            rank = (cell["summary"][variant]["runs"], variant == default_variant() + extra)  # more seeds, then its own
             if key not in cells or rank > cells[key]["rank"]:
                 cells[key] = {"summary": cell["summary"], "variant": variant, "rank": rank, "file": path.name}
     if not cells:
         return []
-    lines = [f"### convert's default on the stability grids (`{default_variant()}`)", "",
-             f"Each cell: the default's runs (`{default_variant()}` itself where a grid ran it, else the variant "
-             f"it resolves to at that p: `{default_variant(0.5)}` at p ≤ 0.5, `{default_variant(0.7)}` above), its "
-             "paired difference from standard dropout in points ± standard "
+    default = default_variant() + extra
+    heading = f"convert's default on the stability grids (`{default}`)"
+    if extra == RESHUFFLE:
+        heading = (f"convert's default with `fxdrop.reshuffle(model, optimizer, every={RESHUFFLE.split('=')[1]})` "
+                   f"on the stability grids (`{default}`)")
+    lines = [f"### {heading}", "",
+             f"Each cell: the default's runs (`{default}` itself where a grid ran it, else the variant "
+             f"it resolves to at that p: `{default_variant(0.5) + extra}` at p ≤ 0.5, "
+             f"`{default_variant(0.7) + extra}` above), its paired difference from standard dropout in points ± standard "
              f"error over the seeds (their count in brackets), ✓ within {100 * WITHIN:.1f} points or above, ✗ "
              "below; empty: not run. The runs come from the grid files listed under each table (their tables "
              "follow).", ""]
@@ -318,8 +332,8 @@ def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
             lines.append("| " + " | ".join(row) + " |")
         files = sorted({entry["file"] for entry in mine.values()})
         lines += ["", "From " + ", ".join(f"`{name}`" for name in files) + ".", ""]
-    lines += [f"The default is within {100 * WITHIN:.1f} points of standard dropout in **{met} of the {targets} "
-              "cells** where standard dropout trains.", ""]
+    lines += [f"`{default}` is within {100 * WITHIN:.1f} points of standard dropout in **{met} of the {targets} "
+              "cells** where it ran and standard dropout trains.", ""]
     return lines
 
 
@@ -613,6 +627,7 @@ def render() -> str:
         lines += training_check_section(result)
     grids = [(path, json.loads(path.read_text())) for path in sorted(p for pattern in GRIDS for p in RESULTS.glob(pattern))]
     lines += default_grid_section(grids)
+    lines += default_grid_section(grids, RESHUFFLE)
     for path, result in grids:
         lines += grid_section(path, result)
     for path in (*QUALITY, *sorted(RESULTS.glob("quality_overfit_p*.json"))):
