@@ -108,6 +108,14 @@ def _unit_axes(model: nn.Module) -> tuple[list[UnitAxis], dict[str, str]]:
                         skipped.setdefault(site.name, f"its weights disagree on the unit count {sorted(units)}")
                         continue
                     axes.setdefault(site.name, UnitAxis(site.name, units.pop(), members))
+    claims: dict[tuple[int, int], list[str]] = {}
+    for axis in axes.values():
+        for _, parameter, dim in axis.members:
+            claims.setdefault((id(parameter), dim), []).append(axis.site)
+    for sites in (c for c in claims.values() if len(c) > 1):  # two programs planned the same weight apart
+        for name in sites:
+            if axes.pop(name, None) is not None:
+                skipped[name] = f"its units are also the units of site(s) {', '.join(n for n in sites if n != name)}"
     for record in (s for region in regions(model) for s in region.records if s.converted):
         if record.name not in axes:
             skipped.setdefault(record.name, f"a {record.plan} site: only sites between two Linears of a chain "
