@@ -10,10 +10,12 @@ the figures were produced (command, machine) and is left out when its file is mi
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
 
+import fxdrop
 from fxdrop.harness.quality import format_difference
 from fxdrop.harness.training_runs import Workload
 
@@ -31,7 +33,8 @@ QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.js
 # benchmarks/quality.py grid: the stability grid (one file per optimizer and data), and candidate defaults
 GRIDS = ("quality_grid_*.json", "quality_candidates_*.json", "quality_mask_references*.json")
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
-RESHUFFLE = "/reshuffle=16"  # the quality variants' option for fxdrop.reshuffle at its default period
+# the quality variants' option for fxdrop.reshuffle at its default period (read off its signature)
+RESHUFFLE = f"/reshuffle={inspect.signature(fxdrop.reshuffle).parameters['every'].default}"
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 ROOFLINE_WITHIN = 0.15  # the roofline target: predicted and measured speedups within 15% of each other
 COVERAGE = RESULTS / "coverage.json"

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .mask_references import parse_reference, with_reference_masks
 from .models import mnist_mlp, without_dropout
-from .training_runs import option_value
+from .training_runs import RUN_OPTIONS, option_value
 
 CHANCE = 0.2  # below this test accuracy after training, a run counts as diverged (10 classes)
 
@@ -82,8 +82,8 @@ def _model(run: MnistRun):
         return model
     import fxdrop
 
-    options.pop("reshuffle", None)  # applied with the optimizer, in train_mnist
-    return fxdrop.convert(model, seed=run.seed, **options)
+    convert_options = {k: v for k, v in options.items() if k not in RUN_OPTIONS}  # reshuffle: in train_mnist
+    return fxdrop.convert(model, seed=run.seed, **convert_options)
 
 
 @torch.no_grad()
