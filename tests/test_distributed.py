@@ -242,8 +242,30 @@ def scenario_fsdp2(rank):
         raise AssertionError("fully_shard of a bypassed submodule was accepted")
 
 
+def scenario_reshuffle_ddp(rank):
+    """fxdrop.reshuffle under DDP (gradients as bucket views): both ranks draw the same orders from the same
+    seed, so their weights stay bit for bit equal while the units move, and training goes on through them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = fd.prepare(converted("block"), sync=True, seed=BASE_SEED)
+    ddp = DDP(model, gradient_as_bucket_view=True)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    shuffler = fxdrop.reshuffle(ddp, optimizer, every=2, seed=11)
+    for batch in batches(5):
+        optimizer.zero_grad()
+        F.cross_entropy(ddp(local(batch, rank)[0]), local(batch, rank)[1]).backward()
+        optimizer.step()
+    assert shuffler.shuffles == 2 and [a.site for a in shuffler.axes] == ["net.2", "net.5", "net.8"]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    every = [torch.empty_like(flat) for _ in range(WORLD)]
+    dist.all_gather(every, flat)
+    assert torch.equal(every[0], every[1]), "reshuffled weights differ across ranks"
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
 SCENARIOS = [scenario_shared_ddp, scenario_comm_hook, scenario_independent, scenario_resume, scenario_fsdp2,
-             scenario_hook_detects_unshared]
+             scenario_hook_detects_unshared, scenario_reshuffle_ddp]
 
 
 def _worker(rank, port, out_dir):
