@@ -206,3 +206,24 @@ def test_a_weight_stored_transposed_moves_along_its_own_dims():
     x = torch.randn(8, 20)
     original.eval(), converted.eval()
     torch.testing.assert_close(converted(x), original(x), atol=2e-5, rtol=2e-5)
+
+
+def test_sites_that_claim_the_same_units_are_both_left_out():
+    # two programs of one region that planned the same weights under different site names (a plan fxdrop
+    # does not make today): reordering both would apply two orders to one dimension
+    import dataclasses
+
+    from fxdrop.convert import regions
+    from fxdrop.reshuffle import _unit_axes
+
+    converted = fxdrop.convert(mlp(), seed=1)
+    region = regions(converted)[0]
+    program = next(iter(region.programs.values()))
+    chain = program.plan.chains[0]
+    renamed = dataclasses.replace(chain, sites=[dataclasses.replace(chain.sites[0], name="elsewhere"),
+                                                *chain.sites[1:]])
+    region.programs["another spec"] = dataclasses.replace(program, plan=dataclasses.replace(program.plan,
+                                                                                            chains=[renamed]))
+    axes, skipped = _unit_axes(converted)
+    assert [a.site for a in axes] == ["5"]
+    assert "also the units of site(s) elsewhere" in skipped["2"] and "site(s) 2" in skipped["elsewhere"]
