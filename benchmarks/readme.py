@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import fxdrop
+from fxdrop.harness.ptb import mask_mode_words
 from fxdrop.harness.quality import format_difference
 from fxdrop.harness.training_runs import Workload
 
@@ -505,26 +506,6 @@ def lstm_section(quality: list[tuple[Path, dict]]) -> list[str]:
     return lines
 
 
-MODE_NAMES = {"bernoulli": "Bernoulli per element (standard dropout)", "shared": "one pattern per forward",
-              "sample": "a pattern per sequence (shared over time)", "row": "a pattern per token",
-              "time": "a pattern per time step (shared by the batch)",
-              "chunk": "one contiguous chunk of time steps per pattern", "none": "no dropout"}
-
-
-def mode_name(part: str) -> str:
-    """README's words for one part of an examples/ptb_mask_study.py mode."""
-    for prefix, words in (("classes", "{} patterns, token r in class r mod {}"),
-                          ("tchunks", "{} patterns, one per contiguous chunk of time steps"),
-                          ("cshuff", "{} patterns, token r in class r mod {}, units permuted per forward"),
-                          ("tshuff", "{} patterns, one per chunk of time steps, units permuted per forward"),
-                          ("csys", "{} patterns drawn as fxdrop does (systematic), token r in class r mod {}"),
-                          ("tsys", "{} patterns drawn as fxdrop does (systematic), one per chunk of time steps")):
-        if part.startswith(prefix):
-            count = int(part[len(prefix):])
-            return words.format(count, count)
-    return MODE_NAMES[part]
-
-
 def mask_study_overfit_section(runs: list[dict]) -> list[str]:
     """examples/ptb_mask_study.py in the overfitting regime, several seeds: the share of dropout's gain kept."""
     by_mode: dict[str, dict[int, float]] = {}
@@ -558,7 +539,7 @@ def mask_study_overfit_section(runs: list[dict]) -> list[str]:
         gained = [s for s in paired if s in none]
         share = f"{100 * mean([(none[s] - vals[s]) / (none[s] - standard[s]) for s in gained]):.0f}%" if gained else "–"
         inputs, decoder = mode.split("/")[0], mode.split("/")[-1]
-        lines.append(f"| {mode_name(inputs)} | {mode_name(decoder)} | {len(seeds)} | "
+        lines.append(f"| {mask_mode_words(inputs)} | {mask_mode_words(decoder)} | {len(seeds)} | "
                      f"{' / '.join(f'{vals[s]:.1f}' for s in seeds)} | {delta} | {share} |")
     lines += ["", "Reproduce, per mode and seed (about "
               f"{mean([r['epochs'][-1]['train_seconds'] for r in runs]) / 60:.0f} min each here, two at a time): "
@@ -584,7 +565,7 @@ def mask_study_section(studies: list[tuple[Path, dict]]) -> list[str]:
         inputs, decoder = mode.split("/")[0], mode.split("/")[-1]
         val = run["epochs"][-1]["val_ppl"]
         delta = "" if base is None else f"{100 * (val / base['epochs'][-1]['val_ppl'] - 1):+.1f}%"
-        lines.append(f"| {mode_name(inputs)} | {mode_name(decoder)} | {val:.1f} | {delta} | {run['test_ppl']:.1f} |")
+        lines.append(f"| {mask_mode_words(inputs)} | {mask_mode_words(decoder)} | {val:.1f} | {delta} | {run['test_ppl']:.1f} |")
     lines += ["", "One pattern per forward at every site costs ~20% perplexity here; a pattern per token at the "
               "decoder alone brings it to Bernoulli's, with the LSTM sites still locked (one pattern per forward, "
               "as the issue asks). `granularity=\"rows\"` approximates a pattern per token with 2 row classes "

@@ -54,18 +54,12 @@ from fxdrop.harness.models import WordLM
 from fxdrop.patterns import unit_mask
 from fxdrop.search import search_distribution
 
-GRANULARITIES = ("bernoulli", "shared", "sample", "row", "time", "chunk", "none")
-COUNTED = ("classes", "tchunks", "cshuff", "tshuff", "csys", "tsys")  # followed by a pattern count, e.g. classes8
+GRANULARITIES = tuple(ptb.MASK_MODES)  # the modes and their README words live in fxdrop.harness.ptb
+COUNTED = tuple(ptb.COUNTED_MASK_MODES)  # followed by a pattern count, e.g. classes8
 
 
 def _known(part: str) -> bool:
-    if part in GRANULARITIES:
-        return True
-    for prefix in COUNTED:
-        count = part[len(prefix):]
-        if part.startswith(prefix) and count.isdigit() and int(count) >= 1:
-            return True
-    return False
+    return part in GRANULARITIES or ptb.mask_mode_count(part) is not None
 
 
 def check_mode(mode: str) -> str:
@@ -153,18 +147,18 @@ class MaskedLM(nn.Module):
         T, B, _ = x.shape
         if mode == "chunk":
             return x * self.table.chunks(T, self.generator)
-        for prefix in COUNTED:
-            if mode.startswith(prefix):
-                count = int(mode[len(prefix):])
-                plan = self.table.systematic(count, self.generator) if prefix in ("csys", "tsys") else \
-                    self.table.draw((count,), self.generator)
-                if prefix in ("cshuff", "tshuff"):
-                    plan = plan[:, torch.randperm(plan.shape[1], generator=self.generator)]
-                if prefix in ("classes", "cshuff", "csys"):
-                    rows = torch.arange(T * B) % plan.shape[0]
-                    return x * plan[rows].reshape(T, B, -1)
-                chunk = torch.arange(T) * plan.shape[0] // T  # equal contiguous chunks of time steps
-                return x * plan[chunk].unsqueeze(1)
+        counted = ptb.mask_mode_count(mode)
+        if counted is not None:
+            prefix, count = counted
+            plan = self.table.systematic(count, self.generator) if prefix in ("csys", "tsys") else \
+                self.table.draw((count,), self.generator)
+            if prefix in ("cshuff", "tshuff"):
+                plan = plan[:, torch.randperm(plan.shape[1], generator=self.generator)]
+            if prefix in ("classes", "cshuff", "csys"):
+                rows = torch.arange(T * B) % plan.shape[0]
+                return x * plan[rows].reshape(T, B, -1)
+            chunk = torch.arange(T) * plan.shape[0] // T  # equal contiguous chunks of time steps
+            return x * plan[chunk].unsqueeze(1)
         shape = {"shared": (1, 1), "sample": (1, B), "row": (T, B), "time": (T, 1)}[mode]
         return x * self.table.draw(shape, self.generator)
 

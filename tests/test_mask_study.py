@@ -29,6 +29,13 @@ def test_modes_are_checked():
     for bad in ("tchunks", "classes0", "chunky", "a/b/c"):
         with pytest.raises(Exception, match="expected one of"):
             study.check_mode(bad)
+    # every mode the study accepts has README's words (they share one table), and only those
+    from fxdrop.harness.ptb import mask_mode_words
+
+    assert all(mask_mode_words(mode) for mode in study.GRANULARITIES)
+    assert mask_mode_words("csys8") == "8 patterns drawn as fxdrop does (systematic), token r in class r mod 8"
+    with pytest.raises(KeyError):
+        mask_mode_words("chunky")
 
 
 def test_none_is_the_identity():

@@ -2,7 +2,8 @@
 
 Zaremba et al. (2014): BPTT over contiguous slices of the corpus, the loss summed over time steps
 (mean over the batch), gradient norm clipping, SGD. Used by ``examples/ptb_lstm.py``, its mask study and
-the LSTM benchmark. Imports torch and :mod:`.data`.
+the LSTM benchmark; :data:`MASK_MODES` names the mask study's modes (its parser and README both read it).
+Imports torch and :mod:`.data`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,38 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# examples/ptb_mask_study.py's modes, in README's words: the study accepts exactly these (the counted ones
+# followed by a pattern count K), so a mode cannot exist without its words. The study's docstring says more.
+MASK_MODES = {"bernoulli": "Bernoulli per element (standard dropout)", "shared": "one pattern per forward",
+              "sample": "a pattern per sequence (shared over time)", "row": "a pattern per token",
+              "time": "a pattern per time step (shared by the batch)",
+              "chunk": "one contiguous chunk of time steps per pattern", "none": "no dropout"}
+COUNTED_MASK_MODES = {
+    "classes": "{K} patterns, token r in class r mod {K}",
+    "tchunks": "{K} patterns, one per contiguous chunk of time steps",
+    "cshuff": "{K} patterns, token r in class r mod {K}, units permuted per forward",
+    "tshuff": "{K} patterns, one per chunk of time steps, units permuted per forward",
+    "csys": "{K} patterns drawn as fxdrop does (systematic), token r in class r mod {K}",
+    "tsys": "{K} patterns drawn as fxdrop does (systematic), one per chunk of time steps"}
+
+
+def mask_mode_count(part: str) -> tuple[str, int] | None:
+    """``classes8`` -> ``("classes", 8)``; None for anything that is not a counted mode with a count >= 1."""
+    for prefix in COUNTED_MASK_MODES:
+        count = part[len(prefix):]
+        if part.startswith(prefix) and count.isdigit() and int(count) >= 1:
+            return prefix, int(count)
+    return None
+
+
+def mask_mode_words(part: str) -> str:
+    """README's words for one part (LSTM inputs or decoder) of a mask-study mode; KeyError if unknown."""
+    counted = mask_mode_count(part)
+    if counted is not None:
+        return COUNTED_MASK_MODES[counted[0]].format(K=counted[1])
+    return MASK_MODES[part]
 
 
 def load_corpus():
