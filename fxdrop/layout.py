@@ -56,6 +56,14 @@ class ChainLayout:
             return None
         return layer + int(self.input_dropout)
 
+    def writer(self, site: int) -> int | None:
+        """The Linear that writes ``site``'s units (the inverse of :meth:`out_site`), or None (an input site)."""
+        return next((l for l in range(self.layers) if self.out_site(l) == site), None)
+
+    def reader(self, site: int) -> int | None:
+        """The Linear that reads ``site``'s units (the inverse of :meth:`in_site`), or None (an output site)."""
+        return next((l for l in range(self.layers) if self.in_site(l) == site), None)
+
     def site_width(self, site: int, in_features: int, out_features: Sequence[int]) -> int:
         """The masked width of ``site`` for a chain on ``in_features`` whose Linears have ``out_features``."""
         if self.input_dropout and site == 0:

@@ -59,10 +59,36 @@ class UnitAxis:
         return f"{self.site}: {self.units} units in " + ", ".join(f"{n}[dim {d}]" for n, _, d in self.members)
 
 
+def _site_axis(region, chain, index: int, names: dict[int, str], owners: dict[int, int]) -> UnitAxis | str:
+    """Site ``index`` of ``chain`` (planned in ``region``) as a unit axis, or why it cannot be reordered."""
+    from .passes.trace import get_path
+
+    site, layout = chain.sites[index], chain.layout
+    writer, reader = layout.writer(index), layout.reader(index)
+    if writer is None or reader is None:
+        return "an input or output site of its chain: fxdrop does not see every reader and writer of its units"
+    write, read = chain.linears[writer], chain.linears[reader]
+    wanted = [(write.weight, 1 if write.transposed else 0), (write.bias, 0),
+              (read.weight, 0 if read.transposed else 1)]
+    members = []
+    for path, dim in wanted:
+        if path is None:
+            continue
+        value = get_path(region.module, path) if isinstance(path, str) else None
+        if not isinstance(value, nn.Parameter) or id(value) not in names:
+            return f"{path if isinstance(path, str) else 'a weight'} is not a plain Parameter"
+        if owners[id(value)] > 1:
+            return f"{names[id(value)]} is tied (the model holds it {owners[id(value)]} times)"
+        members.append((names[id(value)], value, dim))
+    units = {parameter.shape[dim] for _, parameter, dim in members}
+    if len(units) != 1:
+        return f"its weights disagree on the unit count {sorted(units)}"
+    return UnitAxis(site.name, units.pop(), members)
+
+
 def _unit_axes(model: nn.Module) -> tuple[list[UnitAxis], dict[str, str]]:
     """The interior chain sites of a converted ``model`` that can be permuted, and why the others cannot."""
     from .convert import regions
-    from .passes.trace import get_path
 
     owners: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
@@ -70,44 +96,15 @@ def _unit_axes(model: nn.Module) -> tuple[list[UnitAxis], dict[str, str]]:
     names = {id(p): n for n, p in model.named_parameters()}
     axes: dict[str, UnitAxis] = {}
     skipped: dict[str, str] = {}
-    for region in regions(model):
-        for program in region.programs.values():
-            if isinstance(program, str):
-                continue
-            plan = program.plan
-            for chain in plan.chains:
-                layout = chain.layout
-                for index, site in enumerate(chain.sites):
-                    writer = next((l for l in range(layout.layers) if layout.out_site(l) == index), None)
-                    reader = next((l for l in range(layout.layers) if layout.in_site(l) == index), None)
-                    if writer is None or reader is None:
-                        skipped.setdefault(site.name, "an input or output site of its chain: fxdrop does not "
-                                                      "see every reader and writer of its units")
-                        continue
-                    write, read = chain.linears[writer], chain.linears[reader]
-                    wanted = [(write.weight, 1 if write.transposed else 0), (write.bias, 0),
-                              (read.weight, 0 if read.transposed else 1)]
-                    members, reason = [], None
-                    for path, dim in wanted:
-                        if path is None:
-                            continue
-                        value = get_path(region.module, path) if isinstance(path, str) else None
-                        if not isinstance(value, nn.Parameter) or id(value) not in names:
-                            reason = f"{path if isinstance(path, str) else 'a weight'} is not a plain Parameter"
-                        elif owners[id(value)] > 1:
-                            reason = f"{names[id(value)]} is tied (the model holds it {owners[id(value)]} times)"
-                        else:
-                            members.append((names[id(value)], value, dim))
-                        if reason:
-                            break
-                    if reason:
-                        skipped.setdefault(site.name, reason)
-                        continue
-                    units = {m[1].shape[m[2]] for m in members}
-                    if len(units) != 1:
-                        skipped.setdefault(site.name, f"its weights disagree on the unit count {sorted(units)}")
-                        continue
-                    axes.setdefault(site.name, UnitAxis(site.name, units.pop(), members))
+    chains = [(region, chain) for region in regions(model) for program in region.programs.values()
+              if not isinstance(program, str) for chain in program.plan.chains]
+    for region, chain in chains:
+        for index, site in enumerate(chain.sites):
+            found = _site_axis(region, chain, index, names, owners)
+            if isinstance(found, str):
+                skipped.setdefault(site.name, found)
+            else:
+                axes.setdefault(site.name, found)
     claims: dict[tuple[int, int], list[str]] = {}
     for axis in axes.values():
         for _, parameter, dim in axis.members:

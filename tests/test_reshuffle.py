@@ -227,3 +227,18 @@ def test_sites_that_claim_the_same_units_are_both_left_out():
     axes, skipped = _unit_axes(converted)
     assert [a.site for a in axes] == ["5"]
     assert "also the units of site(s) elsewhere" in skipped["2"] and "site(s) 2" in skipped["elsewhere"]
+
+
+@pytest.mark.parametrize("input_dropout,output_dropout", [(False, False), (True, False), (False, True), (True, True)])
+def test_chain_layout_names_the_linears_around_each_site(input_dropout, output_dropout):
+    from fxdrop.layout import ChainLayout
+
+    layout = ChainLayout(3, input_dropout, output_dropout)
+    for site in range(layout.sites):
+        writer, reader = layout.writer(site), layout.reader(site)
+        assert writer is None or layout.out_site(writer) == site
+        assert reader is None or layout.in_site(reader) == site
+        assert (writer is None) == (input_dropout and site == 0)
+        assert (reader is None) == (output_dropout and site == layout.sites - 1)
+        if writer is not None and reader is not None:
+            assert reader == writer + 1
