@@ -35,7 +35,8 @@ QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.js
 GRIDS = ("quality_grid_*.json", "quality_candidates_*.json", "quality_mask_references*.json")
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
 # the quality variants' option for fxdrop.reshuffle at its default period (read off its signature)
-RESHUFFLE = f"/reshuffle={inspect.signature(fxdrop.reshuffle).parameters['every'].default}"
+RESHUFFLE_EVERY = inspect.signature(fxdrop.reshuffle).parameters["every"].default
+RESHUFFLE = f"/reshuffle={RESHUFFLE_EVERY}"
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 ROOFLINE_WITHIN = 0.15  # the roofline target: predicted and measured speedups within 15% of each other
 COVERAGE = RESULTS / "coverage.json"
@@ -305,7 +306,7 @@ def default_grid_section(grids: list[tuple[Path, dict]], extra: str = "") -> lis
     default = default_variant() + extra
     heading = f"convert's default on the stability grids (`{default}`)"
     if extra == RESHUFFLE:
-        heading = (f"convert's default with `fxdrop.reshuffle(model, optimizer, every={RESHUFFLE.split('=')[1]})` "
+        heading = (f"convert's default with `fxdrop.reshuffle(model, optimizer, every={RESHUFFLE_EVERY})` "
                    f"on the stability grids (`{default}`)")
     lines = [f"### {heading}", "",
              f"Each cell: the default's runs (`{default}` itself where a grid ran it, else the variant "

@@ -25,7 +25,8 @@ A reference is written ``ref/<kind>/<classes>``:
     one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
 
 Masks come from the module's own generator (seeded), never the global RNG. Imports torch, fxdrop.search,
-fxdrop.patterns (the block's index math) and the harness's masking (which applies a row-class mask).
+fxdrop.patterns (the block's index math), the harness's masking (which applies a row-class mask) and the
+training runs' name parsing (:func:`.training_runs.counted`).
 """
 
 from __future__ import annotations
@@ -35,18 +36,13 @@ from torch import nn
 
 from ..patterns import kept_slice
 from .masking import apply_mask
+from .training_runs import counted
 
 KINDS = ("subset", "window", "block", "rot", "shuffled", "shuffled<K>", "perm<g>")
 
 
-def _numbered(kind: str, stem: str) -> int | None:
-    """``K`` of ``<stem><K>`` (an int >= 1), else None."""
-    tail = kind[len(stem):] if kind.startswith(stem) else ""
-    return int(tail) if tail.isdigit() and int(tail) >= 1 else None
-
-
 def _check_kind(kind: str) -> str:
-    if kind in KINDS[:5] or _numbered(kind, "perm") or _numbered(kind, "shuffled"):
+    if kind in KINDS[:5] or counted(kind, "perm") or counted(kind, "shuffled"):
         return kind
     raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)} (g, K ints >= 1)")
 
@@ -76,7 +72,7 @@ class ReferenceMask(nn.Module):
     def __init__(self, p: float, kind: str, classes: int | None, generator: torch.Generator):
         super().__init__()
         self.p, self.kind, self.classes, self.generator = float(p), _check_kind(kind), classes, generator
-        self.every = 1 if kind == "shuffled" else _numbered(kind, "shuffled")  # None: no permutation
+        self.every = 1 if kind == "shuffled" else counted(kind, "shuffled")  # None: no permutation
         self.order, self.forwards = None, 0
         if kind not in ("subset", "window"):
             from ..search import search_distribution
@@ -110,7 +106,7 @@ class ReferenceMask(nn.Module):
                     start = int(torch.randint(n, (), generator=g))
                     masks[c, (torch.arange(block.start, block.stop) + start) % n] = dp
                 else:  # perm<g>: block `offset` of a random order of the chunks
-                    size = int(self.kind[4:])
+                    size = counted(self.kind, "perm")
                     chunks = -(-n // size)
                     order = torch.randperm(chunks, generator=g)[kept_slice("block", chunks, dp, offset)]
                     units = (order.unsqueeze(1) * size + torch.arange(size)).flatten()

@@ -3,7 +3,7 @@
 Zaremba et al. (2014): BPTT over contiguous slices of the corpus, the loss summed over time steps
 (mean over the batch), gradient norm clipping, SGD. Used by ``examples/ptb_lstm.py``, its mask study and
 the LSTM benchmark; :data:`MASK_MODES` names the mask study's modes (its parser and README both read it).
-Imports torch and :mod:`.data`.
+Imports torch, :mod:`.data` and the training runs' name parsing (:func:`.training_runs.counted`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .training_runs import counted
 
 
 # examples/ptb_mask_study.py's modes, in README's words: the study accepts exactly these (the counted ones
@@ -32,11 +34,7 @@ COUNTED_MASK_MODES = {
 
 def mask_mode_count(part: str) -> tuple[str, int] | None:
     """``classes8`` -> ``("classes", 8)``; None for anything that is not a counted mode with a count >= 1."""
-    for prefix in COUNTED_MASK_MODES:
-        count = part[len(prefix):]
-        if part.startswith(prefix) and count.isdigit() and int(count) >= 1:
-            return prefix, int(count)
-    return None
+    return next(((prefix, count) for prefix in COUNTED_MASK_MODES if (count := counted(part, prefix))), None)
 
 
 def mask_mode_words(part: str) -> str:

@@ -114,6 +114,13 @@ def option_value(text: str) -> int | str:
     return int(text) if text.isdigit() else text
 
 
+def counted(text: str, stem: str) -> int | None:
+    """``K`` of a name written ``<stem><K>`` with ``K`` an int >= 1 (``shuffled16``, ``classes8``), else None:
+    how the mask references and the PTB mask study write a count into a name."""
+    tail = text[len(stem):] if text.startswith(stem) else ""
+    return int(tail) if tail.isdigit() and int(tail) >= 1 else None
+
+
 # ---------------------------------------------------------------- one block (in its own process)
 
 
