@@ -134,10 +134,13 @@ def test_mask_references_keep_the_rate_share_masks_by_class_and_leave_eval_alone
     from fxdrop.harness.mask_references import ReferenceMask, parse_reference, with_reference_masks
     from fxdrop.harness.models import mnist_mlp
 
-    assert parse_reference("ref/subset/row") == ("subset", None) and parse_reference("ref/block/8") == ("block", 8)
+    assert parse_reference("ref/subset/row") == ("subset", None, False)
+    assert parse_reference("ref/block/8") == ("block", 8, False) and parse_reference("ref/block/8r") == ("block", 8, True)
     assert parse_reference("block/rows/8") is None and fxdrop_options("ref/window/4") is None
-    assert parse_reference("ref/perm16/2") == ("perm16", 2) and parse_reference("ref/shuffled/row") == ("shuffled", None)
-    for bad in ("ref/bernoulli/8", "ref/subset", "ref/subset/0", "ref/window/x", "ref/perm/2", "ref/perm0/2"):
+    assert parse_reference("ref/perm16/2") == ("perm16", 2, False)
+    assert parse_reference("ref/shuffled/row") == ("shuffled", None, False)
+    for bad in ("ref/bernoulli/8", "ref/subset", "ref/subset/0", "ref/window/x", "ref/perm/2", "ref/perm0/2",
+                "ref/block/0r", "ref/block/r", "ref/block/rowr"):
         with pytest.raises(ValueError, match="mask reference"):
             parse_reference(bad)
     x = torch.rand(24, 40) + 0.5
@@ -169,7 +172,7 @@ def test_mask_references_keep_the_rate_share_masks_by_class_and_leave_eval_alone
     assert len({tuple(k[0].tolist()) for k in draws}) == 4
     # shuffled3: the same permutation for 3 forwards, then a new one: at dp = 2 each forward splits the units
     # into the same two halves until the permutation is drawn again
-    assert parse_reference("ref/shuffled3/8") == ("shuffled3", 8)
+    assert parse_reference("ref/shuffled3/8") == ("shuffled3", 8, False)
     with pytest.raises(ValueError, match="shuffled<K>"):
         parse_reference("ref/shuffled0/8")
     mask = ReferenceMask(0.5, "shuffled3", 8, torch.Generator().manual_seed(0)).train()
@@ -178,6 +181,14 @@ def test_mask_references_keep_the_rate_share_masks_by_class_and_leave_eval_alone
     assert halves[3] != halves[0]
     per_row = ReferenceMask(0.5, "subset", None, torch.Generator().manual_seed(0)).train()(x) != 0
     assert len({tuple(r.tolist()) for r in per_row}) > 20, "one mask per row"
-    model = with_reference_masks(mnist_mlp(16, 0.5), "window", 2, seed=3)
+    # 8r: the same 8 masks, but which rows share each is drawn again each forward, independently per site
+    randomly = ReferenceMask(0.7, "subset", 8, torch.Generator().manual_seed(0), random_rows=True).train()
+    rows = [randomly(x) != 0 for _ in range(3)]
+    for kept in rows:
+        groups = sorted(sum(torch.equal(k, other) for other in kept) for k in kept)
+        assert set(groups) == {3}, "each of the 8 masks serves 24 / 8 rows"
+        assert not torch.equal(kept[0::8], kept[0:1].expand(3, -1)) or not torch.equal(kept[1::8], kept[1:2].expand(3, -1))
+    assert not torch.equal(rows[0], rows[1])
+    model = with_reference_masks(mnist_mlp(16, 0.5), "window", 2, False, seed=3)
     assert sum(isinstance(m, ReferenceMask) for m in model.modules()) == 3
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())

@@ -22,7 +22,11 @@ A reference is written ``ref/<kind>/<classes>``:
     state) in place every ``K`` steps gives, a reparametrisation that leaves the function unchanged.
 ``classes``
     ``row`` (every row its own mask, as Bernoulli dropout) or an int ``M``: row ``r`` uses class ``r mod M``,
-    one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward).
+    one mask shared by ``batch / M`` rows (fxdrop's row classes; ``1``: one mask per forward). ``M``
+    followed by ``r`` (``8r``): the same ``M`` masks, but each forward a fresh random permutation of the
+    rows decides which rows share each, independently at every site, so rows that share a mask at one
+    site do not share one at the next (with ``8`` the rows of class ``c`` share every site's mask ``c``:
+    their whole path through the network).
 
 Masks come from the module's own generator (seeded), never the global RNG. Imports torch, fxdrop.search,
 fxdrop.patterns (the block's index math), the harness's masking (which applies a row-class mask) and the
@@ -47,31 +51,38 @@ def _check_kind(kind: str) -> str:
     raise ValueError(f"unknown mask kind {kind!r}; expected one of {', '.join(KINDS)} (g, K ints >= 1)")
 
 
-def parse_reference(variant: str) -> tuple[str, int | None] | None:
-    """``ref/<kind>/<classes>`` -> ``(kind, classes)`` (None classes: one mask per row); None if not a reference."""
+def parse_reference(variant: str) -> tuple[str, int | None, bool] | None:
+    """``ref/<kind>/<classes>`` -> ``(kind, classes, random_rows)`` (None classes: one mask per row;
+    ``random_rows``: classes written ``<M>r``); None if not a reference."""
     parts = variant.split("/")
     if parts[0] != "ref":
         return None
     if len(parts) != 3:
         raise ValueError(f"mask reference {variant!r}: expected ref/<kind>/<classes> with kind one of "
-                         f"{', '.join(KINDS)} and classes 'row' or an int >= 1")
+                         f"{', '.join(KINDS)} and classes 'row', an int >= 1 or an int followed by r")
     try:
         _check_kind(parts[1])
     except ValueError as error:
         raise ValueError(f"mask reference {variant!r}: {error}") from None
     if parts[2] == "row":
-        return parts[1], None
-    if not parts[2].isdigit() or int(parts[2]) < 1:
-        raise ValueError(f"mask reference {variant!r}: classes must be 'row' or an int >= 1, got {parts[2]!r}")
-    return parts[1], int(parts[2])
+        return parts[1], None, False
+    random_rows = parts[2].endswith("r")
+    count = parts[2][:-1] if random_rows else parts[2]
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"mask reference {variant!r}: classes must be 'row', an int >= 1 or an int followed by r "
+                         f"(rows assigned to the classes at random each forward), got {parts[2]!r}")
+    return parts[1], int(count), random_rows
 
 
 class ReferenceMask(nn.Module):
-    """What replaces one ``nn.Dropout(p)``: identity in eval, a ``(kind, classes)`` mask in training."""
+    """What replaces one ``nn.Dropout(p)``: identity in eval, a ``(kind, classes)`` mask in training
+    (``random_rows``: a fresh random assignment of the rows to the classes each forward)."""
 
-    def __init__(self, p: float, kind: str, classes: int | None, generator: torch.Generator):
+    def __init__(self, p: float, kind: str, classes: int | None, generator: torch.Generator,
+                 random_rows: bool = False):
         super().__init__()
         self.p, self.kind, self.classes, self.generator = float(p), _check_kind(kind), classes, generator
+        self.random_rows = random_rows and classes is not None
         self.every = 1 if kind == "shuffled" else counted(kind, "shuffled")  # None: no permutation
         self.order, self.forwards = None, 0
         if kind not in ("subset", "window"):
@@ -117,15 +128,19 @@ class ReferenceMask(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         n = x.shape[-1]
-        return apply_mask(x, self.mask(x.numel() // n if n else 0, n))  # row r uses mask r mod M
+        rows = x.numel() // n if n else 0
+        masks = self.mask(rows, n)
+        if self.random_rows:  # row r uses mask assignment[r]: each class keeps its share of the rows
+            masks = masks[torch.randperm(rows, generator=self.generator) % masks.shape[0]]
+        return apply_mask(x, masks)  # row r uses mask r mod M
 
 
-def with_reference_masks(model: nn.Module, kind: str, classes: int | None, seed: int) -> nn.Module:
+def with_reference_masks(model: nn.Module, kind: str, classes: int | None, random_rows: bool, seed: int) -> nn.Module:
     """``model`` itself with every ``nn.Dropout`` replaced by a :class:`ReferenceMask` of its rate (one
     generator, seeded with ``seed``, for all of them)."""
     generator = torch.Generator().manual_seed(seed)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Dropout):
-                setattr(parent, name, ReferenceMask(child.p, kind, classes, generator))
+                setattr(parent, name, ReferenceMask(child.p, kind, classes, generator, random_rows))
     return model
