@@ -264,7 +264,8 @@ class FunctionalEmitter:
     def _draw(self, site: Site) -> fx.Node:
         state, cdf = self._site_inputs(site)
         if site.granularity == "rows":
-            return self.graph.call_function(torch.ops.fxdrop.sample_classes.default, (state, cdf, site.row_classes))
+            return self.graph.call_function(torch.ops.fxdrop.sample_classes.default,
+                                            (state, cdf, site.row_classes, site.position))
         return self.graph.call_function(torch.ops.fxdrop.sample_pattern.default, (state, cdf))
 
     def param(self, graph: fx.Graph, value: fx.Node | str) -> fx.Node:

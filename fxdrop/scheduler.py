@@ -95,22 +95,38 @@ def classes_for(row_classes: int | str, p: float | None) -> int:
     return check_classes(row_classes)
 
 
-def draw_classes(seed: int, counter: int, cdf: list[float], classes: int) -> list[Pattern]:
+def rotate_bits(c: int, by: int, classes: int) -> int:
+    """``c`` with its ``log2(classes)`` bits rotated left by ``by`` (mod the bit count)."""
+    bits = classes.bit_length() - 1
+    if bits <= 1:
+        return c
+    by %= bits
+    return ((c << by) | (c >> (bits - by))) & (classes - 1)
+
+
+def draw_classes(seed: int, counter: int, cdf: list[float], classes: int, position: int = 0) -> list[Pattern]:
     """Row-class plan number ``counter`` of stream ``seed``: the pattern of each residue ``r mod M``.
 
     ``M = classes`` (a power of two) patterns are the distribution's quantiles ``(u + j) / M``
     (systematic sampling: a step's rows spread over the distribution), ``u`` uniform. Residue ``c``
-    takes quantile ``bit_reverse((c + s) mod M)``, ``s`` a uniform rotation: every row takes each
-    quantile with probability ``1 / M``, so it uses ``(dp, offset)`` with probability exactly its
-    mass and drops every unit with probability exactly the distribution's rate. The bit reversal
-    sends runs of equal quantiles onto residue classes of a smaller modulus (at p = 0.5, dp = 2:
-    the even and the odd rows), which the chain op runs as one strided set of rows each.
+    takes quantile ``bit_reverse((rotate_bits(c, position) + s) mod M)``, ``s`` a uniform rotation:
+    every row takes each quantile with probability ``1 / M``, so it uses ``(dp, offset)`` with
+    probability exactly its mass and drops every unit with probability exactly the distribution's
+    rate. The bit reversal sends runs of equal quantiles onto residue classes of a smaller modulus (at
+    p = 0.5, dp = 2: the even and the odd rows), which the chain op runs as one strided set of rows
+    each. ``position`` (the site's index in its chain) picks which bits of the class decide: at p =
+    0.5 with 4 classes the first site splits the rows by bit 0 and the next by bit 1, so the rows that
+    share a mask at one site split evenly between the next site's two masks, and the weight between
+    them gets a gradient in all four of its (kept output, kept input) blocks every step, not two. With
+    one shared split the rows of a class share their whole path through the chain, and a large
+    learning rate trains worse (README's stability grids).
     """
     check_classes(classes)
     u, u_shift = _uniforms(seed, counter)
     shift = min(int(u_shift * classes), classes - 1)
     quantiles = [_at_quantile(cdf, (u + j) / classes) for j in range(classes)]
-    return [quantiles[bit_reverse((c + shift) % classes, classes)] for c in range(classes)]
+    return [quantiles[bit_reverse((rotate_bits(c, position, classes) + shift) % classes, classes)]
+            for c in range(classes)]
 
 
 def derive_seed(base: int, *salt: int) -> int:

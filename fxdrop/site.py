@@ -84,14 +84,15 @@ class Site:
     """A converted dropout site.
 
     ``units`` is the masked width (unit families) and ``weight_shape`` the masked weight ``(out, in)``
-    (tile family); the one that does not apply is ``None``.
+    (tile family); the one that does not apply is ``None``. ``position``: the site's index in its chain,
+    which picks the bits of a row's class that choose its pattern (:func:`fxdrop.scheduler.draw_classes`).
     """
 
     def __init__(self, name: str, family: str, owner: Any, *, scale: str = "kept", max_dp: int | str = "auto",
                  seed: int | None = None, units: int | None = None, weight_shape: tuple[int, int] | None = None,
                  tile: int = DEFAULT_TILE, granularity: str = "forward", row_classes: int | str = 2,
                  kind: str = "dropout", producer: str | None = None, consumer: str | None = None,
-                 distribution: str = "exact"):
+                 distribution: str = "exact", position: int = 0):
         check_family(family)
         check_scale(scale)
         if granularity not in GRANULARITIES:
@@ -113,6 +114,7 @@ class Site:
         # compiled graphs, so it stays when p changes
         classes = classes_for(row_classes, self.p)
         self.row_classes = classes if granularity == "rows" else 1
+        self.position = position
         self.kind = kind
         self.producer = producer
         self.consumer = consumer
@@ -130,7 +132,7 @@ class Site:
                    seed=config.seed_for(record.name), units=record.units, weight_shape=record.weight_shape,
                    tile=config.tile, granularity=config.granularity_for(record.family),
                    row_classes=classes_for(config.row_classes, record.p), kind=kind, producer=record.producer,
-                   consumer=record.consumer, distribution=config.distribution)
+                   consumer=record.consumer, distribution=config.distribution, position=record.position)
 
     # ------------------------------------------------------------------ rate and mode
 
@@ -181,7 +183,8 @@ class Site:
         if not self.active:
             return torch.tensor([FULL] * self.row_classes, dtype=torch.int64)
         self.sync()
-        return torch.ops.fxdrop.sample_classes(self.scheduler.state, self.scheduler.cdf, self.row_classes)
+        return torch.ops.fxdrop.sample_classes(self.scheduler.state, self.scheduler.cdf, self.row_classes,
+                                               self.position)
 
     def sample_over_time(self, steps: int | None, shape: tuple[int, ...]) -> torch.Tensor:
         """An RNN site's plan for one call (``granularity="rows"``): :meth:`sample_rows`, class ``c`` for the
@@ -213,7 +216,8 @@ class Site:
         scheduler = self.scheduler
         if scheduler.draws == 0 or self.granularity != "rows":
             return None
-        return draw_classes(scheduler.seed, scheduler.draws - 1, scheduler.cdf.tolist(), self.row_classes)
+        return draw_classes(scheduler.seed, scheduler.draws - 1, scheduler.cdf.tolist(), self.row_classes,
+                            self.position)
 
     @property
     def last_mask(self) -> torch.Tensor | None:

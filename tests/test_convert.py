@@ -385,7 +385,7 @@ class _Seq(nn.Module):
 
 @pytest.mark.parametrize("family", ["row", "block"])
 @pytest.mark.parametrize("share", [False, True])
-@pytest.mark.parametrize("classes", [2, 8])
+@pytest.mark.parametrize("classes", [2, 4, 8])
 def test_rows_granularity_matches_per_row_masks(family, share, classes):
     """granularity="rows": row r of the input (flattened) has its own masks (row r mod row_classes of
     last_mask); outputs and gradients equal the original model with every dropout replaced by those."""
@@ -400,6 +400,25 @@ def test_rows_granularity_matches_per_row_masks(family, share, classes):
         assert len({tuple(row.tolist()) for row in site.last_mask}) > 1  # patterns differ between rows
     converted.eval(), model.eval()
     assert torch.equal(converted(x), model(x))
+
+
+def test_consecutive_sites_of_a_chain_split_the_rows_of_a_mask_and_keep_the_contract():
+    """p = 0.5 at both sites of one chain with 4 classes: the first site (position 0) and the second
+    (position 1) pick their halves by different bits of the class, so in every step the four classes use
+    the four (first half, second half) pairs and the Linear between them gets a gradient in each of its
+    four blocks; the chain still computes the original with each dropout replaced by its mask."""
+    torch.manual_seed(0)
+    model = _Seq()
+    model.d1.p = 0.5
+    converted = convert(model, seed=2, pattern="block", row_classes=4)
+    assert {site.name: site.position for site in sites(converted)} == {"d0": 0, "d1": 1}
+    x = torch.randn(4, 3, 16)
+    check_training_contract(model, converted, (x,), steps=3)
+    first, second = (site for site in sites(converted))
+    for _ in range(8):
+        converted(x)
+        pairs = {(tuple(a.tolist()), tuple(b.tolist())) for a, b in zip(first.last_mask, second.last_mask)}
+        assert len(pairs) == 4
 
 
 def test_rows_granularity_errors_and_tile_sites():

@@ -6,7 +6,7 @@ import torch
 import fxdrop.ops  # noqa: F401  (registers fxdrop::sample_pattern)
 from fxdrop import PatternScheduler, search_distribution
 from fxdrop import patterns as P
-from fxdrop.scheduler import Pattern, bit_reverse, draw_classes
+from fxdrop.scheduler import Pattern, bit_reverse, draw_classes, rotate_bits
 
 
 def test_same_seed_same_sequence_whatever_the_global_rng():
@@ -128,9 +128,9 @@ def _support(max_dp):
 
 
 @pytest.mark.parametrize("p,max_dp", [(0.3, "auto"), (0.5, "auto"), (0.7, "auto"), (0.5, 8)])
-@pytest.mark.parametrize("classes", [2, 4, 8])
-def test_class_plans_give_every_row_each_pattern_with_its_mass(p, max_dp, classes):
-    """Every residue (and so every row) uses (dp, offset) with probability P(dp)/dp."""
+@pytest.mark.parametrize("classes,position", [(2, 0), (4, 0), (8, 0), (4, 1), (8, 2)])
+def test_class_plans_give_every_row_each_pattern_with_its_mass(p, max_dp, classes, position):
+    """Every residue (and so every row) uses (dp, offset) with probability P(dp)/dp, at any chain position."""
     dist = search_distribution(p, max_dp=max_dp)
     cdf = torch.cumsum(dist.probs, 0).tolist()
     probs = dist.probs.tolist()
@@ -140,7 +140,7 @@ def test_class_plans_give_every_row_each_pattern_with_its_mass(p, max_dp, classe
     draws = 6000
     hits = torch.zeros(classes, len(patterns), dtype=torch.float64)
     for counter in range(draws):
-        plan = draw_classes(17, counter, cdf, classes)
+        plan = draw_classes(17, counter, cdf, classes, position)
         assert len(plan) == classes
         for c, pattern in enumerate(plan):
             hits[c, index[pattern]] += 1
@@ -162,6 +162,29 @@ def test_class_plan_at_half_keeps_even_or_odd_units_in_alternate_rows(classes):
         assert len(set(plan[0::2])) == 1 and len(set(plan[1::2])) == 1 and plan[0] != plan[1]
         seen.add(plan[0])
     assert len(seen) == 2
+
+
+def test_consecutive_chain_sites_split_the_rows_of_a_class_between_their_masks():
+    """p = 0.5 with 4 classes: the site at position 0 gives one half to the residues of one parity of bit 0,
+    the site at position 1 by bit 1, so every (first-site half, second-site half) pair is used by exactly
+    one residue class: rows sharing a mask at one site split evenly at the next. Position 2 uses bit 0
+    again (only consecutive sites share a weight)."""
+    cdf = [0.0, 1.0]
+    for counter in range(40):
+        first, second, third = (draw_classes(5, counter, cdf, 4, position) for position in range(3))
+        assert len({(a, b) for a, b in zip(first, second)}) == 4
+        assert len({(b, c) for b, c in zip(second, third)}) == 4
+        assert first[0] == first[2] != first[1] == first[3]  # bit 0
+        assert second[0] == second[1] != second[2] == second[3]  # bit 1
+    # position 0 is the plan of before (a lone site, or a chain's first)
+    assert draw_classes(5, 3, cdf, 8) == draw_classes(5, 3, cdf, 8, 0) == draw_classes(5, 3, cdf, 8, 3)
+
+
+def test_rotate_bits():
+    assert [rotate_bits(c, 1, 8) for c in range(8)] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert [rotate_bits(c, 1, 4) for c in range(4)] == [0, 2, 1, 3]
+    assert [rotate_bits(c, 5, 2) for c in range(2)] == [0, 1] and rotate_bits(0, 3, 1) == 0
+    assert all(sorted(rotate_bits(c, by, 16) for c in range(16)) == list(range(16)) for by in range(6))
 
 
 def test_bit_reverse():

@@ -46,7 +46,7 @@ def _sample_pattern_fake(state, cdf):
 
 
 @torch.library.register_fake("fxdrop::sample_classes")
-def _sample_classes_fake(state, cdf, classes):
+def _sample_classes_fake(state, cdf, classes, position=0):
     return state.new_empty(classes, 2)
 
 

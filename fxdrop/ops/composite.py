@@ -486,10 +486,10 @@ def sample_pattern(state, cdf):
     return torch.tensor([pattern.dp, pattern.offset], dtype=torch.int64)
 
 
-def sample_classes(state, cdf, classes):
+def sample_classes(state, cdf, classes, position=0):
     from ..scheduler import check_classes, check_state, draw_classes, next_counter
 
     check_state(state, "sample_classes")
     check_classes(classes)
-    plan = draw_classes(int(state[0]), next_counter(state), cdf.tolist(), int(classes))
+    plan = draw_classes(int(state[0]), next_counter(state), cdf.tolist(), int(classes), int(position))
     return torch.tensor([list(pattern) for pattern in plan], dtype=torch.int64)

@@ -15,7 +15,7 @@ SCHEMAS = {
     # checkpoint's recomputation, draws the remembered one again: fxdrop.scheduler).
     "sample_pattern": "sample_pattern(Tensor(a!) state, Tensor cdf) -> Tensor",
     # Draws the next row-class plan (classes, 2) of a stream: row r uses plan[r mod classes].
-    "sample_classes": "sample_classes(Tensor(a!) state, Tensor cdf, int classes) -> Tensor",
+    "sample_classes": "sample_classes(Tensor(a!) state, Tensor cdf, int classes, int position=0) -> Tensor",
     # x * unit mask along the last dim; pattern (2,), or (classes, 2) with row r using class r mod classes.
     "unit_dropout": "unit_dropout(Tensor x, Tensor pattern, str family, str scale, float p) -> Tensor",
     # [dropout ->] Linear -> act -> dropout -> Linear ... [-> act -> dropout]; returns y and the

@@ -45,6 +45,8 @@ class DropoutSite:
     (before the first), "tile_linear", "unit_dropout", "rnn_input" (before an LSTM/GRU), "rnn"
     (between an RNN's layers), or None when left as is; ``reason`` says why. ``owner``: the
     qualified name of the Dropout module (module dropouts), else of the module whose forward calls it.
+    ``position``: the site's index among its chain's sites (0 outside a chain), which decides which bits of
+    a row's class pick its pattern (:func:`fxdrop.scheduler.draw_classes`).
     """
 
     name: str
@@ -63,6 +65,7 @@ class DropoutSite:
     owner: str = ""
     functional: bool = False
     scope: str = ""
+    position: int = 0
 
     @property
     def decision(self) -> str:
@@ -376,7 +379,7 @@ def _assemble_chains(g: NormalisedGraph, plan: Plan, links: dict[fx.Node, _Link]
             else:
                 site.plan, site.units = "chain", link.producer[0].out_features
                 site.reason = f"{link.producer[0].label} -> {link.consumer.label}: both GEMMs shrink"
-            site.converted = True
+            site.converted, site.position = True, i
             if len(linears) > 1:
                 site.reason += f" (one chain of {len(linears)} Linears)"
         plan.chains.append(ChainPlan(linears, activations, sites, drops, layout, sites[0].family,
