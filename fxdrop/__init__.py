@@ -23,4 +23,4 @@ if "torch._dynamo" in _sys.modules:
 __all__ = ["backend_info", "DropoutConfig", "FxdropError", "Pattern", "PatternDistribution", "PatternScheduler",
            "search_distribution", "convert", "sites", "set_p", "state_dict", "load_state_dict", "audit",
            "AuditReport", "ideal_speedup", "reshuffle"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -34,3 +34,13 @@ def test_readme_test_command_is_what_ci_runs():
     for line in ci:
         if line.startswith("pip install"):
             assert line.replace(" -q", "") in install, f"README's install does not run: {line}"
+
+
+def test_the_package_version_is_one_number():
+    """pyproject.toml's version is fxdrop.__version__ (results files record the latter)."""
+    import tomllib
+
+    import fxdrop
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == fxdrop.__version__
