@@ -284,13 +284,22 @@ def grid_section(path: Path, result: dict) -> list[str]:
     return lines
 
 
+# The grids measured with the default's current row plans (4 classes at p <= 0.5, consecutive chain sites
+# splitting the rows by different bits: fxdrop 0.3.0). Earlier grids ran other plans under the same variant
+# names (block/rows/8 drew every chain site's classes from the same bits), so they do not describe it.
+CURRENT_DEFAULT_GRIDS = ("quality_grid_momentum_2000_split", "quality_grid_momentum_2000_split_p0.7",
+                         "quality_grid_adamw_2000_split", "quality_grid_adamw_2000_split_p0.7",
+                         "quality_grid_momentum_full_split", "quality_grid_momentum_full_split8",
+                         "quality_grid_momentum_full_split_small", "quality_grid_momentum_full_split_small_p0.7")
+
+
 def default_grid_section(grids: list[tuple[Path, dict]], extra: str = "") -> list[str]:
     """convert's default on every stability grid cell where it ran: per optimizer and training set, the
     variant the default resolves to at each p (row classes by rate), from whichever grid file holds it.
     ``extra``: options appended to the default's variant (``/reshuffle=16``: with fxdrop.reshuffle)."""
     cells: dict[tuple, dict] = {}
     for path, result in grids:
-        if path.name.startswith("quality_mask_references"):
+        if path.stem not in CURRENT_DEFAULT_GRIDS:
             continue
         settings = result["settings"]
         for cell in result["cells"]:
@@ -612,7 +621,6 @@ def render() -> str:
         lines += training_check_section(result)
     grids = [(path, json.loads(path.read_text())) for path in sorted(p for pattern in GRIDS for p in RESULTS.glob(pattern))]
     lines += default_grid_section(grids)
-    lines += default_grid_section(grids, RESHUFFLE)
     for path, result in grids:
         lines += grid_section(path, result)
     for path in (*QUALITY, *sorted(RESULTS.glob("quality_overfit_p*.json"))):

@@ -84,14 +84,17 @@ AUTO_CLASSES = "auto"
 AUTO_CLASSES_ABOVE = 0.5  # row_classes="auto": more classes above this rate
 
 
-def classes_for(row_classes: int | str, p: float | None) -> int:
+def classes_for(row_classes: int | str, p: float | None, over_time: bool = False) -> int:
     """The class count of a ``row_classes`` option at rate ``p``: an int as it is; ``"auto"`` 8 above
-    p = 0.5 and 2 at or below. Measured (README's stability grids, MNIST MLP, 2,000 images): at p = 0.7, 2
-    classes diverge with SGD momentum at lr >= 0.05 and trail AdamW at lr 3e-3 by 2.5 points, 8 train
-    there (about 0.5 points behind standard dropout); at p = 0.3, 8 trail 2 by about 0.3 points at small
-    learning rates; at p = 0.5 (dp = 2) 8 classes merge into the same 2 row sets as 2 classes."""
+    p = 0.5 and 4 at or below (2 for an RNN site, whose classes are chunks of the time steps:
+    ``over_time``). Measured (README's stability grids, MNIST MLP): at p = 0.7, 2 classes diverge with
+    SGD momentum at lr >= 0.05 on 2,000 images and trail AdamW at lr 3e-3 by 2.5 points, 8 train there;
+    at p <= 0.5 on full MNIST with momentum lr 0.1, 2 classes trail standard dropout by 0.8-1.2 points
+    where 4 (consecutive chain sites splitting the rows by different bits, see :func:`draw_classes`) are
+    within 0.25. An RNN site is in no chain, and on the PTB study 8 time chunks regularised no better
+    than 2 (README, "PTB mask granularity where dropout matters"), so it keeps 2 there."""
     if row_classes == AUTO_CLASSES:
-        return 8 if (p or 0.0) > AUTO_CLASSES_ABOVE else 2
+        return 8 if (p or 0.0) > AUTO_CLASSES_ABOVE else 2 if over_time else 4
     return check_classes(row_classes)
 
 

@@ -26,6 +26,7 @@ from .search import PatternDistribution, check_rate, search_distribution
 
 GRANULARITIES = ("forward", "rows")
 KINDS = ("dropout", "lstm", "gru")
+TIME_CHUNKED = ("rnn", "rnn_input")  # plans whose row classes are chunks of an RNN's time steps
 
 
 class ModuleOwner:
@@ -112,7 +113,7 @@ class Site:
         self.granularity = granularity
         # "auto" from the rate at conversion (the plan's, see from_record): the count is a shape of
         # compiled graphs, so it stays when p changes
-        classes = classes_for(row_classes, self.p)
+        classes = classes_for(row_classes, self.p, over_time=kind in ("lstm", "gru"))
         self.row_classes = classes if granularity == "rows" else 1
         self.position = position
         self.kind = kind
@@ -131,7 +132,8 @@ class Site:
         return cls(record.name, record.family, owner, scale=config.scale, max_dp=config.max_dp,
                    seed=config.seed_for(record.name), units=record.units, weight_shape=record.weight_shape,
                    tile=config.tile, granularity=config.granularity_for(record.family),
-                   row_classes=classes_for(config.row_classes, record.p), kind=kind, producer=record.producer,
+                   row_classes=classes_for(config.row_classes, record.p, over_time=record.plan in TIME_CHUNKED),
+                   kind=kind, producer=record.producer,
                    consumer=record.consumer, distribution=config.distribution, position=record.position)
 
     # ------------------------------------------------------------------ rate and mode

@@ -82,8 +82,8 @@ def tiny_result(tmp_path_factory):
 
 def test_bench_rows_have_every_figure(tiny_result):
     _, result = tiny_result
-    # each row names what it measured: convert's defaults filled in, row_classes="auto" resolved (2 at p = 0.5)
-    block, row = ({"granularity": "rows", "pattern": family, "row_classes": 2} for family in ("block", "row"))
+    # each row names what it measured: convert's defaults filled in, row_classes="auto" resolved (4 at p = 0.5)
+    block, row = ({"granularity": "rows", "pattern": family, "row_classes": 4} for family in ("block", "row"))
     assert [(r["workload"]["optimizer"], r["workload"]["convert"]) for r in result["rows"]] == [
         ("sgd", block), ("sgd", row), ("adamw", block), ("adamw", row)]
     for row in result["rows"]:

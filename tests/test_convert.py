@@ -431,7 +431,7 @@ def test_rows_granularity_errors_and_tile_sites():
 
 
 def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_stays_available():
-    """convert's default (block, granularity="rows", "auto" classes: 2 at p = 0.5; measured to train where one
+    """convert's default (block, granularity="rows", "auto" classes: 4 at p = 0.5; measured to train where one
     pattern per forward diverges) gives the rows of a batch different masks; pattern="row",
     granularity="forward" is the paper's."""
     torch.manual_seed(0)
@@ -441,7 +441,7 @@ def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_st
     for _ in range(10):
         default(torch.randn(8, 20))
         for site in sites(default):
-            assert site.family == "block" and site.granularity == "rows" and site.last_mask.shape == (2, site.units)
+            assert site.family == "block" and site.granularity == "rows" and site.last_mask.shape == (4, site.units)
             differ += not torch.equal(site.last_mask[0], site.last_mask[1])
     assert differ > 0  # the two row classes draw different patterns
     x = torch.randn(8, 20, requires_grad=True)
@@ -453,23 +453,23 @@ def test_the_default_draws_block_patterns_per_row_class_and_the_papers_method_st
 
 @pytest.mark.parametrize("share", [False, True])
 def test_auto_row_classes_follow_each_sites_rate_at_conversion_and_keep_the_contract(share):
-    """row_classes="auto" (the default): 8 classes for a site above p = 0.5, 2 at or below, decided from the
-    rate at conversion (a later p keeps the count). One chain with both counts: the site with 2 classes
-    keeps its own r mod 2 masks, and the chain still computes the original with each dropout replaced by
+    """row_classes="auto" (the default): 8 classes for a site above p = 0.5, 4 at or below, decided from the
+    rate at conversion (a later p keeps the count). One chain with both counts: the site with 4 classes
+    keeps its own r mod 4 masks, and the chain still computes the original with each dropout replaced by
     its mask."""
     torch.manual_seed(0)
     model = _Seq(share)
     model.d0.p = 0.7
     converted = convert(model, seed=3)
-    assert {site.name: site.row_classes for site in sites(converted)} == {"d0": 8, "d1": 2}
+    assert {site.name: site.row_classes for site in sites(converted)} == {"d0": 8, "d1": 4}
     check_training_contract(model, converted, (torch.randn(3, 7, 16),), steps=3)
-    assert {site.name: site.last_mask.shape[0] for site in sites(converted)} == {"d0": 8, "d1": 2}
+    assert {site.name: site.last_mask.shape[0] for site in sites(converted)} == {"d0": 8, "d1": 4}
     fxdrop.set_p(converted, 0.3)
     converted(torch.randn(3, 7, 16))
-    assert {site.name: site.last_mask.shape[0] for site in sites(converted)} == {"d0": 8, "d1": 2}
-    assert {site.row_classes for site in sites(convert(model, seed=3, p=0.5))} == {2}
+    assert {site.name: site.last_mask.shape[0] for site in sites(converted)} == {"d0": 8, "d1": 4}
+    assert {site.row_classes for site in sites(convert(model, seed=3, p=0.5))} == {4}
     assert {site.row_classes for site in sites(convert(model, seed=3, p=0.6))} == {8}
-    assert {site.row_classes for site in sites(convert(model, seed=3, row_classes=4))} == {4}
+    assert {site.row_classes for site in sites(convert(model, seed=3, row_classes=2))} == {2}
 
 
 def test_the_narrow_distribution_draws_only_the_periods_around_p_and_keeps_the_contract():

@@ -205,8 +205,8 @@ def test_narrow_sites_drop_each_unit_at_exactly_p(family, width, p, granularity)
     converted = fxdrop.convert(model, seed=1, pattern=family, granularity=granularity)
     (site,) = fxdrop.sites(converted)
     draws = 4000
-    classes = site.row_classes  # 1 for "forward"; "auto": 2 at p = 0.5, 8 at p = 0.7
-    assert classes == (1 if granularity == "forward" else 2 if p <= 0.5 else 8)
+    classes = site.row_classes  # 1 for "forward"; "auto": 4 at p = 0.5, 8 at p = 0.7
+    assert classes == (1 if granularity == "forward" else 4 if p <= 0.5 else 8)
     dropped = torch.zeros(classes, width, dtype=torch.float64)
     mean = torch.zeros(classes, width, dtype=torch.float64)
     x = torch.randn(2, 4)

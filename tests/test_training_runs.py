@@ -62,7 +62,7 @@ def test_compiled_workloads_compile_both_sides_and_name_their_mode():
                      steps=2, warmup=1, compile="inductor")
     assert [w.compile for w in rows] == ["inductor", "inductor"]
     # a row names what it measured: the default granularity and the row classes "auto" resolved at its rate
-    assert [w.options() for w in rows] == [{"pattern": "block", "granularity": "rows", "row_classes": 2},
+    assert [w.options() for w in rows] == [{"pattern": "block", "granularity": "rows", "row_classes": 4},
                                            {"pattern": "block", "granularity": "rows", "row_classes": 8}]
     with pytest.raises(ValueError, match="compile='jit'"):
         Workload(compile="jit")

@@ -52,7 +52,8 @@ def steps_for(width: int, steps: int) -> int:
 def named(variant: tuple, p: float) -> tuple:
     """A variant's convert options with its family, granularity and row-class count named (defaults filled
     in, ``row_classes="auto"`` resolved at the row's rate), so that a published row keeps its meaning when
-    a default changes. The standard side (no options) stays empty."""
+    a default changes. The standard side (no options) stays empty. ``"auto"`` resolves as for a Linear
+    site (an RNN site's auto count is smaller: name ``row_classes`` explicitly for a model with one)."""
     if not variant:
         return variant
     from ..config import DropoutConfig
