@@ -299,7 +299,7 @@ def default_grid_section(grids: list[tuple[Path, dict]], extra: str = "") -> lis
     ``extra``: options appended to the default's variant (``/reshuffle=16``: with fxdrop.reshuffle)."""
     cells: dict[tuple, dict] = {}
     for path, result in grids:
-        if path.stem not in CURRENT_DEFAULT_GRIDS:
+        if path.name.startswith("quality_mask_references"):
             continue
         settings = result["settings"]
         for cell in result["cells"]:
@@ -620,7 +620,7 @@ def render() -> str:
     if (result := _load(TRAINING_CHECK)) is not None:
         lines += training_check_section(result)
     grids = [(path, json.loads(path.read_text())) for path in sorted(p for pattern in GRIDS for p in RESULTS.glob(pattern))]
-    lines += default_grid_section(grids)
+    lines += default_grid_section([(path, result) for path, result in grids if path.stem in CURRENT_DEFAULT_GRIDS])
     for path, result in grids:
         lines += grid_section(path, result)
     for path in (*QUALITY, *sorted(RESULTS.glob("quality_overfit_p*.json"))):
