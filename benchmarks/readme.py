@@ -10,7 +10,6 @@ the figures were produced (command, machine) and is left out when its file is mi
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -34,9 +33,6 @@ QUALITY = (RESULTS / "quality_overfit.json", RESULTS / "quality_overfit_adamw.js
 # benchmarks/quality.py grid: the stability grid (one file per optimizer and data), and candidate defaults
 GRIDS = ("quality_grid_*.json", "quality_candidates_*.json", "quality_mask_references*.json")
 PTB_OVERFIT = "ptb_overfit_*.json"  # examples/ptb_lstm.py --with-none on part of the training text
-# the quality variants' option for fxdrop.reshuffle at its default period (read off its signature)
-RESHUFFLE_EVERY = inspect.signature(fxdrop.reshuffle).parameters["every"].default
-RESHUFFLE = f"/reshuffle={RESHUFFLE_EVERY}"
 WITHIN = 0.003  # the stability target: within 0.3 points of standard dropout's accuracy
 ROOFLINE_WITHIN = 0.15  # the roofline target: predicted and measured speedups within 15% of each other
 COVERAGE = RESULTS / "coverage.json"
@@ -210,11 +206,10 @@ def default_variant(p: float | None = None) -> str:
     return f"{config.pattern}/{config.granularity}/{classes}"
 
 
-def _default_in(summary: dict, p: float, extra: str = "") -> str | None:
-    """The variant of a grid cell that is convert's default at rate ``p`` (with ``extra`` options appended,
-    e.g. ``/reshuffle=16``): the default itself (``block/rows/auto``) if it ran, else the variant it resolves
-    to at ``p``; None if neither ran."""
-    for variant in (default_variant() + extra, default_variant(p) + extra):
+def _default_in(summary: dict, p: float) -> str | None:
+    """The variant of a grid cell that is convert's default at rate ``p``: the default itself
+    (``block/rows/auto``) if it ran, else the variant it resolves to at ``p``; None if neither ran."""
+    for variant in (default_variant(), default_variant(p)):
         if variant in summary:
             return variant
     return None
@@ -293,34 +288,29 @@ CURRENT_DEFAULT_GRIDS = ("quality_grid_momentum_2000_split", "quality_grid_momen
                          "quality_grid_momentum_full_split_small", "quality_grid_momentum_full_split_small_p0.7")
 
 
-def default_grid_section(grids: list[tuple[Path, dict]], extra: str = "") -> list[str]:
+def default_grid_section(grids: list[tuple[Path, dict]]) -> list[str]:
     """convert's default on every stability grid cell where it ran: per optimizer and training set, the
-    variant the default resolves to at each p (row classes by rate), from whichever grid file holds it.
-    ``extra``: options appended to the default's variant (``/reshuffle=16``: with fxdrop.reshuffle)."""
+    variant the default resolves to at each p (row classes by rate), from whichever grid file holds it."""
     cells: dict[tuple, dict] = {}
     for path, result in grids:
         if path.name.startswith("quality_mask_references"):
             continue
         settings = result["settings"]
         for cell in result["cells"]:
-            variant = _default_in(cell["summary"], cell["p"], extra)
+            variant = _default_in(cell["summary"], cell["p"])
             if variant is None:
                 continue
             key = (settings["optimizer"], settings["images"] or 0, settings["epochs"], cell["p"], cell["lr"])
-            rank = (cell["summary"][variant]["runs"], variant == default_variant() + extra)  # more seeds, then its own
+            rank = (cell["summary"][variant]["runs"], variant == default_variant())  # more seeds, then its own
             if key not in cells or rank > cells[key]["rank"]:
                 cells[key] = {"summary": cell["summary"], "variant": variant, "rank": rank, "file": path.name}
     if not cells:
         return []
-    default = default_variant() + extra
-    heading = f"convert's default on the stability grids (`{default}`)"
-    if extra == RESHUFFLE:
-        heading = (f"convert's default with `fxdrop.reshuffle(model, optimizer, every={RESHUFFLE_EVERY})` "
-                   f"on the stability grids (`{default}`)")
-    lines = [f"### {heading}", "",
+    default = default_variant()
+    lines = [f"### convert's default on the stability grids (`{default}`)", "",
              f"Each cell: the default's runs (`{default}` itself where a grid ran it, else the variant "
-             f"it resolves to at that p: `{default_variant(0.5) + extra}` at p ≤ 0.5, "
-             f"`{default_variant(0.7) + extra}` above), its paired difference from standard dropout in points ± standard "
+             f"it resolves to at that p: `{default_variant(0.5)}` at p ≤ 0.5, "
+             f"`{default_variant(0.7)}` above), its paired difference from standard dropout in points ± standard "
              f"error over the seeds (their count in brackets), ✓ within {100 * WITHIN:.1f} points or above, ✗ "
              "below; empty: not run. The runs come from the grid files listed under each table (their tables "
              "follow).", ""]

@@ -50,8 +50,9 @@ class DropoutConfig:
     ``r mod row_classes``; RNN sites one per class of equal contiguous chunks of time steps) or
     ``"forward"`` (one pattern per site per forward, the paper's method).
     ``row_classes``: a power of two, or ``"auto"``: 8 for a site whose rate at conversion is above 0.5,
-    4 otherwise (2 for an LSTM/GRU site, whose classes are chunks of the time steps) (:func:`fxdrop.scheduler.classes_for`; the count is fixed at conversion, so a later
-    change of p keeps it). ``distribution``: how ``P(dp)`` is found for a rate (:mod:`fxdrop.search`):
+    4 otherwise, 2 for an LSTM/GRU site, whose classes are chunks of the time steps
+    (:func:`fxdrop.scheduler.classes_for`; the count is fixed at conversion, so a later change of p keeps
+    it). ``distribution``: how ``P(dp)`` is found for a rate (:mod:`fxdrop.search`):
     ``"exact"`` (maximum entropy, the paper's target), ``"sgd"`` (the paper's search) or ``"narrow"``
     (only the two periods around ``1 / (1 - p)``: no step much sparser or denser than ``1 - p``).
 
