@@ -157,7 +157,8 @@ def training_runs_section(path: Path, result: dict) -> list[str]:
                   "command", f"python benchmarks/training_runs.py {suite}")])
               + " (or `fxdrop bench` with the same flags).", ""]
     if result.get("notes"):  # the file's own history of its rows (what a row replaced, what changed since)
-        lines += ["History of these rows (the file's notes): " + " ".join(result["notes"]), ""]
+        notes = (note if note.endswith(".") else note + "." for note in result["notes"])
+        lines += ["History of these rows (the file's notes): " + " ".join(notes), ""]
     return lines
 
 
