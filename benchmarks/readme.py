@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ MASK_STUDY_OVERFIT = ROOT / "examples" / "results" / "ptb_mask_study_overfit"  #
 CODROP = RESULTS / "codrop.json"
 SHUFFLE_COST = RESULTS / "shuffle_cost.json"
 SHUFFLE_RERUN = RESULTS / "shuffle_cost_rerun.json"  # the same command again: the figures' spread
+GEMM_ORIENTATION = RESULTS / "gemm_orientation.json"
 
 
 def _load(path: Path) -> dict | None:
@@ -361,6 +363,30 @@ def shuffle_cost_section(result: dict, rerun: dict | None) -> list[str]:
     return lines
 
 
+def gemm_orientation_section(result: dict) -> list[str]:
+    """Which orientation of a Linear's product the chain's CPU forward takes (benchmarks/gemm_orientation.py)."""
+    by_rows: dict[int, tuple[list[float], list[float]]] = {}
+    for cell in result["cells"]:
+        by_rows.setdefault(cell["rows"], ([], []))[cell["inner"] >= 512].append(cell["ratio"])
+
+    def spread(ratios: list[float]) -> str:
+        if not ratios:
+            return "–"
+        return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}, {len(ratios)} shapes)"
+
+    lines = [f"### {result['title']} ({_rel(GEMM_ORIENTATION)})", "",
+             "Time of `(w @ x.t()).t()` (the copy back to rows included) over `x @ w.t()`: below 1 the transposed "
+             f"product is faster. Medians over {result['rounds']} alternating rounds of {result['reps']} products, "
+             "then the median (min–max) over the grid's inner and output sizes. The chain's CPU forward takes the "
+             "transposed product for at most 64 rows, or at most 256 rows with an inner size of 512 or more "
+             "(`linear_product` in csrc/structured.cpp).", "",
+             "| rows | inner < 512 | inner ≥ 512 |", "|---:|:---|:---|"]
+    for rows, (short, long_) in sorted(by_rows.items()):
+        lines.append(f"| {rows} | {spread(short)} | {spread(long_)} |")
+    lines += ["", f"{_machine(result['machine'])}. Reproduce: `{result['command']}`.", ""]
+    return lines
+
+
 def ptb_overfit_section(runs: list[tuple[Path, dict]]) -> list[str]:
     """examples/ptb_lstm.py --with-none: a PTB regime where dropout matters, and the share of its gain kept."""
     lines = ["### LSTM language model, Penn Treebank, where dropout matters", "",
@@ -625,6 +651,8 @@ def render() -> str:
         lines += mask_study_overfit_section(overfit_masks)
     if (result := _load(SHUFFLE_COST)) is not None:
         lines += shuffle_cost_section(result, _load(SHUFFLE_RERUN))
+    if (result := _load(GEMM_ORIENTATION)) is not None:
+        lines += gemm_orientation_section(result)
     if (result := _load(COVERAGE)) is not None:
         lines += coverage_section(result)
     old = ["## Earlier measurements (previous protocol)", "",

@@ -324,14 +324,18 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha) {
   return out;
 }
 
-// alpha * x @ w.t() for a Linear's (kept) weight w, contiguous (rows, w.size(0)). On the CPU, MKL runs
-// the transposed product w @ x.t() (the weight as the left operand) faster than x @ w.t(): with a
-// 2048 x 2048 block on 2 AMD EPYC cores, fp32, 13.1 against 15.8 ms for four 64-row classes and 11.2
-// against 12.1 ms for 256 rows; copying the result back to rows costs far less. In MLP-4096 training
-// steps at p = 0.5 the forward phase fell ~11% (block and 4 row classes). Other devices: plain product.
+// alpha * x @ w.t() for a Linear's (kept) weight w, contiguous (rows, w.size(0)). On the CPU, for few
+// rows MKL runs the transposed product w @ x.t() (the weight as the left operand) faster than x @ w.t(),
+// the copy back to rows included; for many rows, or a short inner dimension, slower.
+// benchmarks/results/gemm_orientation.json (2 AMD EPYC cores, fp32, operands as the chain passes them),
+// median time ratio transposed / plain: 0.83-0.85 at 32-64 rows; at 128-256 rows 0.97 for an inner
+// dimension >= 512 and 1.03-1.06 below; at 700 rows 1.23-1.59. Hence the rule below. In MLP-4096 training
+// steps at p = 0.5 the forward phase fell ~11% (block and 4 row classes). Other devices: plain.
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w, double alpha) {
-  if (!x.is_cpu()) return gemm(x, w.t(), alpha);
-  auto transposed = at::empty({w.size(0), x.size(0)}, x.options());
+  const int64_t rows = x.size(0), inner = x.size(1);
+  const bool transposed_faster = rows <= 64 || (rows <= 256 && inner >= 512);
+  if (!x.is_cpu() || !transposed_faster) return gemm(x, w.t(), alpha);
+  auto transposed = at::empty({w.size(0), rows}, x.options());
   gemm_into(transposed, w, x.t(), alpha);
   return transposed.t().contiguous();
 }

@@ -96,6 +96,27 @@ def test_chain_matches_reference(family, case, lead, bias, dtype):
     _compare(out, expect, [x, *weights, *biases], dtype, reference)
 
 
+@pytest.mark.parametrize("rows, inner", [(20, 40), (100, 40), (100, 600), (300, 40)])
+@pytest.mark.parametrize("family", ["row", "block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chain_matches_reference_in_both_gemm_orientations(rows, inner, family, dtype):
+    """The CPU forward runs a Linear as w @ x.t() for few rows (or up to 256 rows with an inner size of
+    512 or more) and as x @ w.t() otherwise (csrc/structured.cpp, linear_product): these shapes take each
+    branch, with one pattern per forward and with 4 row classes, against the dense reference."""
+    rng = random.Random(zlib.crc32(repr(("orientation", rows, inner, family, dtype)).encode()))
+    x, weights, biases = _chain_case([inner, 24, 7], (rows,), dtype, True, rng.randrange(2**31))
+    kw = dict(family=family, activations=["relu"], input_dropout=True, output_dropout=False, rates=[0.5, 0.5],
+              scale="kept")
+    layers = len(weights)
+    for patterns, reference in ((_patterns(2, rng, dps=(2, 3)), ref.chain),
+                                (torch.stack([_patterns(2, rng, dps=(2, 3)) for _ in range(4)]), ref.chain_classes)):
+        out = ops.chain(x, weights, biases, patterns, **kw)
+        expect = reference(x, weights, biases, patterns, **kw)
+        tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else None
+        _compare(out, expect, [x, *weights, *biases], dtype,
+                 lambda x, *params: reference(x, params[:layers], params[layers:], patterns, **kw), tol)
+
+
 @pytest.mark.parametrize("family", ["row", "block"])
 @pytest.mark.parametrize("dp", range(1, 9))
 def test_chain_every_dp_and_offset(family, dp):
