@@ -42,6 +42,20 @@ def test_a_reshuffle_option_is_the_runs_not_converts(monkeypatch):
     assert calls == [{"every": 2, "seed": 0}]
 
 
+def test_named_keeps_auto_row_classes_for_a_model_with_rnn_sites():
+    """One count cannot name what "auto" does in a model with LSTM and Linear sites (2 time chunks at
+    the LSTM, 4 row classes at the decoder at p = 0.5): the PTB suite's default row keeps "auto"; the MLP
+    suite's resolves it; a count the user names stays as named in both."""
+    from fxdrop.harness.bench import named, workloads
+
+    assert dict(named((("pattern", "block"),), 0.5))["row_classes"] == 4
+    assert dict(named((("pattern", "block"),), 0.5, rnn=True))["row_classes"] == "auto"
+    assert dict(named((("row_classes", 8),), 0.5, rnn=True))["row_classes"] == 8
+    ptb, = workloads("ptb", widths=None, rates=[0.5], optimizers=["sgd"],
+                     variants=[(("granularity", "rows"), ("pattern", "block"))], steps=2, warmup=1)
+    assert dict(ptb.convert)["row_classes"] == "auto" and "row_classes=auto" in ptb.label()
+
+
 def test_compiled_workloads_compile_both_sides_and_name_their_mode():
     """``compile``: inductor compiles the standard model and the converted one (the converted one really
     converted), backend compiles the standard model with fxdrop's backend; an unknown mode is named."""

@@ -49,22 +49,25 @@ def steps_for(width: int, steps: int) -> int:
     return max(steps, steps * 4096 // max(width, 1))
 
 
-def named(variant: tuple, p: float) -> tuple:
+def named(variant: tuple, p: float, *, rnn: bool = False) -> tuple:
     """A variant's convert options with its family, granularity and row-class count named (defaults filled
     in, ``row_classes="auto"`` resolved at the row's rate), so that a published row keeps its meaning when
     a default changes. The standard side (no options) stays empty. ``"auto"`` resolves as for a Linear
-    site (an RNN site's auto count is smaller: name ``row_classes`` explicitly for a model with one)."""
+    site; for a model with RNN sites (``rnn``) it stays ``"auto"``, because no single count says what it
+    does there (:func:`fxdrop.scheduler.classes_for`: 2 time chunks at an LSTM site, 4 or 8 row classes at a
+    Linear one); the row's fxdrop version, in its machine record, then pins what it meant."""
     if not variant:
         return variant
     from ..config import DropoutConfig
-    from ..scheduler import classes_for
+    from ..scheduler import AUTO_CLASSES, classes_for
 
     # the config decides, as for convert: defaults, validation, and where "rows" applies (not to tile sites)
     config = DropoutConfig.from_options({k: v for k, v in variant if k not in RUN_OPTIONS},
                                         where="fxdrop bench --variant")
     options = {"pattern": config.pattern, "granularity": config.granularity, **dict(variant)}
     if config.granularity_for(config.pattern) == "rows":
-        options["row_classes"] = classes_for(config.row_classes, p)
+        keep_auto = rnn and config.row_classes == AUTO_CLASSES
+        options["row_classes"] = AUTO_CLASSES if keep_auto else classes_for(config.row_classes, p)
     return tuple(sorted(options.items()))
 
 
@@ -75,7 +78,7 @@ def workloads(suite: str, *, widths, rates, optimizers, variants, steps: int, wa
                          compile=compile, kernels=kernels)
                 for width in widths for p in rates for optimizer in optimizers for variant in variants]
     if suite == "ptb":
-        return [Workload("ptb", 650, p, optimizer, 20, named(variant, p), steps, warmup, compile=compile,
+        return [Workload("ptb", 650, p, optimizer, 20, named(variant, p, rnn=True), steps, warmup, compile=compile,
                          kernels=kernels)
                 for p in rates for optimizer in optimizers for variant in variants]
     raise ValueError(f"unknown suite {suite!r}; expected 'mlp', 'chain' or 'ptb'")
