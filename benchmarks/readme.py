@@ -436,13 +436,24 @@ def coverage_section(result: dict) -> list[str]:
     return lines
 
 
+def _demo_classes(result: dict) -> str:
+    """The row classes each demo site resolved to (files from before fxdrop_sites was recorded: nothing)."""
+    counts = sorted({site["row_classes"] for site in result.get("fxdrop_sites", [])})
+    if not counts:
+        return ""
+    sites = len(result["fxdrop_sites"])
+    if len(counts) == 1:
+        return f"; {counts[0]} row classes at each of its {sites} sites"
+    return f"; {'/'.join(map(str, counts))} row classes across its {sites} sites"
+
+
 def demo_section(result: dict) -> list[str]:
     config, standard, fast = result["config"], result["standard"], result["fxdrop"]
     lines = [f"### The main job: `fxdrop demo` ({_rel(DEMO)})", "",
              f"{result['model']}, {config['epochs']} epochs, batch {config['batch']}, SGD lr {config['lr']} "
              f"momentum {config['momentum']}, seed {config['seed']}; fxdrop `pattern={config['pattern']!r}, "
              f"granularity={config.get('granularity', 'forward')!r}, scale={config['scale']!r}, "
-             f"max_dp={config.get('max_dp', 8)!r}`.", "",
+             f"max_dp={config.get('max_dp', 8)!r}`" + _demo_classes(result) + ".", "",
              "| | standard dropout | fxdrop |", "|:---|---:|---:|",
              f"| training time | {sum(standard['epoch_seconds']):.1f} s | {sum(fast['epoch_seconds']):.1f} s |",
              f"| test accuracy after {config['epochs']} epochs | {100 * standard['test_accuracy'][-1]:.2f}% | "

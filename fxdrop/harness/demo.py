@@ -195,10 +195,13 @@ def compare(config: DemoConfig, data=None, *, convert: Callable[..., nn.Module] 
     standard, converted = build_pair(config, convert)
     standard_record, fxdrop_record = train_interleaved(
         {"standard dropout": standard, f"fxdrop ({config.pattern})": converted}, config, data, progress=progress)
+    from ..convert import sites
     from .timing import machine_info
 
     return {
         "config": asdict(config),
+        # what the options resolved to (row_classes="auto" depends on p): one entry per converted site
+        "fxdrop_sites": [{"name": site.name, "p": site.p, "row_classes": site.row_classes} for site in sites(converted)],
         "model": f"MLP 784-{config.width}-{config.width}-{config.width}-10, ReLU + Dropout({config.p})",
         "train_images": len(_training_images(config, data)[0]), "test_images": len(data.test_images),
         "machine": machine_info(),
