@@ -5,10 +5,10 @@ Linear of a chain, where ``x`` holds a row class's rows (a strided view of the b
 block of the weight (a column-sliced view). For few rows MKL runs the transposed product ``w @ x.t()``
 faster, the copy back to row-major included; for many rows and a short inner dimension it runs it slower.
 This script measures both on the operands the chain passes (strided rows, the kept half of a weight's
-columns, whose row stride is then twice the inner size) over a
-grid of rows x inner x output sizes, in one process, alternating the two in rounds, and writes the median
-ms of each and their ratio (transposed / plain: below 1, the transposed product is faster) to
-``benchmarks/results/gemm_orientation.json``. ``linear_product``'s threshold was read off this grid.
+columns, whose row stride is then twice the inner size) over a grid of rows x inner x output sizes, in one
+process, alternating the two in rounds, and writes the median ms of each and their ratio (transposed /
+plain: below 1, the transposed product is faster) to ``benchmarks/results/gemm_orientation.json``.
+``linear_product``'s threshold was read off this grid (README's table splits it at the same inner size).
 
     python benchmarks/gemm_orientation.py [--rows 32,64,128,256,700] [--inner 325,650,784,1229,2048]
                                           [--outputs 1229,2048,4096,10000] [--reps 3] [--rounds 4]
