@@ -345,3 +345,26 @@ def test_blockers_and_errors():
     assert "has hooks" in rnn_blocker(rnn)
     with pytest.raises(ValueError, match="p of dropout site 'rnn.layer0'=0.95 is not reachable"):
         DropoutConfig(max_dp=8).check_site_rate("rnn.layer0", 0.95)
+
+
+@pytest.mark.parametrize("keeps", [
+    [slice(0, 5, 1)],                                   # one block
+    [slice(5, 10, 1), slice(0, 5, 1)],                  # two chunks, disjoint blocks
+    [slice(2, 7, 1), slice(0, 10, 1), slice(3, 3, 1)],  # overlapping, all kept, nothing kept
+    [slice(1, 10, 2), slice(0, 10, 3)],                 # row patterns (strided columns)
+])
+def test_input_columns_gradient_equals_plain_slicing(keeps):
+    """The Function that gives a call's per-chunk weight_ih slices one dense gradient, against autograd
+    through plain slices of the same weight. Freed memory is filled with NaN first, so a region of the
+    gradient it forgot to zero shows (the allocator hands the same block back)."""
+    from fxdrop.modules.rnn import _InputColumns
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 10, generator=gen, requires_grad=True)
+    pieces = _InputColumns.apply(weight, *keeps)
+    upstream = [torch.randn(piece.shape, generator=gen) for piece in pieces]
+    want, = torch.autograd.grad([weight[:, keep] for keep in keeps], weight, upstream)
+    for _ in range(4):
+        torch.full((24, 10), float("nan"))  # allocated and freed at once
+    got, = torch.autograd.grad(pieces, weight, upstream)
+    assert torch.equal(got, want)
