@@ -6,36 +6,28 @@ block of the weight (a column-sliced view). For few rows MKL runs the transposed
 faster, the copy back to row-major included; for many rows and a short inner dimension it runs it slower.
 This script measures both on the operands the chain passes (strided rows, the kept half of a weight's
 columns, whose row stride is then twice the inner size) over a grid of rows x inner x output sizes, in one
-process, alternating the two in rounds, and writes the median ms of each and their ratio (transposed /
-plain: below 1, the transposed product is faster) to ``benchmarks/results/gemm_orientation.json``.
+process, in alternating turns (``fxdrop.harness.timing.paired_timing``), and writes the median ms of each
+and their ratio (transposed / plain: below 1, the transposed product is faster) to
+``benchmarks/results/gemm_orientation.json``.
 ``linear_product``'s threshold was read off this grid (README's table splits it at the same inner size).
 
     python benchmarks/gemm_orientation.py [--rows 32,64,128,256,700] [--inner 325,650,784,1229,2048]
-                                          [--outputs 1229,2048,4096,10000] [--reps 3] [--rounds 4]
+                                          [--outputs 1229,2048,4096,10000] [--reps 3] [--rounds 8]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from fxdrop.harness.timing import machine_info
+from fxdrop.harness.timing import machine_info, paired_timing
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_FLOPS = 2 * 700 * 650 * 10_000  # larger products take too long to time here (the PTB decoder's size)
-
-
-def _ms(fn, reps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return 1e3 * (time.perf_counter() - start) / reps
 
 
 def _ints(text: str) -> list[int]:
@@ -47,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=_ints, default=[32, 64, 128, 256, 700])
     parser.add_argument("--inner", type=_ints, default=[325, 650, 784, 1229, 2048])
     parser.add_argument("--outputs", type=_ints, default=[1229, 2048, 4096, 10_000])
-    parser.add_argument("--reps", type=int, default=3, help="consecutive products per block")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=3, help="consecutive products per turn (the last is timed)")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS / "gemm_orientation.json")
     args = parser.parse_args(argv)
 
@@ -69,12 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     return torch.mm(w, x.t()).t().contiguous()
 
                 torch.testing.assert_close(plain(), transposed(), rtol=1e-4, atol=1e-3)
-                times: dict[str, list[float]] = {"plain": [], "transposed": []}
-                for round_ in range(args.rounds):
-                    order = [("plain", plain), ("transposed", transposed)]
-                    for name, fn in (order if round_ % 2 == 0 else order[::-1]):
-                        times[name].append(_ms(fn, args.reps))
-                plain_ms, transposed_ms = (statistics.median(times[k_]) for k_ in ("plain", "transposed"))
+                timing = paired_timing(plain, transposed, pairs=args.rounds, warmup=1, steps_per_turn=args.reps)
+                plain_ms, transposed_ms = 1e3 * timing.baseline_median_s, 1e3 * timing.candidate_median_s
                 cells.append({"rows": m, "inner": k, "outputs": n, "plain_ms": plain_ms,
                               "transposed_ms": transposed_ms, "ratio": transposed_ms / plain_ms})
                 print(f"rows {m:4d} inner {k:5d} outputs {n:6d}: x @ w.t() {plain_ms:7.2f} ms, "

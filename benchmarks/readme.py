@@ -376,7 +376,8 @@ def gemm_orientation_section(result: dict) -> list[str]:
 
     lines = [f"### {result['title']} ({_rel(GEMM_ORIENTATION)})", "",
              "Time of `(w @ x.t()).t()` (the copy back to rows included) over `x @ w.t()`: below 1 the transposed "
-             f"product is faster. Medians over {result['rounds']} alternating rounds of {result['reps']} products, "
+             f"product is faster. Medians over {result['rounds']} alternating turns of {result['reps']} consecutive "
+             "products each, the last of a turn timed; "
              "then the median (min–max) over the grid's inner and output sizes. The chain's CPU forward takes the "
              "transposed product for at most 64 rows, or at most 256 rows with an inner size of 512 or more "
              "(`linear_product` in csrc/structured.cpp).", "",

@@ -327,10 +327,11 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b, double alpha) {
 // alpha * x @ w.t() for a Linear's (kept) weight w, contiguous (rows, w.size(0)). On the CPU, for few
 // rows MKL runs the transposed product w @ x.t() (the weight as the left operand) faster than x @ w.t(),
 // the copy back to rows included; for many rows, or a short inner dimension, slower.
-// benchmarks/results/gemm_orientation.json (2 AMD EPYC cores, fp32, operands as the chain passes them),
-// median time ratio transposed / plain: 0.83-0.85 at 32-64 rows; at 128-256 rows 0.97 for an inner
-// dimension >= 512 and 1.03-1.06 below; at 700 rows 1.23-1.59. Hence the rule below. In MLP-4096 training
-// steps at p = 0.5 the forward phase fell ~11% (block and 4 row classes). Other devices: plain.
+// benchmarks/gemm_orientation.py (2 AMD EPYC cores, fp32, operands as the chain passes them), median
+// time ratio transposed / plain over two runs: 0.72-0.97 at 32-64 rows; at 128-256 rows 0.84-0.99 for an
+// inner dimension >= 512 and 0.94-1.10 below (1.08-1.10 at 256); at 700 rows 1.18-1.79. Hence the rule
+// below (128 rows with a short inner dimension, 0.94-0.99, is left to the plain product). In MLP-4096
+// training steps at p = 0.5 the forward phase fell ~11% (block and 4 row classes). Other devices: plain.
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w, double alpha) {
   const int64_t rows = x.size(0), inner = x.size(1);
   const bool transposed_faster = rows <= 64 || (rows <= 256 && inner >= 512);
